@@ -1,0 +1,161 @@
+"""The contract between the node and an analysis plugin.
+
+A plugin sees plain numpy volumes and returns plain data. It never builds DICOM
+and never touches the network: the node owns every object that leaves it, so a
+plugin author cannot produce an SR that lands in the wrong study.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+ENTRY_POINT_GROUP = "ainode.plugins"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (value, scheme designator, meaning), e.g. ("39607008", "SCT", "Lung")."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """One series as a 3-D array in physical units (HU for CT).
+
+    Axis order is (slice, row, column). Slices are sorted along the normal of
+    the image plane, so `sop_instance_uids[k]` and `headers[k]` describe
+    `pixels[k]`.
+    """
+
+    series_uid: str
+    modality: str
+    pixels: np.ndarray  # float32, shape (slices, rows, cols)
+    spacing: tuple[float, float, float]  # (slice, row, column) in mm
+    origin: tuple[float, float, float]  # ImagePositionPatient of the first slice
+    orientation: tuple[float, float, float, float, float, float]  # ImageOrientationPatient
+    sop_instance_uids: tuple[str, ...]
+    headers: Sequence[Dataset]  # read-only, pixel data removed
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(self.spacing[0] * self.spacing[1] * self.spacing[2])
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    study_uid: str
+    series: Sequence[SeriesVolume]
+    scratch_dir: Path
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A numeric measurement with a UCUM unit, e.g. Volume in mL."""
+
+    concept: Code
+    value: float
+    unit: Code  # scheme "UCUM"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One finding: becomes one TID 1500 measurement group.
+
+    `segment_label` links the finding to a segment of a `Segmentation` in the
+    same result, so the SR can reference the SEG segment it was measured on.
+    """
+
+    tracking_id: str
+    finding_type: Code
+    measurements: Sequence[Measurement] = ()
+    finding_site: Code | None = None
+    confidence: float | None = None  # 0..1
+    segment_label: str | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    label: str
+    mask: np.ndarray  # bool, same shape as the source SeriesVolume.pixels
+    category: Code  # e.g. SCT 91723000 "Anatomical Structure"
+    type: Code  # e.g. SCT 44029006 "Left lung"
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Label masks aligned to one source series."""
+
+    source_series_uid: str
+    segments: Sequence[Segment]
+
+
+@dataclass(frozen=True)
+class PluginResult:
+    findings: Sequence[Finding] = ()
+    segmentations: Sequence[Segmentation] = ()
+    heatmap: np.ndarray | None = None  # float 0..1, same shape as the source series
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Accepts:
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()  # empty: any
+    min_slices: int = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpu: bool = False
+    memory_mb: int = 1024
+
+
+class Plugin(abc.ABC):
+    """Base class for analysis plugins, registered under the `ainode.plugins` entry point."""
+
+    name: str = ""
+    version: str = ""
+    accepts: Accepts = Accepts()
+    resources: Resources = Resources()
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+
+    @abc.abstractmethod
+    def run(self, study: StudyInput) -> PluginResult:
+        """Analyse the study. Raise to fail the job; the node records the error."""
+
+
+class PluginNotFound(LookupError):
+    pass
+
+
+def available_plugins() -> dict[str, Any]:
+    """Entry points of installed plugins, by name (not loaded)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str, options: Mapping[str, Any] | None = None) -> Plugin:
+    eps = available_plugins()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise PluginNotFound(
+            f"plugin '{name}' is not installed (entry point group '{ENTRY_POINT_GROUP}'); "
+            f"installed: {known}"
+        )
+    cls = eps[name].load()
+    plugin = cls(options)
+    if not plugin.name or not plugin.version:
+        raise PluginNotFound(f"plugin '{name}' ({cls!r}) does not declare name and version")
+    return plugin
