@@ -1,0 +1,109 @@
+"""Append-only, hash-chained audit log (JSON lines).
+
+Each record carries the SHA-256 of the previous record and its own hash over
+its canonical JSON, so an edit, a removal or a reordering breaks the chain at
+the first affected line. A sidecar `<log>.head` holds the last sequence number
+and hash, so truncating the tail is detected too.
+
+This is the one log that may hold patient identifiers: it is the record a
+security review asks for. Ordinary logs must not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def record_hash(record_without_hash: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(record_without_hash)).hexdigest()
+
+
+def head_path(log_path: Path) -> Path:
+    return log_path.with_name(log_path.name + ".head")
+
+
+class AuditLog:
+    """Thread-safe appender. One process owns a log file at a time."""
+
+    def __init__(self, path: Path, *, node_ae: str = "") -> None:
+        self.path = Path(path)
+        self.node_ae = node_ae
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._seq, self._prev = self._read_tail()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def _read_tail(self) -> tuple[int, str]:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return 0, GENESIS
+        last = b""
+        with open(self.path, "rb") as fh:
+            # Read backwards until a full final line is found.
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            block = 4096
+            data = b""
+            while size > 0:
+                step = min(block, size)
+                size -= step
+                fh.seek(size)
+                data = fh.read(step) + data
+                lines = data.rstrip(b"\n").split(b"\n")
+                if len(lines) > 1 or size == 0:
+                    last = lines[-1]
+                    break
+        try:
+            rec = json.loads(last)
+            return int(rec["seq"]), str(rec["hash"])
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"audit log {self.path}: the last line is not a valid audit record; "
+                f"run 'ainode audit verify' and move the damaged file aside before starting"
+            ) from exc
+
+    def append(self, event: str, outcome: str = "success", **fields: Any) -> dict[str, Any]:
+        """Write one record. Fields should be UIDs, AE titles, addresses and states."""
+        with self._lock:
+            rec: dict[str, Any] = {
+                "seq": self._seq + 1,
+                "ts": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                "event": event,
+                "outcome": outcome,
+                "node": self.node_ae,
+                **{k: v for k, v in fields.items() if v is not None},
+                "prev": self._prev,
+            }
+            rec["hash"] = record_hash(rec)
+            os.write(self._fd, canonical(rec) + b"\n")
+            self._seq, self._prev = rec["seq"], rec["hash"]
+            self._write_head()
+            return rec
+
+    def _write_head(self) -> None:
+        hp = head_path(self.path)
+        tmp = hp.with_name(hp.name + ".tmp")
+        tmp.write_text(json.dumps({"seq": self._seq, "hash": self._prev}))
+        os.replace(tmp, hp)
+
+    def sync(self) -> None:
+        with self._lock:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1

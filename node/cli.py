@@ -1,0 +1,150 @@
+"""`ainode` command line: serve, check-config, status, audit verify, synth."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from node.config import ConfigError, load_config
+
+
+def _load(path: str | None):  # type: ignore[no-untyped-def]
+    try:
+        return load_config(Path(path) if path else None)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        sys.exit(2)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    cfg = loaded.config
+    print(f"{loaded.source}: OK — AE {cfg.node.ae_title} port {cfg.node.port}, "
+          f"{len(cfg.rules)} rule(s), {len(cfg.destinations)} destination(s), plugins: {', '.join(cfg.plugins)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.logs import setup_logging
+    from node.service import NodeService
+
+    setup_logging(args.log_level)
+    loaded = _load(args.config)
+    node = NodeService(loaded)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):  # type: ignore[no-untyped-def]
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        node.start()
+    except OSError as exc:
+        print(f"cannot listen on {loaded.config.node.host}:{loaded.config.node.port} "
+              f"(node.port in {loaded.source}): {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"ainode: {loaded.config.node.ae_title} listening on {loaded.config.node.host}:{node.scp.port} "
+          f"(config: {loaded.source}, storage: {loaded.storage.spool_dir.parent})", flush=True)
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+    return 0
+
+
+def _fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.store import Store
+
+    loaded = _load(args.config)
+    store = Store(loaded.storage.database_url)
+    rows = store.status_rows(args.limit)
+    if not rows:
+        print("no studies received yet")
+        return 0
+    for r in rows:
+        st = r["study"]
+        took = f"{st.completed_at - st.last_received_at:+.1f}s after last image" if st.completed_at else ""
+        print(f"study {st.study_uid}  state={st.state}  instances={st.instance_count}  "
+              f"from={st.calling_ae}  received={_fmt_time(st.first_received_at)}  "
+              f"complete={_fmt_time(st.completed_at)} ({st.completion_reason or '-'}) {took}")
+        for jr in r["jobs"]:
+            j = jr["job"]
+            t = j.timings or {}
+            timing = " ".join(f"{k}={v}" for k, v in t.items())
+            dests = ",".join(jr["destinations"]) or "none"
+            counts = " ".join(f"{k}={v}" for k, v in sorted(jr["dispatch_counts"].items())) or "-"
+            print(f"  job {j.id}  rule={j.rule}  plugin={j.plugin} {j.plugin_version or ''}  state={j.state}  "
+                  f"attempts={j.attempts}  destinations={dests}  sends: {counts}")
+            if timing:
+                print(f"    timings: {timing}")
+            if j.summary:
+                print(f"    result: {j.summary}")
+            if j.error:
+                print(f"    error: {j.error}")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from node.audit import verify_log
+
+    path = Path(args.log) if args.log else _load(args.config).storage.audit_log
+    result = verify_log(path)
+    if result.ok:
+        print(f"{path}: OK, {result.records} records, chain intact")
+        return 0
+    where = f"line {result.bad_line}: " if result.bad_line else ""
+    print(f"{path}: {where}{result.reason}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ainode", description="PACS-integrated DICOM AI node")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the node until SIGTERM")
+    s.add_argument("--config", help="config file (default: embedded defaults)")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate a config file; print every error with its key path")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("status", help="list studies with state, rule, plugin, timings and dispatch result")
+    s.add_argument("--config")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(func=cmd_status)
+
+    a = sub.add_parser("audit", help="audit log tools")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    v = asub.add_parser("verify", help="check the hash chain; name the first bad line")
+    v.add_argument("--config")
+    v.add_argument("--log", help="audit log path (default: from the config)")
+    v.set_defaults(func=cmd_audit_verify)
+
+    sub.add_parser("synth", help="write a synthetic chest CT series (ainode synth --help)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["synth"]:  # its own parser, so `ainode synth --help` shows the generator's options
+        from node.synth import main as synth_main
+
+        return synth_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Reading and checking the config file; every error names its key path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from node.config.schema import NodeConfig, ResolvedStorage
+from node.plugin_api import available_plugins
+
+
+class ConfigError(Exception):
+    """One or more config errors, each a single line 'FILE: key.path: message'."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: NodeConfig
+    storage: ResolvedStorage
+    source: str  # file path, or "<embedded defaults>"
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pydantic_errors(source: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (remove it or check its spelling)"
+        elif err["type"] != "missing" and "input" in err:
+            msg = f"{msg} (got {_describe(err['input'])})"
+        lines.append(f"{source}: {path}: {msg}")
+    return lines
+
+
+def reference_errors(cfg: NodeConfig) -> list[str]:
+    """Errors between sections: rules naming plugins or destinations that do not exist."""
+    errors: list[str] = []
+    installed = available_plugins()
+    for name in cfg.plugins:
+        if name not in installed:
+            errors.append(
+                f"plugins.{name}: plugin '{name}' is not installed "
+                f"(installed: {', '.join(sorted(installed)) or 'none'})"
+            )
+    seen: set[str] = set()
+    for i, rule in enumerate(cfg.rules):
+        if rule.name in seen:
+            errors.append(f"rules.{i}.name: duplicate rule name '{rule.name}'")
+        seen.add(rule.name)
+        if rule.plugin not in cfg.plugins:
+            errors.append(
+                f"rules.{i}.plugin: plugin '{rule.plugin}' is not configured under 'plugins' "
+                f"(configured: {', '.join(sorted(cfg.plugins)) or 'none'})"
+            )
+        elif not cfg.plugins[rule.plugin].enabled:
+            errors.append(f"rules.{i}.plugin: plugin '{rule.plugin}' is disabled under 'plugins'")
+        for j, dest in enumerate(rule.destinations):
+            if dest not in cfg.destinations:
+                errors.append(
+                    f"rules.{i}.destinations.{j}: unknown destination '{dest}' "
+                    f"(defined: {', '.join(sorted(cfg.destinations)) or 'none'})"
+                )
+    return errors
+
+
+def load_config(path: Path | None) -> LoadedConfig:
+    """Load and validate; raise ConfigError listing every problem found."""
+    if path is None:
+        cfg = NodeConfig()
+        return LoadedConfig(cfg, cfg.storage.resolved(Path.cwd()), "<embedded defaults>")
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read the file: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"{source}: {where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: (top level): expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_errors(source, exc)) from exc
+    errors = [f"{source}: {e}" for e in reference_errors(cfg)]
+    if errors:
+        raise ConfigError(errors)
+    # Relative paths in the file are relative to the file, so a service can start from any cwd.
+    return LoadedConfig(cfg, cfg.storage.resolved(Path(path).resolve().parent), source)

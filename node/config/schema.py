@@ -1,0 +1,199 @@
+"""The node's one configuration file, as a pydantic schema.
+
+Every model forbids unknown keys, so a typo is an error with its key path
+instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not re.match(AE_TITLE, value) or len(value) > 16:
+        raise ValueError(f"'{value}' is not a valid AE title (1-16 ASCII characters, no backslash)")
+    return stripped
+
+
+class NodeSection(Strict):
+    ae_title: str = "AINODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list, description="Empty: any calling AE title is accepted."
+    )
+    allowed_ips: list[str] = Field(
+        default_factory=list, description="Addresses or CIDR networks. Empty: any address."
+    )
+    max_associations: int = Field(10, ge=1, le=200)
+    network_timeout_s: float = Field(60, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_aes(cls, values: list[str]) -> list[str]:
+        return [_ae_title(v) for v in values]
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _check_ips(cls, values: list[str]) -> list[str]:
+        for v in values:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"'{v}' is not an IP address or CIDR network") from exc
+        return values
+
+
+class StorageSection(Strict):
+    root: Path = Path("var")
+    spool_dir: Path | None = None
+    results_dir: Path | None = None
+    database: str | None = Field(
+        None, description="SQLAlchemy URL or a path to a SQLite file. Default: <root>/ainode.db"
+    )
+    audit_log: Path | None = None
+
+    def resolved(self, base: Path) -> "ResolvedStorage":
+        root = self.root if self.root.is_absolute() else base / self.root
+
+        def under(p: Path | None, default: str) -> Path:
+            if p is None:
+                return root / default
+            return p if p.is_absolute() else base / p
+
+        db = self.database
+        if db is None:
+            db_url = f"sqlite:///{root / 'ainode.db'}"
+        elif "://" in db:
+            db_url = db
+        else:
+            p = Path(db)
+            db_url = f"sqlite:///{p if p.is_absolute() else base / p}"
+        return ResolvedStorage(
+            spool_dir=under(self.spool_dir, "spool"),
+            results_dir=under(self.results_dir, "results"),
+            database_url=db_url,
+            audit_log=under(self.audit_log, "audit.jsonl"),
+        )
+
+
+class ResolvedStorage(Strict):
+    spool_dir: Path
+    results_dir: Path
+    database_url: str
+    audit_log: Path
+
+
+class AssembleSection(Strict):
+    quiet_period_s: float = Field(10.0, gt=0, description="Seconds without a new instance before a study is complete.")
+    poll_interval_s: float = Field(0.5, gt=0)
+
+
+class RunSection(Strict):
+    workers: int = Field(1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Destination(Strict):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, description="Our AE title toward this PACS. Default: node.ae_title")
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_s: float = Field(2.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+
+class PluginSection(Strict):
+    enabled: bool = True
+    options: dict = Field(default_factory=dict)
+
+
+class SeriesMatch(Strict):
+    modality: list[str] = Field(default_factory=list, description="Any of these (empty: any)")
+    body_part: list[str] = Field(default_factory=list, description="BodyPartExamined, any of these, case-insensitive")
+    series_description: str | None = Field(None, description="Regular expression, searched case-insensitively")
+    slice_thickness: tuple[float, float] | None = Field(None, description="[min, max] in mm, inclusive")
+    min_instances: int = Field(1, ge=1)
+
+    @field_validator("modality", "body_part", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
+        return v
+
+    @field_validator("slice_thickness")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"range [{v[0]}, {v[1]}] has min > max")
+        return v
+
+
+class StudyMatch(Strict):
+    calling_ae: list[str] = Field(default_factory=list, description="Sender AE titles (empty: any)")
+    study_description: str | None = None
+
+    @field_validator("calling_ae", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+
+class Rule(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    study: StudyMatch = Field(default_factory=StudyMatch)
+    series: SeriesMatch = Field(default_factory=SeriesMatch)
+    plugin: str
+    priority: Literal["stat", "routine"] = "routine"
+    destinations: list[str] = Field(default_factory=list)
+
+
+class NodeConfig(Strict):
+    node: NodeSection = Field(default_factory=NodeSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    assemble: AssembleSection = Field(default_factory=AssembleSection)
+    run: RunSection = Field(default_factory=RunSection)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
+    rules: list[Rule] = Field(
+        default_factory=lambda: [
+            Rule(
+                name="chest-ct-lung-volumes",
+                series=SeriesMatch(modality=["CT"], body_part=["CHEST", "LUNG", "THORAX"], min_instances=20),
+                plugin="ct_lung",
+            )
+        ]
+    )

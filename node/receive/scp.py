@@ -1,0 +1,279 @@
+"""The C-STORE / C-ECHO SCP.
+
+The association thread does only what Success promises: a durable spool write
+and a store row. Everything else happens later in the assembler and workers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.audit import AuditLog
+from node.config.schema import NodeSection
+from node.receive.spool import BadUID, Spool, check_uid
+from node.store import InstanceMeta, Store
+
+log = logging.getLogger("ainode.receive")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+]
+
+STORAGE_CLASSES = [
+    # CT, MR
+    sc.CTImageStorage, sc.EnhancedCTImageStorage, sc.MRImageStorage, sc.EnhancedMRImageStorage,
+    # CR / DX
+    sc.ComputedRadiographyImageStorage, sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing,
+    # MG
+    sc.DigitalMammographyXRayImageStorageForPresentation, sc.DigitalMammographyXRayImageStorageForProcessing,
+    sc.BreastTomosynthesisImageStorage,
+    # US
+    sc.UltrasoundImageStorage, sc.UltrasoundMultiFrameImageStorage,
+    # SC
+    sc.SecondaryCaptureImageStorage, sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    # SEG, SR
+    sc.SegmentationStorage,
+    sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage, sc.Comprehensive3DSRStorage,
+]
+
+# DIMSE C-STORE statuses (PS3.4 B.2.3)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+DATA_SET_MISMATCH = 0xA900
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() if value not in (None, "") else None
+
+
+@dataclass
+class ReceiveCounters:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes: int = 0
+
+
+class StoreSCP:
+    def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.store = store
+        self.audit = audit
+        self.counters = ReceiveCounters()
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_ips]
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_associations = self.cfg.max_associations
+        ae.network_timeout = self.cfg.network_timeout_s
+        ae.acse_timeout = self.cfg.network_timeout_s
+        ae.dimse_timeout = self.cfg.network_timeout_s
+        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+        ae.add_supported_context(sc.Verification)
+        for uid in STORAGE_CLASSES:
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        return ae
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
+        )
+        log.info("listening ae_title=%s host=%s port=%d", self.cfg.ae_title, self.cfg.host, self.port)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.cfg.port
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations in progress run to their end."""
+        if self._server is not None:
+            self._server.shutdown()
+
+    def wait_for_associations(self, timeout: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self.stop_accepting()
+        self.ae.shutdown()
+
+    # ---- association events -------------------------------------------
+
+    def _peer(self, event: evt.Event) -> tuple[str, str, int]:
+        rq = event.assoc.requestor
+        ae_title = rq.primitive.calling_ae_title if rq.primitive else rq.ae_title
+        return str(ae_title).strip(), rq.address, rq.port
+
+    def _on_requested(self, event: evt.Event) -> None:
+        calling, ip, port = self._peer(event)
+        reason = None
+        if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
+            reason, diag = f"calling AE title '{calling}' is not in node.allowed_calling_aes", 0x03
+        elif self._networks and not self._ip_allowed(ip):
+            reason, diag = f"address {ip} is not in node.allowed_ips", 0x01
+        if reason is None:
+            return
+        log.warning("association rejected calling_ae=%s ip=%s reason=%s", calling, ip, reason)
+        self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
+                          peer_port=port, reason=reason)
+        event.assoc.acse.send_reject(0x01, 0x01, diag)
+
+    def _ip_allowed(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._networks)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling, ip, port = self._peer(event)
+        refused = sorted({cx.abstract_syntax for cx in event.assoc.rejected_contexts})
+        self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
+                          refused_sop_classes=refused or None)
+        if refused:
+            log.warning("presentation contexts refused calling_ae=%s sop_classes=%s", calling, ",".join(refused))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # Rejections that pynetdicom makes itself, e.g. too many associations.
+        if event.assoc.acse.acceptor.primitive is None:
+            return
+        calling, ip, port = self._peer(event)
+        if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
+            return  # already audited by _on_requested
+        self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip, peer_port=port,
+                          reason="too many associations (node.max_associations)")
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    # ---- C-STORE -------------------------------------------------------
+
+    def _refuse(self, code: int, comment: str, calling: str, ip: str, sop_uid: str | None, **extra) -> Dataset:
+        self.counters.refused += 1
+        log.warning("c-store refused status=0x%04X calling_ae=%s reason=%s", code, calling, comment)
+        self.audit.append("instance-refused", "failure", calling_ae=calling, peer_ip=ip,
+                          sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=comment, **extra)
+        return _status(code, comment)
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        calling, ip, _ = self._peer(event)
+        rq_uid = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            encoded = event.encoded_dataset()
+            ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's data
+            return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
+                                calling, ip, rq_uid or None)
+        try:
+            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID (0008,0018)")
+            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID (0020,000D)")
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID (0020,000E)")
+            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID (0008,0016)")
+        except BadUID as exc:
+            return self._refuse(CANNOT_UNDERSTAND, str(exc), calling, ip, rq_uid or None)
+        if sop_uid != rq_uid:
+            return self._refuse(DATA_SET_MISMATCH, "SOPInstanceUID differs from the C-STORE request",
+                                calling, ip, sop_uid)
+
+        if self.store.has_instance(sop_uid):
+            self.counters.duplicates += 1
+            self.audit.append("instance-duplicate", calling_ae=calling, peer_ip=ip, study_uid=study_uid,
+                              series_uid=series_uid, sop_instance_uid=sop_uid)
+            return SUCCESS
+
+        path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            size = self.spool.write_durable(path, encoded)
+        except OSError as exc:
+            log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
+            return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
+
+        meta = InstanceMeta(
+            sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_uid=series_uid, study_uid=study_uid,
+            transfer_syntax=str(event.context.transfer_syntax), path=str(path), size_bytes=size,
+            calling_ae=calling, patient_id=_text(ds, "PatientID"), accession_number=_text(ds, "AccessionNumber"),
+            study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality"),
+            body_part=_text(ds, "BodyPartExamined"), series_description=_text(ds, "SeriesDescription"),
+            slice_thickness=_float(ds.get("SliceThickness")),
+        )
+        try:
+            is_new = self.store.add_instance(meta)
+        except Exception as exc:  # noqa: BLE001 - any store failure must not answer Success
+            log.error("store write failed error=%s", type(exc).__name__)
+            path.unlink(missing_ok=True)
+            return self._refuse(OUT_OF_RESOURCES, f"store write failed: {type(exc).__name__}", calling, ip, sop_uid)
+        if not is_new:  # a concurrent association delivered the same instance first
+            self.counters.duplicates += 1
+            self.audit.append("instance-duplicate", calling_ae=calling, peer_ip=ip, study_uid=study_uid,
+                              series_uid=series_uid, sop_instance_uid=sop_uid)
+            return SUCCESS
+        self.counters.stored += 1
+        self.counters.bytes += size
+        self.audit.append("instance-stored", calling_ae=calling, peer_ip=ip, patient_id=meta.patient_id,
+                          study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+                          sop_class_uid=sop_class, transfer_syntax=meta.transfer_syntax, bytes=size)
+        return SUCCESS

@@ -1,0 +1,97 @@
+"""Durable file writes into the spool: temp file, fsync, rename, fsync the directory.
+
+After `write_durable` returns, the file survives a power cut; before it
+returns, only a `.part` file in the temp folder can exist, which the start-up
+reaper removes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class BadUID(ValueError):
+    pass
+
+
+def check_uid(value: object, tag: str) -> str:
+    """A UID that is safe to use as a file name; anything else is refused, never sanitised."""
+    text = str(value or "").strip().rstrip("\x00")
+    if not text:
+        raise BadUID(f"{tag} is missing")
+    if len(text) > 64 or not UID_RE.match(text):
+        raise BadUID(f"{tag} is not a valid UID ({len(text)} characters, digits and dots only)")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / ".tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._dir_lock = threading.Lock()
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create `path` and make its entry durable in each new parent."""
+        if path in self._known_dirs:
+            return
+        with self._dir_lock:
+            missing = []
+            p = path
+            while not p.exists() and p != self.root:
+                missing.append(p)
+                p = p.parent
+            path.mkdir(parents=True, exist_ok=True)
+            for d in reversed(missing):
+                _fsync_dir(d.parent)
+            self._known_dirs.add(path)
+
+    def write_durable(self, dest: Path, data: bytes) -> int:
+        """Write `data` to `dest` so it is on disk when this returns. Raises OSError on failure."""
+        self._ensure_dir(dest.parent)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dest.parent)
+        return len(data)
+
+    def remove_partials(self) -> int:
+        """Delete temp files of writes that never completed (a crash mid-receive)."""
+        n = 0
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n

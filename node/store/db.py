@@ -1,0 +1,319 @@
+"""The store's operations, one method per state transition.
+
+Every method is one transaction. Writers are serialised by a lock because
+SQLite has one writer; with synchronous=FULL a commit is on disk when the
+method returns, which is what lets the receiver answer Success.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.store.models import (
+    PRIORITY,
+    Base,
+    Dispatch,
+    DispatchState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+)
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the receiver extracts from a dataset header to index it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    path: str
+    size_bytes: int
+    calling_ae: str | None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    series_description: str | None = None
+    slice_thickness: float | None = None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    rule: str
+    plugin: str
+    priority: str
+    series_uids: list[str]
+    destinations: list[str]
+
+
+@dataclass(frozen=True)
+class DispatchItem:
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = threading.Lock()
+
+    def session(self) -> Session:
+        return self._session()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- receive -------------------------------------------------------
+
+    def add_instance(self, m: InstanceMeta, now: float | None = None) -> bool:
+        """Index a durable spool file. False if the SOP instance was already held."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            if s.get(Instance, m.sop_instance_uid) is not None:
+                return False
+            study = s.get(Study, m.study_uid)
+            if study is None:
+                study = Study(
+                    study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
+                    study_description=m.study_description, calling_ae=m.calling_ae,
+                    state=StudyState.RECEIVING, instance_count=0, revision=0,
+                    first_received_at=now, last_received_at=now,
+                )
+                s.add(study)
+            elif study.state != StudyState.RECEIVING:
+                # New images after completion: the study is assembled and routed again.
+                study.state = StudyState.RECEIVING
+                study.revision += 1
+                study.completed_at = None
+                study.completion_reason = None
+            study.instance_count += 1
+            study.last_received_at = now
+            series = s.get(Series, m.series_uid)
+            if series is None:
+                series = Series(
+                    series_uid=m.series_uid, study_uid=m.study_uid, modality=m.modality,
+                    body_part=m.body_part, description=m.series_description,
+                    slice_thickness=m.slice_thickness, instance_count=0,
+                )
+                s.add(series)
+            series.instance_count += 1
+            s.add(Instance(
+                sop_instance_uid=m.sop_instance_uid, series_uid=m.series_uid, study_uid=m.study_uid,
+                sop_class_uid=m.sop_class_uid, transfer_syntax=m.transfer_syntax, path=m.path,
+                size_bytes=m.size_bytes, calling_ae=m.calling_ae, received_at=now,
+            ))
+            return True
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.session() as s:
+            return s.get(Instance, sop_instance_uid) is not None
+
+    # ---- assemble ------------------------------------------------------
+
+    def quiet_studies(self, cutoff: float) -> list[str]:
+        with self.session() as s:
+            q = select(Study.study_uid).where(
+                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
+            )
+            return list(s.scalars(q))
+
+    def mark_complete(self, study_uid: str, reason: str, cutoff: float) -> bool:
+        """Receiving → complete, only if no image arrived after `cutoff` meanwhile."""
+        with self._write, self.session() as s, s.begin():
+            res = s.execute(
+                update(Study)
+                .where(Study.study_uid == study_uid, Study.state == StudyState.RECEIVING,
+                       Study.last_received_at <= cutoff)
+                .values(state=StudyState.COMPLETE, completed_at=time.time(), completion_reason=reason)
+            )
+            return res.rowcount == 1
+
+    def studies_in_state(self, state: str) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(Study.study_uid).where(Study.state == state)))
+
+    def get_study(self, study_uid: str) -> Study | None:
+        with self.session() as s:
+            return s.get(Study, study_uid)
+
+    def series_of(self, study_uid: str) -> list[Series]:
+        with self.session() as s:
+            return list(s.scalars(select(Series).where(Series.study_uid == study_uid)))
+
+    def instances_of(self, series_uid: str) -> list[Instance]:
+        with self.session() as s:
+            return list(s.scalars(select(Instance).where(Instance.series_uid == series_uid)))
+
+    # ---- route ---------------------------------------------------------
+
+    def route(self, study_uid: str, jobs: Sequence[NewJob]) -> list[int]:
+        """Complete → routed (with queued jobs) or no-rule-matched."""
+        now = time.time()
+        with self._write, self.session() as s, s.begin():
+            study = s.get(Study, study_uid)
+            if study is None or study.state != StudyState.COMPLETE:
+                return []
+            study.state = StudyState.ROUTED if jobs else StudyState.NO_RULE
+            study.routed_at = now
+            rows = [
+                Job(study_uid=study_uid, rule=j.rule, plugin=j.plugin, priority=PRIORITY[j.priority],
+                    series_uids=list(j.series_uids), destinations=list(j.destinations),
+                    state=JobState.QUEUED, attempts=0, created_at=now)
+                for j in jobs
+            ]
+            s.add_all(rows)
+            s.flush()
+            return [r.id for r in rows]
+
+    # ---- run -----------------------------------------------------------
+
+    def claim_job(self) -> Job | None:
+        """Take the most urgent, oldest queued job: queued → running."""
+        with self._write, self.session() as s, s.begin():
+            job = s.scalars(
+                select(Job).where(Job.state == JobState.QUEUED).order_by(Job.priority, Job.id).limit(1)
+            ).first()
+            if job is None:
+                return None
+            job.state = JobState.RUNNING
+            job.attempts += 1
+            job.started_at = time.time()
+            return job
+
+    def requeue_interrupted(self) -> int:
+        """Running jobs found at start-up were cut off by a stop or crash: queue them again."""
+        with self._write, self.session() as s, s.begin():
+            res = s.execute(update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED))
+            return res.rowcount
+
+    def job_failed(self, job_id: int, error: str, timings: dict | None = None) -> None:
+        with self._write, self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            job.state = JobState.FAILED
+            job.error = error
+            job.finished_at = time.time()
+            if timings is not None:
+                job.timings = timings
+
+    def job_results_built(
+        self, job_id: int, plugin_version: str, summary: str, timings: dict, items: Iterable[DispatchItem]
+    ) -> None:
+        """Running → results-built, with one pending dispatch per object and destination."""
+        now = time.time()
+        with self._write, self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            items = list(items)
+            job.plugin_version = plugin_version
+            job.summary = summary
+            job.timings = timings
+            job.state = JobState.RESULTS_BUILT if items else JobState.DONE_LOCAL
+            if not items:
+                job.finished_at = now
+            s.add_all(
+                Dispatch(job_id=job_id, study_uid=job.study_uid, destination=i.destination, kind=i.kind,
+                         sop_class_uid=i.sop_class_uid, sop_instance_uid=i.sop_instance_uid, path=i.path,
+                         state=DispatchState.PENDING, attempts=0, next_attempt_at=now)
+                for i in items
+            )
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    # ---- dispatch ------------------------------------------------------
+
+    def due_dispatches(self, now: float) -> list[Dispatch]:
+        with self.session() as s:
+            q = (select(Dispatch)
+                 .where(Dispatch.state == DispatchState.PENDING, Dispatch.next_attempt_at <= now)
+                 .order_by(Dispatch.id))
+            return list(s.scalars(q))
+
+    def dispatch_sent(self, dispatch_ids: Sequence[int]) -> None:
+        now = time.time()
+        with self._write, self.session() as s, s.begin():
+            s.execute(update(Dispatch).where(Dispatch.id.in_(dispatch_ids))
+                      .values(state=DispatchState.SENT, sent_at=now, attempts=Dispatch.attempts + 1))
+            self._roll_up_jobs(s, dispatch_ids)
+
+    def dispatch_retry(self, dispatch_id: int, error: str, next_attempt_at: float, give_up: bool) -> None:
+        with self._write, self.session() as s, s.begin():
+            d = s.get(Dispatch, dispatch_id)
+            d.attempts += 1
+            d.last_error = error
+            d.next_attempt_at = next_attempt_at
+            if give_up:
+                d.state = DispatchState.FAILED
+            self._roll_up_jobs(s, [dispatch_id])
+
+    def _roll_up_jobs(self, s: Session, dispatch_ids: Sequence[int]) -> None:
+        """A job is dispatched when all its objects are sent; failed when any has given up."""
+        job_ids = set(s.scalars(select(Dispatch.job_id).where(Dispatch.id.in_(dispatch_ids))))
+        for job_id in job_ids:
+            states = list(s.scalars(select(Dispatch.state).where(Dispatch.job_id == job_id)))
+            job = s.get(Job, job_id)
+            if all(st == DispatchState.SENT for st in states):
+                job.state = JobState.DISPATCHED
+                job.finished_at = time.time()
+            elif any(st == DispatchState.FAILED for st in states) and DispatchState.PENDING not in states:
+                job.state = JobState.FAILED
+                job.error = "dispatch failed: " + "; ".join(
+                    sorted(set(filter(None, s.scalars(select(Dispatch.last_error).where(
+                        Dispatch.job_id == job_id, Dispatch.state == DispatchState.FAILED))))))
+                job.finished_at = time.time()
+
+    # ---- status --------------------------------------------------------
+
+    def status_rows(self, limit: int = 50) -> list[dict]:
+        """Studies, newest first, each with its jobs and their dispatch outcome."""
+        with self.session() as s:
+            studies = list(s.scalars(select(Study).order_by(Study.first_received_at.desc()).limit(limit)))
+            out = []
+            for st in studies:
+                jobs = list(s.scalars(select(Job).where(Job.study_uid == st.study_uid).order_by(Job.id)))
+                job_rows = []
+                for j in jobs:
+                    counts = dict(s.execute(
+                        select(Dispatch.state, func.count()).where(Dispatch.job_id == j.id).group_by(Dispatch.state)
+                    ).all())
+                    dests = sorted(set(s.scalars(select(Dispatch.destination).where(Dispatch.job_id == j.id))))
+                    job_rows.append({"job": j, "dispatch_counts": counts, "destinations": dests})
+                out.append({"study": st, "jobs": job_rows})
+            return out

@@ -1,0 +1,120 @@
+"""Tables of the store: the single source of truth for recovery after a crash.
+
+Times are UNIX epoch seconds (float) so timing arithmetic needs no conversions.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyState:
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    NO_RULE = "no-rule-matched"
+
+
+class JobState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    RESULTS_BUILT = "results-built"
+    DISPATCHED = "dispatched"
+    DONE_LOCAL = "done-no-destination"
+    FAILED = "failed"
+
+
+class DispatchState:
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+PRIORITY = {"stat": 0, "routine": 1}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(32), default=StudyState.RECEIVING, index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    completion_reason: Mapped[str | None] = mapped_column(String(32))
+    routed_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_uid: Mapped[str] = mapped_column(ForeignKey("series.series_uid"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(ForeignKey("studies.study_uid"), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    plugin: Mapped[str] = mapped_column(String(64))
+    plugin_version: Mapped[str | None] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer, default=PRIORITY["routine"])
+    series_uids: Mapped[list] = mapped_column(JSON)
+    destinations: Mapped[list] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(32), default=JobState.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "id"),)
+
+
+class Dispatch(Base):
+    __tablename__ = "dispatches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=DispatchState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_dispatch_due", "state", "next_attempt_at"),)
