@@ -192,9 +192,11 @@ class StoreSCP:
     def _on_accepted(self, event: evt.Event) -> None:
         calling, ip, port = self._peer(event)
         refused = sorted({cx.abstract_syntax for cx in event.assoc.rejected_contexts})
-        self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
-                          refused_sop_classes=refused or None)
+        self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port)
         if refused:
+            self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
+                              peer_port=port, sop_classes=refused,
+                              reason="SOP class / transfer syntax not supported by this node")
             log.warning("presentation contexts refused calling_ae=%s sop_classes=%s", calling, ",".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:

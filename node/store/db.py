@@ -117,6 +117,7 @@ class Store:
                     first_received_at=now, last_received_at=now,
                 )
                 s.add(study)
+                s.flush()  # no ORM relationships, so parents are flushed before children
             elif study.state != StudyState.RECEIVING:
                 # New images after completion: the study is assembled and routed again.
                 study.state = StudyState.RECEIVING
@@ -133,6 +134,7 @@ class Store:
                     slice_thickness=m.slice_thickness, instance_count=0,
                 )
                 s.add(series)
+                s.flush()
             series.instance_count += 1
             s.add(Instance(
                 sop_instance_uid=m.sop_instance_uid, series_uid=m.series_uid, study_uid=m.study_uid,

@@ -1,0 +1,30 @@
+import shutil
+
+import pytest
+
+from tests.support.node_proc import NodeProcess
+
+
+def require(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} not found: apt-get install {package} (.ci/run installs it)")
+    return path
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    """Start nodes as subprocesses; every one is stopped at the end of the test."""
+    started: list[NodeProcess] = []
+
+    def make(config=None, name="node", start=True) -> NodeProcess:
+        n = NodeProcess(tmp_path / name, config)
+        started.append(n)
+        return n.start() if start else n
+
+    yield make
+    for n in started:
+        try:
+            n.stop()
+        finally:
+            n.kill()
