@@ -1,0 +1,3 @@
+from plugins.ct_lung.plugin import CtLungPlugin
+
+__all__ = ["CtLungPlugin"]
