@@ -136,16 +136,18 @@ class StoreSCP:
         self._server = self.ae.start_server(
             (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
         )
+        self._port = self._server.server_address[1]
         log.info("listening ae_title=%s host=%s port=%d", self.cfg.ae_title, self.cfg.host, self.port)
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.cfg.port
+        return getattr(self, "_port", self.cfg.port)
 
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress run to their end."""
         if self._server is not None:
-            self._server.shutdown()
+            server, self._server = self._server, None
+            server.shutdown()
 
     def wait_for_associations(self, timeout: float) -> bool:
         import time
@@ -181,6 +183,7 @@ class StoreSCP:
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
                           peer_port=port, reason=reason)
         event.assoc.acse.send_reject(0x01, 0x01, diag)
+        event.assoc.kill()  # as pynetdicom does after its own rejects: the A-ASSOCIATE-RJ goes out first
 
     def _ip_allowed(self, ip: str) -> bool:
         try:

@@ -8,6 +8,7 @@ the generated lung masks, nodules included) and the nodules' centres and diamete
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import date
@@ -81,7 +82,7 @@ def _nodules(rng: np.random.Generator, z_top: float, length: float) -> list[dict
         cx = sign * (LUNG_X + rng.uniform(-0.3, 0.3) * LUNG_AX * s)
         cy = LUNG_Y + rng.uniform(-0.3, 0.3) * LUNG_AY * s
         out.append({"center_mm": [round(cx, 2), round(cy, 2), round(z_top - u * length, 2)],
-                    "diameter_mm": round(float(rng.uniform(6.0, 12.0)), 2), "side": side})
+                    "diameter_mm": round(float(rng.uniform(4.0, 12.0)), 2), "side": side})
     return out
 
 
@@ -99,7 +100,8 @@ def _template(study_uid: str, series_uid: str, for_uid: str, *, rows: int, cols:
     today = date(2026, 1, 15).strftime("%Y%m%d")
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = today
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "101500"
-    ds.AccessionNumber = f"ACC{abs(hash(study_uid)) % 10**8:08d}"[:16]
+    # hashlib, not hash(): str hashes are salted per process and the series must be reproducible.
+    ds.AccessionNumber = f"ACC{int(hashlib.sha256(study_uid.encode()).hexdigest(), 16) % 10**8:08d}"
     ds.Modality = "CT"
     ds.Manufacturer = "AINODE-SYNTH"
     ds.InstitutionName = "Synthetic Hospital"
@@ -130,9 +132,9 @@ def _template(study_uid: str, series_uid: str, for_uid: str, *, rows: int, cols:
     ds.Rows, ds.Columns = rows, cols
     ds.PixelSpacing = [f"{pixel_spacing:g}", f"{pixel_spacing:g}"]
     ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1  # signed, as most CT scanners store
     ds.WindowCenter = "-600"
     ds.WindowWidth = "1500"
     ds.RescaleIntercept = f"{INTERCEPT:g}"
@@ -179,6 +181,10 @@ def write_chest_ct(
     x = (x0 + np.arange(cols, dtype=np.float32) * pixel_spacing)[None, :]
     y = (y0 + np.arange(rows, dtype=np.float32) * pixel_spacing)[:, None]
     nodules = _nodules(rng, z_top, length)
+    # Vessels: soft-tissue tubes running along the scan inside each lung, at fixed fractions of the
+    # lung's semi-axes, so they follow the lung as it widens and narrows. Holes a segmentation must fill.
+    vessels = [(side, float(a), float(b), float(r)) for side in ("left", "right")
+               for a, b, r in zip(rng.uniform(-0.55, 0.55, 5), rng.uniform(-0.6, 0.6, 5), rng.uniform(1.2, 3.0, 5))]
 
     # In-plane fields that do not change along the scan.
     body = (x / BODY_A) ** 2 + (y / BODY_B) ** 2 <= 1.0
@@ -227,6 +233,14 @@ def write_chest_ct(
                 bx = sign * (t * (LUNG_X - LUNG_AX * s + 8.0))
                 air = ((x - bx) ** 2 + (y - TRACHEA_Y) ** 2) <= BRONCHUS_R ** 2
                 hu[air & ~lung_any] = -1000.0
+        # Vessels, drawn only where the whole cross-section lies inside the lung: enclosed, still lung.
+        if s > 0.3:
+            for side, a, b, r in vessels:
+                sign = 1.0 if side == "left" else -1.0
+                vx, vy = sign * (LUNG_X + a * LUNG_AX * s), LUNG_Y + b * LUNG_AY * s
+                ves = (x - vx) ** 2 + (y - vy) ** 2 <= r * r
+                if not (ves & ~lung_masks[side]).any():
+                    hu[ves] = 40.0 + noise[ves] * 0.6
         # Nodules: soft tissue inside the lungs, still lung for the volume truth.
         for n in nodules:
             cx, cy, cz = n["center_mm"]
@@ -237,7 +251,7 @@ def write_chest_ct(
         counts["left"] += int(lung_masks["left"].sum())
         counts["right"] += int(lung_masks["right"].sum())
 
-        stored = np.clip(np.rint(hu - INTERCEPT), 0, 4095).astype(np.uint16)
+        stored = np.clip(np.rint(hu - INTERCEPT), -32768, 32767).astype(np.int16)
         sop_uid = generate_uid(entropy_srcs=[series_uid, "sop", str(k)])
         tmpl.file_meta.MediaStorageSOPInstanceUID = sop_uid
         tmpl.SOPInstanceUID = sop_uid
@@ -281,7 +295,7 @@ def _save(ds: Dataset, stored: np.ndarray, ts: UID, path: Path) -> None:
         ds.file_meta.TransferSyntaxUID = ts
         return
     if ts == ExplicitVRBigEndian:
-        ds.PixelData = stored.astype(">u2").tobytes()
+        ds.PixelData = stored.astype(">i2").tobytes()
         ds["PixelData"].VR = "OW"
         ds.save_as(path, enforce_file_format=True, little_endian=False, implicit_vr=False)
         return

@@ -25,6 +25,8 @@ LEFT_LUNG = Code("44029006", "SCT", "Left lung")
 RIGHT_LUNG = Code("3341006", "SCT", "Right lung")
 VOLUME = Code("118565006", "SCT", "Volume")
 MILLILITER = Code("mL", "UCUM", "milliliter")
+MIN_LUNG_ML = 10.0  # a smaller air pocket (bowel gas, a scan of the abdomen) is not a lung
+POOL_TARGET_MM = 1.2  # in-plane grid of the component analysis; the masks stay full resolution
 
 
 def superior_last(vol: SeriesVolume) -> bool:
@@ -58,7 +60,9 @@ class CtLungPlugin(Plugin):
             raise ValueError(f"series {vol.series_uid}: {vol.pixels.shape[0]} slices, "
                              f"ct_lung needs at least {self.accepts.min_slices}")
         try:
-            masks = segment_lungs(vol.pixels, patient_x_of_columns(vol), superior_last(vol))
+            pool = int(self.options.get("pool", max(1, round(POOL_TARGET_MM / min(vol.spacing[1:])))))
+            masks = segment_lungs(vol.pixels, patient_x_of_columns(vol), superior_last(vol), pool=pool,
+                                  min_lung_voxels=int(MIN_LUNG_ML * 1000.0 / vol.voxel_volume_mm3))
         except NoLungsFound as exc:
             raise ValueError(f"series {vol.series_uid}: no lungs found ({exc})") from exc
         ml = vol.voxel_volume_mm3 / 1000.0

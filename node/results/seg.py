@@ -1,0 +1,87 @@
+"""DICOM SEG (BINARY) from a plugin's label masks, with highdicom."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from node.plugin_api import Code, Segmentation
+
+
+def coded(c: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+
+
+def algorithm_identification(name: str, version: str,
+                             parameters: Mapping[str, str] | None = None) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(name=name, family=codes.cid7162.ArtificialIntelligence,
+                                              version=version, parameters=dict(parameters) if parameters else None)
+
+
+def pixel_array(seg: Segmentation) -> np.ndarray:
+    """What highdicom gets: a label map (frames, rows, columns) when no two segments overlap, else a
+    (frames, rows, columns, segments) stack.
+
+    Both give the same BINARY frames, but for a 4-D stack highdicom checks overlap with an int64 sum over
+    the segment axis, which takes seconds on a 300x512x512 series; the label map skips it.
+    """
+    masks = [np.asarray(s.mask, dtype=bool) for s in seg.segments]
+    n = len(masks)
+    if n == 1:
+        return masks[0]
+    if n < 256:
+        count = np.zeros(masks[0].shape, np.uint8)
+        for m in masks:
+            count += m  # at most n < 256: no overflow
+        if count.max() <= 1:
+            labels = np.zeros(masks[0].shape, np.uint8)
+            for i, m in enumerate(masks, start=1):
+                labels[m] = i
+            return labels
+    return np.stack(masks, axis=-1)
+
+
+def build_seg(seg: Segmentation, sources: Sequence[Dataset], *, name: str, version: str, series_uid: str,
+              sop_uid: str, manufacturer: str, device_serial: str,
+              parameters: Mapping[str, str] | None = None) -> hd.seg.Segmentation:
+    if not seg.segments:
+        raise ValueError(f"segmentation of series {seg.source_series_uid} has no segments")
+    expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    for s in seg.segments:
+        if tuple(s.mask.shape) != expected:
+            raise ValueError(f"segment '{s.label}' mask has shape {tuple(s.mask.shape)} but series "
+                             f"{seg.source_series_uid} is {expected} (slices, rows, columns)")
+    algo = algorithm_identification(name, version, parameters)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=s.label,
+            segmented_property_category=coded(s.category),
+            segmented_property_type=coded(s.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+        )
+        for i, s in enumerate(seg.segments)
+    ]
+    return hd.seg.Segmentation(
+        source_images=list(sources),
+        pixel_array=pixel_array(seg),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=9001,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=name,
+        software_versions=version,
+        device_serial_number=device_serial,
+        series_description=f"AI {name} {version} segmentation",
+        content_label="AI_SEG",
+        content_description=f"{name} {version}: not for diagnosis"[:64],
+        omit_empty_frames=True,
+    )
