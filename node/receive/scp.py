@@ -154,7 +154,8 @@ class StoreSCP:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]:
+            # Only established associations can carry an instance still being received.
+            if not [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]:
                 return True
             time.sleep(0.05)
         return False
