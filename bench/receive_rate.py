@@ -1,0 +1,392 @@
+"""C-STORE receive rate of the node against its C++ peers: same files, same sender, same machine, same run.
+
+    .venv/bin/python bench/receive_rate.py [--slices 300] [--repeat 3] [--associations 1,4]
+                                           [--receivers storescp,orthanc,ainode] [--data DIR] [--workdir DIR]
+
+Sender: DCMTK storescu for every receiver, over 127.0.0.1; with N associations the files are split
+into N groups sent by N storescu processes in parallel. Each figure is the median wall time of
+--repeat sends of the whole series into an empty receiver, checked afterwards (every instance must
+be there, else the run fails).
+
+Durability is not the same for all three, and the table says so: DCMTK storescp writes each file
+and answers without fsync (it has no option for it); Orthanc fsyncs each stored file
+(SyncStorageArea, its default since 1.7.4) and indexes it in SQLite; the node fsyncs each instance
+and its database row before it answers Success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.net import free_port, wait_for_port  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+
+
+# DCMTK >= 3.6.2 leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment: storescu
+# and storescp (and Debian's Orthanc, which links the same DCMTK) then wait ~40 ms per C-STORE for a
+# delayed ACK on loopback, and the table would measure that timer instead of the receivers.
+# --nagle keeps DCMTK's default to show it.
+NAGLE = False
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if NAGLE:
+        env.pop("TCP_NODELAY", None)
+    else:
+        env["TCP_NODELAY"] = "1"
+    return env
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def make_ct_series(out_dir: Path, slices: int) -> list[Path]:
+    """The project's synthetic chest CT; a plain 512x512 int16 series if node.synth is not there."""
+    try:
+        from node.synth import write_chest_ct
+    except ImportError:
+        return _plain_ct_series(out_dir, slices)
+    return list(write_chest_ct(out_dir, slices=slices, slice_thickness=1.0).files)
+
+
+def _plain_ct_series(out_dir: Path, slices: int) -> list[Path]:
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    files = []
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Bench^CT", "BENCH0001", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = \
+            "20240101", "120000", "", "", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = "CT", 1, k + 1, "bench"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-179.2, -179.2, -float(k)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = 512
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = -1024, 1, 120
+        ds.PixelData = rng.integers(0, 2000, (512, 512), dtype=np.int16).tobytes()
+        path = out_dir / f"ct{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+# ---- sender ---------------------------------------------------------------------------------
+
+
+def send(files: list[Path], aet: str, port: int, associations: int, logdir: Path) -> float:
+    """Wall time to send all files with `associations` storescu processes in parallel."""
+    groups = [files[i::associations] for i in range(associations)]
+    logs = [open(logdir / f"storescu-{i}.log", "w+b") for i in range(associations)]
+    procs: list[subprocess.Popen] = []
+    try:
+        t0 = time.perf_counter()
+        for g, log in zip(groups, logs):
+            procs.append(subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port),
+                                           *map(str, g)], stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=dcmtk_env()))
+        for p in procs:
+            p.wait(600)
+        elapsed = time.perf_counter() - t0
+        for p, log in zip(procs, logs):
+            log.seek(0)
+            out = log.read().decode(errors="replace")
+            errors = [line for line in out.splitlines() if line.startswith(("E:", "F:"))]
+            if p.returncode != 0 or errors:
+                raise RuntimeError(f"storescu to {aet} failed (exit {p.returncode}): {out[-800:]}")
+        return elapsed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+
+
+def echo(aet: str, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["echoscu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port)],
+                           capture_output=True, text=True, timeout=30, env=dcmtk_env())
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no C-ECHO answer from {aet} on port {port}: {r.stderr.strip()[-300:]}")
+        time.sleep(0.2)
+
+
+def stop_group(proc: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM the process group, SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+# ---- receivers ------------------------------------------------------------------------------
+
+
+class Storescp:
+    key, label, durability = "storescp", "DCMTK storescp 3.6.7", "no fsync"
+
+    def __init__(self, work: Path) -> None:
+        self.work, self.aet, self.port = work, "STORESCP", free_port()
+        self.out = work / "received"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Storescp":
+        self.out.mkdir(parents=True)
+        self.log = open(self.work / "storescp.log", "wb")
+        self.proc = subprocess.Popen(["storescp", "-aet", self.aet, "-od", str(self.out), str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, env=dcmtk_env())
+        if not wait_for_port("127.0.0.1", self.port, 20):
+            self.__exit__()
+            raise RuntimeError("storescp did not listen")
+        echo(self.aet, self.port)
+        return self
+
+    def reset(self) -> None:
+        shutil.rmtree(self.out)
+        self.out.mkdir()
+
+    def received(self) -> int:
+        return sum(1 for _ in self.out.iterdir())
+
+    def __exit__(self, *exc: object) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+class Orthanc:
+    key, label, durability = "orthanc", "Orthanc 1.10.1 (Debian)", "fsync file, SQLite"
+
+    def __init__(self, work: Path) -> None:
+        self.server = OrthancServer(work, aet="ORTHANC", tcp_nodelay=not NAGLE)
+        self.aet = self.server.aet
+
+    def __enter__(self) -> "Orthanc":
+        self.server.start()
+        self.port = self.server.dicom_port  # final only once started
+        echo(self.aet, self.port)
+        return self
+
+    def reset(self) -> None:
+        self.server.delete_all()
+        if self.received():
+            raise RuntimeError("Orthanc is not empty after delete")
+
+    def received(self) -> int:
+        return int(self.server.statistics()["CountInstances"])
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+
+class Ainode:
+    key, label, durability = "ainode", "ainode", "fsync file + DB row"
+
+    def __init__(self, work: Path) -> None:
+        self.work, self.aet, self.port = work, "AINODE", free_port()
+        self.config = work / "node.yaml"
+        self.var = work / "var"
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+        exe = Path(sys.executable).with_name("ainode")
+        self.cmd = [str(exe)] if exe.exists() else ([shutil.which("ainode")] if shutil.which("ainode") else None)
+        if self.cmd is None:
+            raise RuntimeError("the ainode console script is not installed (pip install -e .)")
+
+    def _write_config(self) -> None:
+        # The node's config schema (YAML is a superset of JSON; written without a yaml dependency).
+        self.config.write_text(
+            f"node: {{ae_title: {self.aet}, host: 127.0.0.1, port: {self.port}}}\n"
+            f"storage: {{root: '{self.var}'}}\n"
+            "assemble: {quiet_period_s: 3600}\n")
+
+    def _start(self) -> None:
+        self._write_config()
+        self.log = open(self.work / "node.log", "ab")
+        self.proc = subprocess.Popen([*self.cmd, "serve", "--config", str(self.config)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.work,
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 60
+        while not wait_for_port("127.0.0.1", self.port, 0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.work / "node.log").read_text(errors="replace").strip().splitlines()[-3:]
+                self._stop()
+                raise RuntimeError(f"`ainode serve` exited {self.proc.returncode}: {' | '.join(tail)}")
+        echo(self.aet, self.port)
+
+    def _stop(self) -> None:
+        stop_group(self.proc, timeout=60)
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def __enter__(self) -> "Ainode":
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._start()
+        return self
+
+    def reset(self) -> None:
+        # A fresh node and store per run, so every instance is new rather than a duplicate.
+        self._stop()
+        shutil.rmtree(self.var, ignore_errors=True)
+        self._start()
+
+    def received(self) -> int | None:
+        """Instances the node recorded as stored, where its audit log says; None: trust storescu."""
+        audit = self.var / "audit.jsonl"
+        if not audit.exists():
+            return None
+        return sum(1 for line in audit.read_text().splitlines() if '"instance-stored"' in line)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+
+RECEIVERS = {cls.key: cls for cls in (Storescp, Orthanc, Ainode)}
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--associations", default="1,4", help="comma-separated counts of parallel associations")
+    ap.add_argument("--receivers", default="storescp,orthanc,ainode")
+    ap.add_argument("--data", type=Path, help="a folder of DICOM files to send instead of a synthetic CT")
+    ap.add_argument("--workdir", type=Path, help="where receivers store (default: a temp dir); a real disk "
+                    "matters, fsync on tmpfs costs nothing")
+    ap.add_argument("--nagle", action="store_true", help="keep DCMTK's default (Nagle on, no TCP_NODELAY) "
+                    "for storescu, storescp and Orthanc")
+    args = ap.parse_args()
+    global NAGLE
+    NAGLE = args.nagle
+    for tool in ("storescu", "storescp", "echoscu"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install dcmtk", file=sys.stderr)
+            return 2
+    keys = [k.strip() for k in args.receivers.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in RECEIVERS]
+    if unknown:
+        ap.error(f"unknown receiver(s) {unknown}; choose from {','.join(RECEIVERS)}")
+    assoc_counts = [int(a) for a in args.associations.split(",")]
+
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="ainode-bench-", dir=args.workdir))
+    results: dict[tuple[str, int], float] = {}
+    unavailable: dict[str, str] = {}
+    failed = False
+    try:
+        if args.data:
+            files = sorted(p for p in args.data.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            t0 = time.perf_counter()
+            files = make_ct_series(tmp / "ct", args.slices)
+            print(f"generated {len(files)} CT slices in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if not files:
+            print("no files to send", file=sys.stderr)
+            return 2
+        mb = sum(f.stat().st_size for f in files) / 1e6
+
+        for key in keys:
+            cls = RECEIVERS[key]
+            work = tmp / key
+            work.mkdir()
+            try:
+                rx = cls(work)
+                rx.__enter__()
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other receivers
+                unavailable[key] = str(exc)
+                print(f"{key}: not available ({exc})", file=sys.stderr)
+                continue
+            try:
+                for n in assoc_counts:
+                    times, checks = [], []
+                    for _ in range(args.repeat):
+                        rx.reset()
+                        times.append(send(files, rx.aet, rx.port, n, work))
+                        got = rx.received()
+                        if got is not None and got != len(files):
+                            raise RuntimeError(f"{key} holds {got} of {len(files)} instances after the send")
+                        checks.append("storescu exit 0" if got is None else f"{got} held")
+                    results[(key, n)] = statistics.median(times)
+                    print(f"{key} x{n}: {' '.join(f'{t:.2f}' for t in times)} s ({', '.join(checks)})",
+                          file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001
+                failed = True
+                print(f"{key}: FAILED ({exc})", file=sys.stderr)
+            finally:
+                rx.__exit__(None, None, None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nC-STORE receive rate: {len(files)} instances, {mb:.0f} MB, DCMTK storescu over 127.0.0.1, "
+          f"median of {args.repeat}, {os.cpu_count()} CPUs, DCMTK "
+          f"{'Nagle on (its default)' if NAGLE else 'TCP_NODELAY=1'}")
+    head = (f"{'receiver':26s} {'durability':20s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>7s} "
+            f"{'vs storescp':>11s} {'vs Orthanc':>10s}")
+    print(head)
+    print("-" * len(head))
+    for n in assoc_counts:
+        for key in keys:
+            if (key, n) not in results:
+                continue
+            t = results[(key, n)]
+
+            def ratio(peer: str) -> str:
+                t_peer = results.get((peer, n))
+                return f"{t_peer / t:.2f}x" if t_peer else "-"
+
+            cls = RECEIVERS[key]
+            print(f"{cls.label:26s} {cls.durability:20s} {n:5d} {t:8.2f} {len(files) / t:8.1f} {mb / t:7.1f} "
+                  f"{ratio('storescp'):>11s} {ratio('orthanc'):>10s}")
+    for key, reason in unavailable.items():
+        print(f"{key}: not available ({reason})")
+    print("ratio = receiver's rate / peer's rate (above 1.00x: faster than the peer). DCMTK storescp has no "
+          "fsync option; Orthanc fsyncs each file (SyncStorageArea); the node fsyncs file and DB row.")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
