@@ -24,7 +24,7 @@ class NodeService:
         self.audit = AuditLog(paths.audit_log, node_ae=cfg.node.ae_title)
         self.store = Store(paths.database_url)
         self.spool = Spool(paths.spool_dir)
-        self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit)
+        self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,
@@ -36,9 +36,13 @@ class NodeService:
 
     def start(self) -> None:
         removed = self.spool.remove_partials()
-        requeued = self.store.requeue_interrupted()
+        requeued, failed = self.store.requeue_interrupted(self.cfg.run.max_attempts)
         self.audit.append("node-start", config=self.source, partial_files_removed=removed,
-                          jobs_requeued=requeued)
+                          jobs_requeued=[j.id for j in requeued] or None)
+        for job in failed:
+            self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
+                              error=job.error)
+            log.error("job failed job_id=%d error=%s", job.id, job.error)
         if removed:
             log.warning("removed partial spool files count=%d", removed)
         self.router.route_pending()  # studies left complete by an earlier stop

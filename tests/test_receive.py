@@ -151,3 +151,18 @@ def test_sigterm_exits_cleanly(node_factory):
     assert node.stop() == 0
     events = [x["event"] for x in node.audit_records()]
     assert events[-1] == "node-stop"
+
+
+def test_below_free_space_threshold_answers_out_of_resources_and_keeps_nothing(node_factory):
+    node = node_factory({"storage": {"min_free_mb": 10**9}, "assemble": {"quiet_period_s": 3600}})
+    f = pydicom.data.get_testdata_file("CT_small.dcm")
+    r = storescu(node, [f], extra=["-v"])
+    assert r.returncode != 0
+    assert "Refused: OutOfResources" in r.stdout + r.stderr
+    refused = [x for x in node.audit_records() if x["event"] == "instance-refused"]
+    assert refused and "min_free_mb" in refused[-1]["reason"]
+    assert not [p for p in (node.var / "spool").rglob("*") if p.is_file()]  # nothing half-stored
+    store = Store(f"sqlite:///{node.var / 'ainode.db'}")
+    assert not store.has_instance(str(pydicom.dcmread(f).SOPInstanceUID))
+    store.close()
+    assert node.proc.poll() is None

@@ -69,6 +69,9 @@ class StorageSection(Strict):
         None, description="SQLAlchemy URL or a path to a SQLite file. Default: <root>/ainode.db"
     )
     audit_log: Path | None = None
+    min_free_mb: int = Field(
+        1024, ge=0, description="Below this much free space on the spool's disk, C-STORE answers 0xA700."
+    )
 
     def resolved(self, base: Path) -> "ResolvedStorage":
         root = self.root if self.root.is_absolute() else base / self.root
@@ -108,6 +111,7 @@ class AssembleSection(Strict):
 
 class RunSection(Strict):
     workers: int = Field(1, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (a crash mid-run counts) before it fails.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

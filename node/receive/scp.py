@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import shutil
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -101,8 +102,9 @@ class ReceiveCounters:
 
 
 class StoreSCP:
-    def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog) -> None:
+    def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0) -> None:
         self.cfg = cfg
+        self.min_free_bytes = min_free_mb * 1024 * 1024
         self.spool = spool
         self.store = store
         self.audit = audit
@@ -251,6 +253,11 @@ class StoreSCP:
                               series_uid=series_uid, sop_instance_uid=sop_uid)
             return SUCCESS
 
+        free = shutil.disk_usage(self.spool.root).free
+        if free - len(encoded) < self.min_free_bytes:
+            log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
+            return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip, sop_uid,
+                                free_mb=free // 2**20)
         path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         try:
             size = self.spool.write_durable(path, encoded)

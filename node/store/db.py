@@ -219,11 +219,25 @@ class Store:
             job.started_at = time.time()
             return job
 
-    def requeue_interrupted(self) -> int:
-        """Running jobs found at start-up were cut off by a stop or crash: queue them again."""
+    def requeue_interrupted(self, max_attempts: int) -> tuple[list[Job], list[Job]]:
+        """Jobs found running at start-up were cut off by a stop or crash.
+
+        Queue them again, unless they have already been started `max_attempts` times: a job that
+        kills the node every time it runs must not take it down forever. Returns (requeued, failed).
+        """
+        requeued, failed = [], []
         with self._write, self.session() as s, s.begin():
-            res = s.execute(update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.QUEUED))
-            return res.rowcount
+            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
+                if job.attempts >= max_attempts:
+                    job.state = JobState.FAILED
+                    job.error = (f"interrupted {job.attempts} times (run.max_attempts = {max_attempts}); "
+                                 "not started again")
+                    job.finished_at = time.time()
+                    failed.append(job)
+                else:
+                    job.state = JobState.QUEUED
+                    requeued.append(job)
+        return requeued, failed
 
     def job_failed(self, job_id: int, error: str, timings: dict | None = None) -> None:
         with self._write, self.session() as s, s.begin():

@@ -24,7 +24,7 @@ class NodeProcess:
         self.ae_title = ae_title
         cfg: dict[str, Any] = {
             "node": {"ae_title": ae_title, "host": "127.0.0.1", "port": self.port},
-            "storage": {"root": str(self.workdir / "var")},
+            "storage": {"root": str(self.workdir / "var"), "min_free_mb": 50},
             "assemble": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
         }
         for key, value in (config or {}).items():
