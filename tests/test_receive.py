@@ -166,3 +166,23 @@ def test_below_free_space_threshold_answers_out_of_resources_and_keeps_nothing(n
     assert not store.has_instance(str(pydicom.dcmread(f).SOPInstanceUID))
     store.close()
     assert node.proc.poll() is None
+
+
+def test_beyond_max_associations_is_rejected_transiently_and_audited(node_factory):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = node_factory({"node": {"max_associations": 1}})
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="AINODE")
+    try:
+        assert held.is_established
+        r = storescu(node, [pydicom.data.get_testdata_file("CT_small.dcm")])
+        assert r.returncode != 0 and "Rejected Transient" in r.stdout + r.stderr, r.stderr
+        rejected = [x for x in node.audit_records() if x["event"] == "association-rejected"]
+        assert rejected and "max_associations" in rejected[-1]["reason"]
+    finally:
+        held.release()
+        ae.shutdown()
+    assert storescu(node, [pydicom.data.get_testdata_file("CT_small.dcm")]).returncode == 0

@@ -115,9 +115,12 @@ class StoreSCP:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
-        ae.maximum_associations = self.cfg.max_associations
+        # pynetdicom's own limit counts bare TCP connections that never asked for an association
+        # (health checks, port scans) until the ACSE timeout; _on_requested enforces the configured limit
+        # on established associations instead, so pynetdicom's is only a backstop.
+        ae.maximum_associations = self.cfg.max_associations * 4
         ae.network_timeout = self.cfg.network_timeout_s
-        ae.acse_timeout = self.cfg.network_timeout_s
+        ae.acse_timeout = min(self.cfg.network_timeout_s, 10.0)
         ae.dimse_timeout = self.cfg.network_timeout_s
         ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
         ae.add_supported_context(sc.Verification)
@@ -181,6 +184,15 @@ class StoreSCP:
         elif self._networks and not self._ip_allowed(ip):
             reason, diag = f"address {ip} is not in node.allowed_ips", 0x01
         if reason is None:
+            busy = [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]
+            if len(busy) < self.cfg.max_associations:
+                return
+            reason = f"too many associations ({len(busy)} open, node.max_associations = {self.cfg.max_associations})"
+            log.warning("association rejected calling_ae=%s ip=%s reason=%s", calling, ip, reason)
+            self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
+                              peer_port=port, reason=reason)
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded: try again later
+            event.assoc.kill()
             return
         log.warning("association rejected calling_ae=%s ip=%s reason=%s", calling, ip, reason)
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
@@ -213,7 +225,7 @@ class StoreSCP:
         if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
             return  # already audited by _on_requested
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip, peer_port=port,
-                          reason="too many associations (node.max_associations)")
+                          reason="too many pending connections (pynetdicom limit)")
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
