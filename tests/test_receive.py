@@ -186,3 +186,13 @@ def test_beyond_max_associations_is_rejected_transiently_and_audited(node_factor
         held.release()
         ae.shutdown()
     assert storescu(node, [pydicom.data.get_testdata_file("CT_small.dcm")]).returncode == 0
+
+
+def test_dataset_over_max_size_is_refused_and_audited(node_factory):
+    node = node_factory({"node": {"max_dataset_mb": 0.01}, "assemble": {"quiet_period_s": 3600}})
+    f = pydicom.data.get_testdata_file("CT_small.dcm")  # ~39 KB
+    r = storescu(node, [f], extra=["-v"])
+    assert r.returncode != 0 and "Refused: OutOfResources" in r.stdout + r.stderr
+    refused = [x for x in node.audit_records() if x["event"] == "instance-refused"]
+    assert refused and "max_dataset_mb" in refused[-1]["reason"]
+    assert not [p for p in (node.var / "spool").rglob("*") if p.is_file()]

@@ -38,6 +38,7 @@ class NodeSection(Strict):
         default_factory=list, description="Addresses or CIDR networks. Empty: any address."
     )
     max_associations: int = Field(10, ge=1, le=200)
+    max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
     network_timeout_s: float = Field(60, gt=0)
 
     @field_validator("ae_title")

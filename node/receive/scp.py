@@ -244,6 +244,9 @@ class StoreSCP:
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
         try:
             encoded = event.encoded_dataset()
+            if len(encoded) > self.cfg.max_dataset_mb * 1024 * 1024:
+                return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
+                                    f"({len(encoded) // 2**20} MB)", calling, ip, rq_uid or None)
             ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's data
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
