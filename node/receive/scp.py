@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -111,6 +112,7 @@ class StoreSCP:
         self.counters = ReceiveCounters()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_ips]
         self._server: ThreadedAssociationServer | None = None
+        self._port = cfg.port  # the bound port once started (differs when cfg.port is 0)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -146,7 +148,7 @@ class StoreSCP:
 
     @property
     def port(self) -> int:
-        return getattr(self, "_port", self.cfg.port)
+        return self._port
 
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress run to their end."""
@@ -154,13 +156,14 @@ class StoreSCP:
             server, self._server = self._server, None
             server.shutdown()
 
-    def wait_for_associations(self, timeout: float) -> bool:
-        import time
+    def _established(self) -> list:  # type: ignore[type-arg]
+        """Acceptor associations past negotiation: the ones that can carry instances."""
+        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]
 
+    def wait_for_associations(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            # Only established associations can carry an instance still being received.
-            if not [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]:
+            if not self._established():
                 return True
             time.sleep(0.05)
         return False
@@ -178,26 +181,21 @@ class StoreSCP:
 
     def _on_requested(self, event: evt.Event) -> None:
         calling, ip, port = self._peer(event)
-        reason = None
         if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
-            reason, diag = f"calling AE title '{calling}' is not in node.allowed_calling_aes", 0x03
+            reason = f"calling AE title '{calling}' is not in node.allowed_calling_aes"
+            rsd = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
         elif self._networks and not self._ip_allowed(ip):
-            reason, diag = f"address {ip} is not in node.allowed_ips", 0x01
-        if reason is None:
-            busy = [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]
-            if len(busy) < self.cfg.max_associations:
-                return
+            reason = f"address {ip} is not in node.allowed_ips"
+            rsd = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+        elif len(busy := self._established()) >= self.cfg.max_associations:
             reason = f"too many associations ({len(busy)} open, node.max_associations = {self.cfg.max_associations})"
-            log.warning("association rejected calling_ae=%s ip=%s reason=%s", calling, ip, reason)
-            self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
-                              peer_port=port, reason=reason)
-            event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, local limit exceeded: try again later
-            event.assoc.kill()
+            rsd = (0x02, 0x03, 0x02)  # transient, local limit exceeded: try again later
+        else:
             return
         log.warning("association rejected calling_ae=%s ip=%s reason=%s", calling, ip, reason)
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip,
                           peer_port=port, reason=reason)
-        event.assoc.acse.send_reject(0x01, 0x01, diag)
+        event.assoc.acse.send_reject(*rsd)
         event.assoc.kill()  # as pynetdicom does after its own rejects: the A-ASSOCIATE-RJ goes out first
 
     def _ip_allowed(self, ip: str) -> bool:
@@ -218,12 +216,11 @@ class StoreSCP:
             log.warning("presentation contexts refused calling_ae=%s sop_classes=%s", calling, ",".join(refused))
 
     def _on_rejected(self, event: evt.Event) -> None:
-        # Rejections that pynetdicom makes itself, e.g. too many associations.
+        # Rejections that pynetdicom makes itself (its backstop connection limit); ours in
+        # _on_requested do not raise EVT_REJECTED.
         if event.assoc.acse.acceptor.primitive is None:
             return
         calling, ip, port = self._peer(event)
-        if self.cfg.allowed_calling_aes and calling not in self.cfg.allowed_calling_aes:
-            return  # already audited by _on_requested
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip, peer_port=port,
                           reason="too many pending connections (pynetdicom limit)")
 
@@ -238,6 +235,13 @@ class StoreSCP:
         self.audit.append("instance-refused", "failure", calling_ae=calling, peer_ip=ip,
                           sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=comment, **extra)
         return _status(code, comment)
+
+    def _duplicate(self, calling: str, ip: str, study_uid: str, series_uid: str, sop_uid: str) -> int:
+        """The instance is already held: keep the first copy, answer Success, audit the repeat."""
+        self.counters.duplicates += 1
+        self.audit.append("instance-duplicate", calling_ae=calling, peer_ip=ip, study_uid=study_uid,
+                          series_uid=series_uid, sop_instance_uid=sop_uid)
+        return SUCCESS
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling, ip, _ = self._peer(event)
@@ -263,10 +267,7 @@ class StoreSCP:
                                 calling, ip, sop_uid)
 
         if self.store.has_instance(sop_uid):
-            self.counters.duplicates += 1
-            self.audit.append("instance-duplicate", calling_ae=calling, peer_ip=ip, study_uid=study_uid,
-                              series_uid=series_uid, sop_instance_uid=sop_uid)
-            return SUCCESS
+            return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
 
         free = shutil.disk_usage(self.spool.root).free
         if free - len(encoded) < self.min_free_bytes:
@@ -295,10 +296,7 @@ class StoreSCP:
             path.unlink(missing_ok=True)
             return self._refuse(OUT_OF_RESOURCES, f"store write failed: {type(exc).__name__}", calling, ip, sop_uid)
         if not is_new:  # a concurrent association delivered the same instance first
-            self.counters.duplicates += 1
-            self.audit.append("instance-duplicate", calling_ae=calling, peer_ip=ip, study_uid=study_uid,
-                              series_uid=series_uid, sop_instance_uid=sop_uid)
-            return SUCCESS
+            return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
         self.counters.bytes += size
         self.audit.append("instance-stored", calling_ae=calling, peer_ip=ip, patient_id=meta.patient_id,

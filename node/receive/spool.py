@@ -64,10 +64,13 @@ class Spool:
                 _fsync_dir(d.parent)
             self._known_dirs.add(path)
 
+    def temp_path(self) -> Path:
+        """A fresh temp file name; `remove_partials` deletes it if a crash leaves it behind."""
+        return self.tmp / f"{uuid.uuid4().hex}.part"
+
     def write_durable(self, dest: Path, data: bytes) -> int:
         """Write `data` to `dest` so it is on disk when this returns. Raises OSError on failure."""
-        self._ensure_dir(dest.parent)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        tmp = self.temp_path()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             view = memoryview(data)
@@ -80,13 +83,27 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
+        self._publish(tmp, dest)
+        return len(data)
+
+    def commit(self, tmp: Path, dest: Path) -> None:
+        """Make a temp file written by someone else (e.g. pydicom) durable under `dest`."""
+        fd = os.open(tmp, os.O_RDONLY)
         try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._publish(tmp, dest)
+
+    def _publish(self, tmp: Path, dest: Path) -> None:
+        """Rename a synced temp file into place and make the rename durable."""
+        try:
+            self._ensure_dir(dest.parent)
             os.rename(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(dest.parent)
-        return len(data)
 
     def remove_partials(self) -> int:
         """Delete temp files of writes that never completed (a crash mid-receive)."""

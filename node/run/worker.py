@@ -155,7 +155,7 @@ class WorkerPool:
         paths = []
         for o in objects:
             path = out_dir / f"{o.kind}-{o.sop_instance_uid}.dcm"
-            tmp = self.spool.tmp / f"job{job.id}-{o.sop_instance_uid}.dcm"
+            tmp = self.spool.temp_path()
             o.dataset.save_as(tmp, enforce_file_format=True)
             if self.validate:
                 errors = validate_with_dciodvfy(tmp)
@@ -163,8 +163,6 @@ class WorkerPool:
                     tmp.unlink(missing_ok=True)
                     raise JobError(f"{o.kind} {o.sop_instance_uid} failed IOD validation: {errors[0]}"
                                    + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
-            data = tmp.read_bytes()
-            tmp.unlink()
-            self.spool.write_durable(path, data)
+            self.spool.commit(tmp, path)
             paths.append(path)
         return paths
