@@ -10,6 +10,7 @@ import pytest
 from node.results.validate import validate_with_dciodvfy
 from node.synth import write_chest_ct
 from tests.support.orthanc import OrthancServer
+from tests.support.wait import wait_until
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -19,16 +20,6 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 def orthanc(tmp_path):
     with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as o:
         yield o
-
-
-def wait_until(predicate, timeout, what, interval=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def node_config(orthanc, **rule_overrides):

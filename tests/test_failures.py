@@ -1,7 +1,6 @@
 """A destination that is down ends in 'failed' after its attempts; a plugin error fails only its job."""
 
 import subprocess
-import time
 
 import numpy as np
 import pydicom
@@ -9,15 +8,7 @@ from pydicom.uid import generate_uid
 
 from node.synth import write_chest_ct
 from tests.support.net import free_port
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.support.wait import wait_until
 
 
 def soft_tissue_series(template_files, out_dir, n=30):

@@ -10,6 +10,7 @@ from node.store import JobState, NewJob, Store
 from node.store.db import InstanceMeta
 from node.synth import write_chest_ct
 from tests.support.orthanc import OrthancServer
+from tests.support.wait import wait_until
 
 
 @pytest.fixture
@@ -33,15 +34,6 @@ def send(node, files):
     assert r.returncode == 0, r.stderr
 
 
-def wait_until(predicate, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def result_instances(orthanc, study_uid):
     """{modality: number of instances} of the AI results in the PACS study."""
     study = orthanc.find_study(study_uid)
@@ -58,7 +50,7 @@ def test_kill_9_while_the_plugin_runs_then_restart_dispatches_exactly_once(tmp_p
     node = node_factory(config(orthanc))
     send(node, ct.files)
     # Kill point chosen from the node's own state: the job has started.
-    wait_until(lambda: any(r["event"] == "job-start" for r in node.audit_records()), 60, "job-start")
+    wait_until(lambda: any(r["event"] == "job-start" for r in node.audit_records()), 60, "job-start", interval=0.05)
     node.proc.send_signal(signal.SIGKILL)
     node.proc.wait(10)
     assert not any(r["event"] == "job-end" for r in node.audit_records()), "job ended before the kill"
