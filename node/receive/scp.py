@@ -29,6 +29,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    UID,
 )
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
@@ -36,7 +37,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
 from node.config.schema import NodeSection
-from node.receive.spool import BadUID, Spool, check_uid
+from node.receive import checks
+from node.receive.spool import Spool
 from node.store import InstanceMeta, Store
 
 log = logging.getLogger("ainode.receive")
@@ -246,25 +248,36 @@ class StoreSCP:
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling, ip, _ = self._peer(event)
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
+        limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
+        transfer_syntax = UID(str(event.context.transfer_syntax))
+        sop_uid: str | None = None
+        # Everything the sender can get wrong is found here, before a byte is written (checks.py says why
+        # each check exists). 0xC000: the bytes cannot be decoded, or a UID is missing or unusable.
+        # 0xA900: decodable, but it contradicts itself or the request. 0xA700: too large to take.
         try:
             encoded = event.encoded_dataset()
-            if len(encoded) > self.cfg.max_dataset_mb * 1024 * 1024:
+            if len(encoded) > limit:
                 return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
                                     f"({len(encoded) // 2**20} MB)", calling, ip, rq_uid or None)
+            elements = checks.scan(encoded, transfer_syntax, limit)
             ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's data
+            sop_uid, study_uid, series_uid, sop_class = checks.identity(ds)
+            if sop_uid != rq_uid:
+                return self._refuse(DATA_SET_MISMATCH, "SOPInstanceUID differs from the C-STORE request",
+                                    calling, ip, sop_uid)
+            checks.check_pixel_data(ds, elements, transfer_syntax)
+            if unreadable := checks.drop_unreadable_metadata(ds):
+                log.warning("c-store attributes with a wrong VR or undecodable, stored but not indexed "
+                            "calling_ae=%s sop_instance_uid=%s attributes=%s", calling, sop_uid, ",".join(unreadable))
+        except checks.TooLarge as exc:
+            return self._refuse(OUT_OF_RESOURCES, str(exc), calling, ip, sop_uid or rq_uid or None)
+        except checks.DoesNotMatch as exc:
+            return self._refuse(DATA_SET_MISMATCH, str(exc), calling, ip, sop_uid or rq_uid or None)
+        except checks.CannotUnderstand as exc:
+            return self._refuse(CANNOT_UNDERSTAND, str(exc), calling, ip, sop_uid or rq_uid or None)
+        except Exception as exc:  # noqa: BLE001 - any other decode failure is the sender's data too
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
-                                calling, ip, rq_uid or None)
-        try:
-            sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID (0008,0018)")
-            study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID (0020,000D)")
-            series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID (0020,000E)")
-            sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID (0008,0016)")
-        except BadUID as exc:
-            return self._refuse(CANNOT_UNDERSTAND, str(exc), calling, ip, rq_uid or None)
-        if sop_uid != rq_uid:
-            return self._refuse(DATA_SET_MISMATCH, "SOPInstanceUID differs from the C-STORE request",
-                                calling, ip, sop_uid)
+                                calling, ip, sop_uid or rq_uid or None)
 
         if self.store.has_instance(sop_uid):
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)

@@ -1,0 +1,279 @@
+"""Sanity checks on a received data set, made before anything is written.
+
+pydicom reads leniently: a data set cut off in the middle of an element decodes
+without an error (the last value is just short), a UID sent with the VR US
+decodes as a number, and values are converted only when first used. The spool
+would then hold an instance that breaks later, in the assembler or a plugin,
+long after the sender was told Success. These checks find such data sets while
+the sender can still be told why.
+
+Each check raises one of three exceptions; the SCP maps them to DIMSE statuses:
+`CannotUnderstand` (0xC000), `DoesNotMatch` (0xA900), `TooLarge` (0xA700).
+Reasons name attributes and UIDs, never other values: they go to logs.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from node.receive.spool import BadUID, check_uid
+
+
+class CannotUnderstand(ValueError):
+    """The bytes cannot be decoded as the negotiated transfer syntax says."""
+
+
+class DoesNotMatch(ValueError):
+    """The data set decodes but contradicts itself (pixel data and its description)."""
+
+
+class TooLarge(ValueError):
+    """The data set, once inflated, is larger than the configured limit."""
+
+
+@dataclass(frozen=True)
+class Element:
+    """Where a top-level element sits, as encoded: enough to check it without decoding its value."""
+
+    vr: str | None  # as encoded; None in implicit VR
+    length: int | None  # None: undefined length
+    items: int  # items directly inside an undefined-length value (for pixel data: offset table + fragments)
+
+
+ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+PIXEL_DATA = 0x7FE00010
+# Explicit VR: these have two reserved bytes and a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+SHORT_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
+             "ST", "TM", "UI", "UL", "US"}
+MAX_DEPTH = 32  # nested undefined-length sequences; deeper is an attack or garbage, not an image
+
+
+class _Walker:
+    """Hops from element header to element header; never reads a value."""
+
+    def __init__(self, buf: bytes, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.implicit = implicit
+        e = "<" if little else ">"
+        self.tag_len = struct.Struct(f"{e}HHL").unpack_from  # implicit VR, and items in both
+        self.explicit = struct.Struct(f"{e}HH2sH").unpack_from
+        self.long_len = struct.Struct(f"{e}L").unpack_from
+
+    def header(self, pos: int, end: int) -> tuple[int, str | None, int, int]:
+        """(tag, vr, length, position of the value) of the element at `pos`."""
+        if end - pos < 8:
+            raise CannotUnderstand(f"data set ends inside an element header at byte {pos}")
+        group, elem, length = self.tag_len(self.buf, pos)
+        tag = group << 16 | elem
+        if self.implicit or group == 0xFFFE:
+            return tag, None, length, pos + 8
+        _, _, raw_vr, short = self.explicit(self.buf, pos)
+        vr = raw_vr.decode("latin-1")
+        if vr in SHORT_VRS:
+            return tag, vr, short, pos + 8
+        if vr not in LONG_VRS:
+            raise CannotUnderstand(f"element ({group:04X},{elem:04X}) has an unknown VR at byte {pos}")
+        if end - pos < 12:
+            raise CannotUnderstand(f"data set ends inside an element header at byte {pos}")
+        return tag, vr, self.long_len(self.buf, pos + 8)[0], pos + 12
+
+    def elements(self, pos: int, end: int, depth: int, *, until: int | None = None,
+                 top: dict[int, Element] | None = None) -> int:
+        """Walk elements from `pos`; stop at `end` or after the delimiter `until`. Returns the end position."""
+        if depth > MAX_DEPTH:
+            raise CannotUnderstand(f"sequences nested deeper than {MAX_DEPTH}")
+        while pos < end:
+            tag, vr, length, pos = self.header(pos, end)
+            if tag == until:
+                return pos
+            if tag in (ITEM, ITEM_END, SEQUENCE_END):
+                raise CannotUnderstand(f"unexpected item or delimiter at byte {pos - 8}")
+            items = 0
+            if length == 0xFFFFFFFF:
+                pos, items = self.items(pos, end, depth + 1)
+            elif length > end - pos:
+                raise CannotUnderstand(f"data set ends inside the value of ({tag >> 16:04X},{tag & 0xFFFF:04X}): "
+                                       f"{length} bytes announced, {end - pos} left")
+            else:
+                pos += length
+            if top is not None:
+                top[tag] = Element(vr, None if length == 0xFFFFFFFF else length, items)
+        if until is not None:
+            raise CannotUnderstand("data set ends inside an undefined-length value")
+        return pos
+
+    def items(self, pos: int, end: int, depth: int) -> tuple[int, int]:
+        """Walk the items of an undefined-length value up to its sequence delimiter."""
+        count = 0
+        while True:
+            tag, _, length, pos = self.header(pos, end)
+            if tag == SEQUENCE_END:
+                return pos, count
+            if tag != ITEM:
+                raise CannotUnderstand(f"expected an item at byte {pos - 8}")
+            count += 1
+            if length == 0xFFFFFFFF:
+                pos = self.elements(pos, end, depth, until=ITEM_END)
+            elif length > end - pos:
+                raise CannotUnderstand(f"data set ends inside an item: {length} bytes announced, {end - pos} left")
+            else:
+                pos += length
+
+
+def scan(part10: bytes, transfer_syntax: UID, max_bytes: int) -> dict[int, Element]:
+    """Check that every element of a Part-10 stream lies wholly inside it; the top-level elements by tag.
+
+    Catches what pydicom reads without complaint: truncation anywhere (in a header, in a value, in a
+    sequence), an unknown explicit VR, garbage after the last element. A deflated data set is inflated
+    first, up to `max_bytes` (a small deflated stream can inflate to gigabytes).
+    """
+    if len(part10) < 132 or part10[128:132] != b"DICM":
+        raise CannotUnderstand("no DICM prefix")
+    pos = 132
+    meta = _Walker(part10, implicit=False, little=True)
+    while pos + 2 <= len(part10) and part10[pos:pos + 2] == b"\x02\x00":  # the file meta group written by the SCP
+        _, _, length, pos = meta.header(pos, len(part10))
+        pos += length
+    body = part10[pos:]
+    if transfer_syntax.is_deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(body, max_bytes + 1)
+        except zlib.error as exc:
+            raise CannotUnderstand("deflated data set does not inflate") from exc
+        if len(body) > max_bytes:
+            raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
+        if not inflater.eof:
+            raise CannotUnderstand("deflated data set is cut short")
+    top: dict[int, Element] = {}
+    _Walker(body, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian).elements(0, len(body), 0, top=top)
+    return top
+
+
+def _encoded_vr(ds: Dataset, keyword: str) -> str | None:
+    """The VR the element was sent with, without converting its value (None in implicit VR)."""
+    return ds.get_item(Tag(keyword)).VR
+
+
+UID_KEYWORDS = [("SOPInstanceUID", "(0008,0018)"), ("StudyInstanceUID", "(0020,000D)"),
+                ("SeriesInstanceUID", "(0020,000E)"), ("SOPClassUID", "(0008,0016)")]
+
+
+def identity(ds: Dataset) -> tuple[str, str, str, str]:
+    """SOP instance, study, series and SOP class UIDs, each safe to use as a file name.
+
+    A UID sent with another VR is refused rather than converted: US would turn it into a number
+    that happens to pass as digits.
+    """
+    out = []
+    for keyword, tag in UID_KEYWORDS:
+        name = f"{keyword} {tag}"
+        if keyword in ds and _encoded_vr(ds, keyword) not in (None, "UI", "UN"):
+            raise CannotUnderstand(f"{name} is encoded with VR {_encoded_vr(ds, keyword)}, not UI")
+        try:
+            value = ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom's conversion errors vary by VR
+            raise CannotUnderstand(f"{name} cannot be decoded ({type(exc).__name__})") from exc
+        if value is not None and not isinstance(value, str):
+            raise CannotUnderstand(f"{name} is not a single UID")
+        try:
+            out.append(check_uid(value, name))
+        except BadUID as exc:
+            raise CannotUnderstand(str(exc)) from exc
+    return out[0], out[1], out[2], out[3]
+
+
+def _int(ds: Dataset, keyword: str, vr: str, default: int | None = None) -> int:
+    """A single integer attribute that the pixel data's size depends on."""
+    if keyword not in ds:
+        if default is not None:
+            return default
+        raise DoesNotMatch(f"pixel data present but {keyword} is missing")
+    if _encoded_vr(ds, keyword) not in (None, vr, "UN"):
+        raise CannotUnderstand(f"{keyword} is encoded with VR {_encoded_vr(ds, keyword)}, not {vr}")
+    try:
+        value = ds[keyword].value
+    except Exception as exc:  # noqa: BLE001 - e.g. a US value of 3 bytes
+        raise CannotUnderstand(f"{keyword} cannot be decoded ({type(exc).__name__})") from exc
+    if value is None or value == "":
+        if default is not None:
+            return default
+        raise DoesNotMatch(f"pixel data present but {keyword} is empty")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CannotUnderstand(f"{keyword} is not a single integer")
+    return int(value)
+
+
+def check_pixel_data(ds: Dataset, elements: dict[int, Element], transfer_syntax: UID) -> None:
+    """Pixel data must be as long as Rows, Columns, samples, bits and frames say (native syntaxes),
+    or hold at least one fragment (encapsulated ones).
+
+    A short or long native pixel data element is a sender bug that would otherwise surface as a
+    reshape error in a worker, or worse as a shifted image. Only header lengths are used: no pixel
+    value is read, nothing is decompressed.
+    """
+    pixel = elements.get(PIXEL_DATA)
+    if pixel is None:
+        return
+    rows = _int(ds, "Rows", "US")
+    columns = _int(ds, "Columns", "US")
+    bits = _int(ds, "BitsAllocated", "US")
+    samples = _int(ds, "SamplesPerPixel", "US")
+    frames = _int(ds, "NumberOfFrames", "IS", default=1)
+    if transfer_syntax.is_encapsulated:
+        if pixel.length is not None:
+            raise DoesNotMatch("pixel data of a compressed transfer syntax is not encapsulated")
+        if pixel.items < 2:  # the basic offset table, then at least one fragment
+            raise DoesNotMatch("encapsulated pixel data holds no fragment")
+        return
+    if pixel.length is None:
+        raise DoesNotMatch("pixel data of a native transfer syntax has an undefined length")
+    if bits != 1 and (bits <= 0 or bits % 8):
+        raise DoesNotMatch(f"BitsAllocated {bits} is neither 1 nor a multiple of 8")
+    if frames < 1:
+        raise DoesNotMatch(f"NumberOfFrames {frames} is less than 1")
+    pixels = rows * columns * samples * frames
+    expected = (pixels * bits + 7) // 8
+    if samples == 3 and str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        expected = expected // 3 * 2  # two chroma samples shared by each pair of pixels
+    # An odd length is padded to even with one byte (PS3.5 8.1.1).
+    if pixel.length != expected and not (expected % 2 and pixel.length == expected + 1):
+        raise DoesNotMatch(f"pixel data is {pixel.length} bytes; Rows, Columns, SamplesPerPixel, "
+                           f"BitsAllocated and NumberOfFrames say {expected}")
+
+
+# Attributes the store row copies (scp.InstanceMeta); none decides where or whether the instance is kept.
+METADATA_KEYWORDS = ("PatientID", "AccessionNumber", "StudyDescription", "Modality", "BodyPartExamined",
+                     "SeriesDescription", "SliceThickness")
+
+
+def drop_unreadable_metadata(ds: Dataset, keywords: tuple[str, ...] = METADATA_KEYWORDS) -> list[str]:
+    """Remove from the decoded `ds` (not from the bytes kept) descriptive attributes that were sent with
+    a VR other than their own, or that do not decode; return their keywords.
+
+    Such an attribute does not make the instance unusable, so the instance is still stored; the row
+    just lacks that value. Converting it anyway would have pydicom log the value ("Invalid value for
+    VR IS: '<patient id>'"), and logs carry no patient data.
+    """
+    dropped = []
+    for keyword in keywords:
+        if keyword not in ds:
+            continue
+        try:
+            ok = _encoded_vr(ds, keyword) in (None, dictionary_VR(keyword))
+            if ok:
+                ds[keyword].value  # noqa: B018 - convert now, inside the try
+        except Exception:  # noqa: BLE001 - pydicom's conversion errors vary by VR
+            ok = False
+        if not ok:
+            del ds[keyword]
+            dropped.append(keyword)
+    return dropped
