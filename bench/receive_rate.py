@@ -1,6 +1,6 @@
 """C-STORE receive rate of the node against its C++ peers: same files, same sender, same machine, same run.
 
-    .venv/bin/python bench/receive_rate.py [--slices 300] [--repeat 3] [--associations 1,4]
+    .venv/bin/python bench/receive_rate.py [--slices 300] [--repeat 3] [--associations 1,4,10]
                                            [--receivers storescp,orthanc,ainode] [--data DIR] [--workdir DIR]
 
 Sender: DCMTK storescu for every receiver, over 127.0.0.1; with N associations the files are split
@@ -291,7 +291,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--associations", default="1,4", help="comma-separated counts of parallel associations")
+    ap.add_argument("--associations", default="1,4,10", help="comma-separated counts of parallel associations")
     ap.add_argument("--receivers", default="storescp,orthanc,ainode")
     ap.add_argument("--data", type=Path, help="a folder of DICOM files to send instead of a synthetic CT")
     ap.add_argument("--workdir", type=Path, help="where receivers store (default: a temp dir); a real disk "

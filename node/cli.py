@@ -1,4 +1,4 @@
-"""`ainode` command line: serve, check-config, status, audit verify, synth."""
+"""`ainode` command line: serve, check-config, status, requeue, audit verify, synth."""
 
 from __future__ import annotations
 
@@ -94,6 +94,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_requeue(args: argparse.Namespace) -> int:
+    """Leave the request in the store for the node: it is the audit log's only writer."""
+    import getpass
+    import socket
+
+    from node.store import JobState, Store
+
+    loaded = _load(args.config)
+    store = Store(loaded.storage.database_url)
+    if args.job is not None:
+        job = store.get_job(args.job)
+        if job is None:
+            print(f"no job {args.job} in {loaded.storage.database_url} (see `ainode status`)", file=sys.stderr)
+            return 1
+        if job.state not in (JobState.DEAD_LETTER, JobState.FAILED):
+            print(f"job {args.job} is {job.state}; only failed and dead-letter jobs can be requeued",
+                  file=sys.stderr)
+            return 1
+    request_id = store.add_request("requeue", job_id=args.job, study_uid=args.study,
+                                   requested_by=f"{getpass.getuser()}@{socket.gethostname()}")
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        req = store.get_request(request_id)
+        if req.handled_at is not None:
+            out = req.outcome
+            for r in out["resent"]:
+                print(f"job {r['job_id']}: {r['objects']} dead-letter object(s) queued for sending again")
+            for r in out["rerun"]:
+                print(f"job {r['job_id']}: queued to run again")
+            for r in out["skipped"]:
+                print(f"job {r['job_id']}: not requeued, it is {r['state']}")
+            if not (out["resent"] or out["rerun"] or out["skipped"]):
+                print("nothing to requeue: no failed or dead-letter jobs matched")
+            return 0
+        time.sleep(0.2)
+    print(f"requeue request {request_id} recorded; the node carries it out when it runs "
+          f"(it did not answer within {args.wait:g} s)")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit import verify_log
 
@@ -124,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("requeue", help="send dead-letter results again, or run failed jobs again")
+    s.add_argument("--config")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, help="one job (its id from `ainode status`)")
+    which.add_argument("--study", help="every failed or dead-letter job of this Study Instance UID")
+    which.add_argument("--all", action="store_true", help="every failed or dead-letter job")
+    s.add_argument("--wait", type=float, default=15, help="seconds to wait for the node to confirm")
+    s.set_defaults(func=cmd_requeue)
 
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_command", required=True)

@@ -8,6 +8,7 @@ plugin author cannot produce an SR that lands in the wrong study.
 from __future__ import annotations
 
 import abc
+import importlib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -146,15 +147,20 @@ def available_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_plugin(name: str, options: Mapping[str, Any] | None = None) -> Plugin:
-    eps = available_plugins()
-    if name not in eps:
-        known = ", ".join(sorted(eps)) or "none"
-        raise PluginNotFound(
-            f"plugin '{name}' is not installed (entry point group '{ENTRY_POINT_GROUP}'); "
-            f"installed: {known}"
-        )
-    cls = eps[name].load()
+def load_plugin(name: str, options: Mapping[str, Any] | None = None, entry: str | None = None) -> Plugin:
+    """The installed plugin `name`, or the class `entry` ('package.module:Class') when one is given."""
+    if entry:
+        module, _, attr = entry.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    else:
+        eps = available_plugins()
+        if name not in eps:
+            known = ", ".join(sorted(eps)) or "none"
+            raise PluginNotFound(
+                f"plugin '{name}' is not installed (entry point group '{ENTRY_POINT_GROUP}'); "
+                f"installed: {known}"
+            )
+        cls = eps[name].load()
     plugin = cls(options)
     if not plugin.name or not plugin.version:
         raise PluginNotFound(f"plugin '{name}' ({cls!r}) does not declare name and version")

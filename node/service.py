@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from node.assemble import Assembler
 from node.audit import AuditLog
 from node.config import LoadedConfig
 from node.dispatch import Dispatcher
+from node.maintain import Purger, RequestHandler, reconcile
 from node.receive import Spool, StoreSCP
 from node.route import Router
 from node.run.worker import WorkerPool
@@ -27,30 +29,49 @@ class NodeService:
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s)
         self.router = Router(self.store, self.audit, cfg.rules)
+        self.results_dir = paths.results_dir
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,
-                                  workers=cfg.run.workers)
+                                  workers=cfg.run.workers, timeout_s=cfg.run.timeout_s,
+                                  memory_limit_mb=cfg.run.memory_limit_mb,
+                                  preload=sorted({r.plugin for r in cfg.rules}),
+                                  log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         self.dispatcher = Dispatcher(self.store, self.audit, cfg.destinations, cfg.node.ae_title)
+        self.requests = RequestHandler(self.store, self.audit)
+        self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
+                             cfg.storage.retention_hours, cfg.storage.purge_interval_s)
         self._stop = threading.Event()
         self._pipeline: threading.Thread | None = None
+        self._maintenance: threading.Thread | None = None
         self.source = loaded.source
 
     def start(self) -> None:
-        removed = self.spool.remove_partials()
+        t = time.perf_counter()
+        fixed = reconcile(self.store, self.spool, self.results_dir)
+        reconcile_s = round(time.perf_counter() - t, 3)
         requeued, failed = self.store.requeue_interrupted(self.cfg.run.max_attempts)
-        self.audit.append("node-start", config=self.source, partial_files_removed=removed,
-                          jobs_requeued=[j.id for j in requeued] or None)
+        self.audit.append("node-start", config=self.source, reconciled=fixed.as_dict() or None,
+                          reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None)
         for job in failed:
             self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
                               error=job.error)
             log.error("job failed job_id=%d error=%s", job.id, job.error)
-        if removed:
-            log.warning("removed partial spool files count=%d", removed)
         self.router.route_pending()  # studies left complete by an earlier stop
         self.workers.start()
         self.dispatcher.start()
         self._pipeline = threading.Thread(target=self._pipeline_loop, name="assemble-route", daemon=True)
         self._pipeline.start()
+        self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
+        self._maintenance.start()
         self.scp.start()
+
+    def _maintenance_loop(self) -> None:
+        while not self._stop.is_set():
+            for task in (self.requests.tick, self.purger.tick):
+                try:
+                    task()
+                except Exception:  # noqa: BLE001 - keep the node serving; the task runs again next tick
+                    log.exception("maintenance task failed task=%s", task.__self__.__class__.__name__)
+            self._stop.wait(0.5)
 
     def _pipeline_loop(self) -> None:
         while not self._stop.is_set():
@@ -61,15 +82,16 @@ class NodeService:
                 log.exception("assemble/route tick failed")
             self._stop.wait(self.cfg.assemble.poll_interval_s)
 
-    def stop(self, timeout: float = 60.0) -> bool:
+    def stop(self, timeout: float = 30.0) -> bool:
         """Stop taking associations, let in-flight ones and running jobs finish, persist the rest."""
         log.info("shutting down")
         self.scp.stop_accepting()
-        self.scp.wait_for_associations(timeout / 2)
+        self.scp.wait_for_associations(timeout)
         self._stop.set()
-        if self._pipeline:
-            self._pipeline.join(10)
-        clean = self.workers.stop(timeout / 2)
+        for t in (self._pipeline, self._maintenance):
+            if t:
+                t.join(10)
+        clean = self.workers.stop(self.cfg.run.shutdown_grace_s)
         self.dispatcher.stop()
         self.scp.stop()
         self.audit.append("node-stop", clean=clean)

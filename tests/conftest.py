@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("TCP_NODELAY", "1")
 
 from tests.support.node_proc import NodeProcess
+from tests.support.orthanc import OrthancServer
 
 
 def require(tool: str, package: str) -> str:
@@ -32,3 +33,10 @@ def node_factory(tmp_path):
             n.stop()
         finally:
             n.kill()
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc on free loopback ports (AE ORTHANC), stopped at the end of the test."""
+    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as o:
+        yield o

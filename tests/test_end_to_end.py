@@ -5,21 +5,13 @@ import json
 import time
 
 import pydicom
-import pytest
 
 from node.results.validate import validate_with_dciodvfy
 from node.synth import write_chest_ct
-from tests.support.orthanc import OrthancServer
 from tests.support.wait import wait_until
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as o:
-        yield o
 
 
 def node_config(orthanc, **rule_overrides):

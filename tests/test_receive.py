@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pydicom
 import pydicom.data
-import pytest
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node.store import Store
@@ -125,7 +124,7 @@ def test_duplicate_is_stored_once_and_audited(node_factory):
     events = [x["event"] for x in node.audit_records()]
     assert events.count("instance-stored") == 1 and events.count("instance-duplicate") == 1
     uid = str(pydicom.dcmread(f).SOPInstanceUID)
-    files = list((node.var / "spool").rglob(f"{uid}.dcm"))
+    files = list((node.var / "spool").rglob(f"{uid}.*.dcm"))
     assert len(files) == 1
     assert files[0].read_bytes()[128:132] == b"DICM"
 

@@ -1,48 +1,16 @@
 """Nothing lost: kill -9 mid-job, a PACS outage, and jobs that keep getting interrupted."""
 
 import signal
-import subprocess
 import time
 
-import pytest
 
 from node.store import JobState, NewJob, Store
 from node.store.db import InstanceMeta
 from node.synth import write_chest_ct
-from tests.support.orthanc import OrthancServer
+from tests.support.pipeline import lung_config as config
+from tests.support.pipeline import result_instances, send
 from tests.support.wait import wait_until
 
-
-@pytest.fixture
-def orthanc(tmp_path):
-    with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as o:
-        yield o
-
-
-def config(orthanc, **dest):
-    return {
-        "assemble": {"quiet_period_s": 1.0},
-        "destinations": {"pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port,
-                                  "timeout_s": 5, **dest}},
-        "rules": [{"name": "lung", "series": {"modality": "CT"}, "plugin": "ct_lung", "destinations": ["pacs"]}],
-    }
-
-
-def send(node, files):
-    r = subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-
-
-def result_instances(orthanc, study_uid):
-    """{modality: number of instances} of the AI results in the PACS study."""
-    study = orthanc.find_study(study_uid)
-    out = {}
-    for s in orthanc.series_of_study(study) if study else []:
-        mod = s["MainDicomTags"].get("Modality")
-        if mod in ("SEG", "SR"):
-            out[mod] = out.get(mod, 0) + len(s["Instances"])
-    return out
 
 
 def test_kill_9_while_the_plugin_runs_then_restart_dispatches_exactly_once(tmp_path, orthanc, node_factory):

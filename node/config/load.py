@@ -9,6 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from node.config.schema import NodeConfig, ResolvedStorage
+import importlib.util
+
 from node.plugin_api import available_plugins
 
 
@@ -49,8 +51,16 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
     """Errors between sections: rules naming plugins or destinations that do not exist."""
     errors: list[str] = []
     installed = available_plugins()
-    for name in cfg.plugins:
-        if name not in installed:
+    for name, section in cfg.plugins.items():
+        if section.entry:
+            module = section.entry.split(":")[0]
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                errors.append(f"plugins.{name}.entry: module '{module}' cannot be found on the Python path")
+        elif name not in installed:
             errors.append(
                 f"plugins.{name}: plugin '{name}' is not installed "
                 f"(installed: {', '.join(sorted(installed)) or 'none'})"

@@ -73,6 +73,11 @@ class StorageSection(Strict):
     min_free_mb: int = Field(
         1024, ge=0, description="Below this much free space on the spool's disk, C-STORE answers 0xA700."
     )
+    retention_hours: float = Field(
+        168, ge=0, description="Spool files of a study are deleted this long after all its results were "
+        "dispatched. Studies with a failed or dead-letter job are kept until requeued."
+    )
+    purge_interval_s: float = Field(600, gt=0, description="How often the retention purge runs.")
 
     def resolved(self, base: Path) -> "ResolvedStorage":
         root = self.root if self.root.is_absolute() else base / self.root
@@ -113,6 +118,13 @@ class AssembleSection(Strict):
 class RunSection(Strict):
     workers: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1, description="Runs of one job (a crash mid-run counts) before it fails.")
+    timeout_s: float = Field(1800, gt=0, description="A job running longer is stopped and failed.")
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="On SIGTERM, how long running jobs may finish; then they are queued again.")
+    memory_limit_mb: int | None = Field(
+        None, ge=64, description="A job's worker process using more memory is stopped and the job failed. "
+        "Default: 70% of physical memory shared among the workers."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -135,6 +147,10 @@ class Destination(Strict):
 class PluginSection(Strict):
     enabled: bool = True
     options: dict = Field(default_factory=dict)
+    entry: str | None = Field(
+        None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="'package.module:Class' of a plugin not installed as a package (one under development). "
+        "Default: the installed 'ainode.plugins' entry point of this name.")
 
 
 class SeriesMatch(Strict):

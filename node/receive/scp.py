@@ -39,7 +39,8 @@ from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.receive import checks
 from node.receive.spool import Spool
-from node.store import InstanceMeta, Store
+from node.receive.header import instance_meta
+from node.store import Store
 
 log = logging.getLogger("ainode.receive")
 
@@ -82,18 +83,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]
     return ds
-
-
-def _float(value: object) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value).strip() if value not in (None, "") else None
 
 
 @dataclass
@@ -294,14 +283,7 @@ class StoreSCP:
             log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
             return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
 
-        meta = InstanceMeta(
-            sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_uid=series_uid, study_uid=study_uid,
-            transfer_syntax=str(event.context.transfer_syntax), path=str(path), size_bytes=size,
-            calling_ae=calling, patient_id=_text(ds, "PatientID"), accession_number=_text(ds, "AccessionNumber"),
-            study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality"),
-            body_part=_text(ds, "BodyPartExamined"), series_description=_text(ds, "SeriesDescription"),
-            slice_thickness=_float(ds.get("SliceThickness")),
-        )
+        meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling)
         try:
             is_new = self.store.add_instance(meta)
         except Exception as exc:  # noqa: BLE001 - any store failure must not answer Success
@@ -309,6 +291,7 @@ class StoreSCP:
             path.unlink(missing_ok=True)
             return self._refuse(OUT_OF_RESOURCES, f"store write failed: {type(exc).__name__}", calling, ip, sop_uid)
         if not is_new:  # a concurrent association delivered the same instance first
+            path.unlink(missing_ok=True)
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
         self.counters.bytes += size

@@ -38,6 +38,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_files(paths: list[str], root: Path) -> int:
+    """Delete files and the folders under `root` they leave empty. Returns how many files were deleted."""
+    n = 0
+    dirs = set()
+    for p in map(Path, paths):
+        try:
+            p.unlink()
+            n += 1
+        except FileNotFoundError:
+            pass
+        dirs.add(p.parent)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        for folder in (d, d.parent):
+            if root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass  # not empty, or already gone
+    return n
+
+
 class Spool:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -47,7 +68,20 @@ class Spool:
         self._dir_lock = threading.Lock()
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        """A new file name for each receipt, so a copy of an instance received again after its study was
+        purged can never be deleted by the purge of the earlier copy."""
+        return self.root / study_uid / series_uid / f"{sop_uid}.{uuid.uuid4().hex[:8]}.dcm"
+
+    def instance_files(self) -> list[Path]:
+        """Every instance file in the spool (not temp files)."""
+        return [p for p in self.root.glob("*/*/*.dcm") if not p.parts[-3].startswith(".")]
+
+    def remove(self, paths: list[str]) -> int:
+        """Delete spool files and the folders they leave empty."""
+        n = remove_files(paths, self.root)
+        with self._dir_lock:
+            self._known_dirs = {d for d in list(self._known_dirs) if d.exists()}
+        return n
 
     def _ensure_dir(self, path: Path) -> None:
         """Create `path` and make its entry durable in each new parent."""

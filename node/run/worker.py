@@ -1,35 +1,27 @@
-"""Local worker pool: claims jobs from the persistent queue and runs them.
+"""Local worker pool: claims jobs from the persistent queue and runs each in a warm worker process.
 
-Plugins are loaded once per worker pool and kept warm. A plugin exception
-fails its own job with the error recorded; the worker moves on.
+The node process keeps the store and the audit log (their only writer); the worker process does the
+heavy work (load, plugin, build). A job that fails, hangs or exhausts memory fails alone.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Mapping
 
 from node.audit import AuditLog
 from node.config.schema import PluginSection
-from node.plugin_api import Plugin, StudyInput, load_plugin
 from node.receive.spool import Spool
-from node.results.build import AlgorithmInfo, build_results
-from node.results.validate import validate_with_dciodvfy
-from node.run.series_loader import load_series
+from node.run.job_process import JobOutput, JobSpec
+from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
 from node.store import DispatchItem, Store
 from node.store.models import Job
 
 log = logging.getLogger("ainode.run")
-
-
-class JobError(Exception):
-    pass
 
 
 class WorkerPool:
@@ -42,127 +34,125 @@ class WorkerPool:
         plugin_config: Mapping[str, PluginSection],
         *,
         workers: int = 1,
+        timeout_s: float = 1800,
+        memory_limit_mb: int | None = None,
+        preload: list[str] | None = None,
         validate: bool = True,
         poll_interval_s: float = 0.2,
+        log_level: str = "INFO",
     ) -> None:
         self.store = store
         self.audit = audit
         self.spool = spool
         self.results_dir = Path(results_dir)
-        self.plugin_config = plugin_config
         self.n_workers = workers
+        self.timeout_s = timeout_s
+        self.memory_limit_mb = memory_limit_mb or default_memory_limit_mb(workers)
         self.validate = validate and shutil.which("dciodvfy") is not None
         if validate and not self.validate:
             log.warning("dciodvfy not found: results are sent without IOD validation "
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
-        self._plugins: dict[str, Plugin] = {}
-        self._plugin_lock = threading.Lock()
+        sections = {name: (dict(section.options), section.entry) for name, section in plugin_config.items()}
+        self._processes = [PluginProcess(f"ainode-worker-{i}", sections, preload or [], log_level)
+                           for i in range(workers)]
         self._stop = threading.Event()
+        self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.busy = 0
-
-    def plugin(self, name: str) -> Plugin:
-        with self._plugin_lock:
-            if name not in self._plugins:
-                section = self.plugin_config.get(name)
-                self._plugins[name] = load_plugin(name, section.options if section else None)
-            return self._plugins[name]
 
     def start(self) -> None:
-        for i in range(self.n_workers):
-            t = threading.Thread(target=self._loop, name=f"worker-{i}", daemon=True)
+        for i, proc in enumerate(self._processes):
+            proc.start()
+            t = threading.Thread(target=self._loop, args=(proc,), name=f"worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self, timeout: float = 60.0) -> bool:
-        """Stop claiming jobs and wait for running ones. False if a job is still running."""
+        """Stop claiming jobs and wait for running ones; after `timeout`, stop them and queue them again
+        (without using up an attempt). False if a job had to be cut off."""
         self._stop.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+        clean = not any(t.is_alive() for t in self._threads)
+        self._abandon.set()
+        for t in self._threads:
+            t.join(10)
+        for proc in self._processes:
+            proc.stop()
+        return clean
 
-    def _loop(self) -> None:
+    def _loop(self, proc: PluginProcess) -> None:
         while not self._stop.is_set():
             job = self.store.claim_job()
             if job is None:
                 self._stop.wait(self.poll_interval_s)
                 continue
-            self.busy += 1
             try:
-                self.execute(job)
-            finally:
-                self.busy -= 1
+                self.execute(job, proc)
+            except Abandoned:
+                self.store.release_job(job.id)
+                self.audit.append("job-end", "interrupted", study_uid=job.study_uid, job_id=job.id,
+                                  plugin=job.plugin, reason="node stopping; queued again for the next start")
+                log.warning("job cut off by shutdown job_id=%d; queued again", job.id)
+                return
+            except Exception:  # noqa: BLE001 - a store or disk error must not end the worker thread
+                log.exception("job handling failed job_id=%d", job.id)
 
-    def execute(self, job: Job) -> None:
+    def execute(self, job: Job, proc: PluginProcess) -> None:
         t0 = time.time()
         timings: dict[str, float] = {"queue_wait_s": round(t0 - job.created_at, 3)}
         self.audit.append("job-start", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
                           rule=job.rule, attempt=job.attempts, series_uids=job.series_uids)
-        log.info("job start job_id=%d plugin=%s attempt=%d", job.id, job.plugin, job.attempts)
-        version = None
+        log.info("job start job_id=%d plugin=%s attempt=%d worker_pid=%s", job.id, job.plugin, job.attempts, proc.pid)
+        spec = JobSpec(job_id=job.id, study_uid=job.study_uid, plugin=job.plugin,
+                       series={uid: [i.path for i in self.store.instances_of(uid)] for uid in job.series_uids},
+                       temp_dir=str(self.spool.tmp), validate=self.validate)
         try:
-            plugin = self.plugin(job.plugin)
-            version = plugin.version
-            t = time.perf_counter()
-            volumes, sources = [], {}
-            for series_uid in job.series_uids:
-                paths = [i.path for i in self.store.instances_of(series_uid)]
-                vol, headers = load_series(paths)
-                volumes.append(vol)
-                sources[series_uid] = headers
-            timings["load_s"] = round(time.perf_counter() - t, 3)
-
-            t = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix=f"ainode-job{job.id}-") as scratch:
-                result = plugin.run(StudyInput(job.study_uid, volumes, Path(scratch), plugin.options))
-            timings["plugin_s"] = round(time.perf_counter() - t, 3)
-            del volumes
-
-            t = time.perf_counter()
-            objects = build_results(result, sources, AlgorithmInfo(name=plugin.name, version=plugin.version))
-            paths = self._write_objects(job, objects)
-            timings["build_s"] = round(time.perf_counter() - t, 3)
-        except Exception as exc:  # noqa: BLE001 - a plugin failure fails only its job
-            error = f"{type(exc).__name__}: {exc}"
-            log.error("job failed job_id=%d plugin=%s error=%s", job.id, job.plugin, error)
-            log.debug("job failed traceback:\n%s", traceback.format_exc())
-            timings["total_s"] = round(time.time() - t0, 3)
-            self.store.job_failed(job.id, error[:2000], timings)
-            self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
-                              plugin_version=version, error=error[:500])
+            out = proc.run(spec, timeout_s=self.timeout_s, memory_limit_mb=self.memory_limit_mb,
+                           on_stage=lambda stage: log.info("job stage job_id=%d stage=%s", job.id, stage),
+                           abandon=self._abandon.is_set)
+            timings.update(out.timings)
+            paths = self._commit(job, out)
+        except JobFailed as exc:
+            if exc.restart:
+                proc.restart()
+            self._failed(job, str(exc), timings, t0)
+            return
+        except OSError as exc:
+            self._failed(job, f"cannot store results: {exc}", timings, t0)
             return
 
         items = [
-            DispatchItem(destination=dest, kind=o.kind, sop_class_uid=o.sop_class_uid,
-                         sop_instance_uid=o.sop_instance_uid, path=str(p))
+            DispatchItem(destination=dest, kind=f.kind, sop_class_uid=f.sop_class_uid,
+                         sop_instance_uid=f.sop_instance_uid, path=str(p))
             for dest in job.destinations
-            for o, p in zip(objects, paths)
+            for f, p in zip(out.files, paths)
         ]
         timings["total_s"] = round(time.time() - t0, 3)
-        self.store.job_results_built(job.id, plugin.version, result.summary, timings, items)
+        self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items)
         self.audit.append(
-            "job-end", study_uid=job.study_uid, job_id=job.id, plugin=plugin.name, plugin_version=plugin.version,
-            outputs=[{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
-                      "series_uid": o.series_instance_uid} for o in objects],
-            summary=result.summary, timings=timings,
+            "job-end", study_uid=job.study_uid, job_id=job.id, plugin=out.plugin_name,
+            plugin_version=out.plugin_version,
+            outputs=[{"kind": f.kind, "sop_instance_uid": f.sop_instance_uid, "series_uid": f.series_uid}
+                     for f in out.files],
+            summary=out.summary, timings=timings,
         )
-        log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(objects), timings)
+        log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(out.files), timings)
 
-    def _write_objects(self, job: Job, objects) -> list[Path]:  # type: ignore[no-untyped-def]
+    def _failed(self, job: Job, error: str, timings: dict, t0: float) -> None:
+        log.error("job failed job_id=%d plugin=%s error=%s", job.id, job.plugin, error)
+        timings["total_s"] = round(time.time() - t0, 3)
+        self.store.job_failed(job.id, error[:2000], timings)
+        self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
+                          error=error[:500])
+
+    def _commit(self, job: Job, out: JobOutput) -> list[Path]:
+        """Move the worker's synced temp files into the results folder, durably."""
         out_dir = self.results_dir / job.study_uid / f"job-{job.id}"
         paths = []
-        for o in objects:
-            path = out_dir / f"{o.kind}-{o.sop_instance_uid}.dcm"
-            tmp = self.spool.temp_path()
-            o.dataset.save_as(tmp, enforce_file_format=True)
-            if self.validate:
-                errors = validate_with_dciodvfy(tmp)
-                if errors:
-                    tmp.unlink(missing_ok=True)
-                    raise JobError(f"{o.kind} {o.sop_instance_uid} failed IOD validation: {errors[0]}"
-                                   + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
-            self.spool.commit(tmp, path)
+        for f in out.files:
+            path = out_dir / f"{f.kind}-{f.sop_instance_uid}.dcm"
+            self.spool.commit(Path(f.temp_path), path)
             paths.append(path)
         return paths

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,7 @@ from node.store.models import (
     Instance,
     Job,
     JobState,
+    Request,
     Series,
     Study,
     StudyState,
@@ -239,6 +240,14 @@ class Store:
                     requeued.append(job)
         return requeued, failed
 
+    def release_job(self, job_id: int) -> None:
+        """Running → queued without using up an attempt: a graceful stop cut the job off."""
+        with self._write, self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is not None and job.state == JobState.RUNNING:
+                job.state = JobState.QUEUED
+                job.attempts = max(0, job.attempts - 1)
+
     def job_failed(self, job_id: int, error: str, timings: dict | None = None) -> None:
         with self._write, self.session() as s, s.begin():
             job = s.get(Job, job_id)
@@ -296,11 +305,11 @@ class Store:
             d.last_error = error
             d.next_attempt_at = next_attempt_at
             if give_up:
-                d.state = DispatchState.FAILED
+                d.state = DispatchState.DEAD_LETTER
             self._roll_up_jobs(s, [dispatch_id])
 
     def _roll_up_jobs(self, s: Session, dispatch_ids: Sequence[int]) -> None:
-        """A job is dispatched when all its objects are sent; failed when any has given up."""
+        """A job is dispatched when all its objects are sent; dead-letter when any has given up."""
         job_ids = set(s.scalars(select(Dispatch.job_id).where(Dispatch.id.in_(dispatch_ids))))
         for job_id in job_ids:
             states = list(s.scalars(select(Dispatch.state).where(Dispatch.job_id == job_id)))
@@ -308,12 +317,124 @@ class Store:
             if all(st == DispatchState.SENT for st in states):
                 job.state = JobState.DISPATCHED
                 job.finished_at = time.time()
-            elif any(st == DispatchState.FAILED for st in states) and DispatchState.PENDING not in states:
-                job.state = JobState.FAILED
-                job.error = "dispatch failed: " + "; ".join(
+            elif DispatchState.DEAD_LETTER in states and DispatchState.PENDING not in states:
+                job.state = JobState.DEAD_LETTER
+                job.error = "dispatch gave up: " + "; ".join(
                     sorted(set(filter(None, s.scalars(select(Dispatch.last_error).where(
-                        Dispatch.job_id == job_id, Dispatch.state == DispatchState.FAILED))))))
+                        Dispatch.job_id == job_id, Dispatch.state == DispatchState.DEAD_LETTER))))))
                 job.finished_at = time.time()
+
+    # ---- operator requests ---------------------------------------------
+
+    def add_request(self, action: str, *, job_id: int | None = None, study_uid: str | None = None,
+                    requested_by: str | None = None) -> int:
+        with self._write, self.session() as s, s.begin():
+            r = Request(action=action, job_id=job_id, study_uid=study_uid, requested_by=requested_by,
+                        requested_at=time.time())
+            s.add(r)
+            s.flush()
+            return r.id
+
+    def pending_requests(self) -> list[Request]:
+        with self.session() as s:
+            return list(s.scalars(select(Request).where(Request.handled_at.is_(None)).order_by(Request.id)))
+
+    def get_request(self, request_id: int) -> Request | None:
+        with self.session() as s:
+            return s.get(Request, request_id)
+
+    def requeue(self, request_id: int) -> dict:
+        """Carry out a requeue request: dead-letter sends go out again, failed jobs run again.
+
+        Which jobs: the request's job, or all of its study's, or (neither given) every job in
+        dead-letter or failed. Attempts start from zero. Returns the outcome recorded on the request.
+        """
+        now = time.time()
+        with self._write, self.session() as s, s.begin():
+            req = s.get(Request, request_id)
+            q = select(Job).where(Job.state.in_((JobState.DEAD_LETTER, JobState.FAILED)))
+            if req.job_id is not None:
+                q = select(Job).where(Job.id == req.job_id)
+            elif req.study_uid is not None:
+                q = q.where(Job.study_uid == req.study_uid)
+            resent, rerun, skipped = [], [], []
+            for job in s.scalars(q.order_by(Job.id)):
+                dead = list(s.scalars(select(Dispatch).where(Dispatch.job_id == job.id,
+                                                             Dispatch.state == DispatchState.DEAD_LETTER)))
+                if job.state == JobState.DEAD_LETTER and dead:
+                    for d in dead:
+                        d.state, d.attempts, d.next_attempt_at, d.last_error = DispatchState.PENDING, 0, now, None
+                    job.state, job.error, job.finished_at = JobState.RESULTS_BUILT, None, None
+                    resent.append({"job_id": job.id, "study_uid": job.study_uid, "objects": len(dead)})
+                elif job.state == JobState.FAILED:
+                    s.execute(delete(Dispatch).where(Dispatch.job_id == job.id))
+                    job.state, job.error, job.finished_at, job.attempts = JobState.QUEUED, None, None, 0
+                    rerun.append({"job_id": job.id, "study_uid": job.study_uid})
+                else:
+                    skipped.append({"job_id": job.id, "state": job.state})
+            req.handled_at = now
+            req.outcome = {"resent": resent, "rerun": rerun, "skipped": skipped}
+            return req.outcome
+
+    # ---- retention -----------------------------------------------------
+
+    def purgeable_studies(self, cutoff: float) -> list[str]:
+        """Studies whose every job ended with its results dispatched (or had nowhere to go) before `cutoff`,
+        and studies no rule matched that were routed before `cutoff`. A failed or dead-letter job keeps
+        its study, so it can still be requeued."""
+        done = (JobState.DISPATCHED, JobState.DONE_LOCAL)
+        with self.session() as s:
+            out = list(s.scalars(select(Study.study_uid).where(
+                Study.state == StudyState.NO_RULE, Study.routed_at <= cutoff)))
+            for uid in s.scalars(select(Study.study_uid).where(Study.state == StudyState.ROUTED)):
+                jobs = s.execute(select(Job.state, Job.finished_at).where(Job.study_uid == uid)).all()
+                if jobs and all(st in done and (fin or 0) <= cutoff for st, fin in jobs):
+                    out.append(uid)
+            return out
+
+    def purge_study(self, study_uid: str, cutoff: float) -> list[str]:
+        """Delete the study's instance rows (state → purged) and return the files to delete.
+
+        Rows go first: a crash before the files are deleted leaves files without rows, which the
+        start-up reconciler deletes because their study is purged. Jobs and dispatches are kept as history.
+        """
+        if study_uid not in self.purgeable_studies(cutoff):
+            return []
+        with self._write, self.session() as s, s.begin():
+            study = s.get(Study, study_uid)
+            if study.state not in (StudyState.ROUTED, StudyState.NO_RULE):
+                return []  # a new instance arrived meanwhile
+            paths = list(s.scalars(select(Instance.path).where(Instance.study_uid == study_uid)))
+            s.execute(delete(Instance).where(Instance.study_uid == study_uid))
+            s.execute(delete(Series).where(Series.study_uid == study_uid))
+            study.state = StudyState.PURGED
+            study.instance_count = 0
+            return paths
+
+    def result_paths(self, study_uid: str) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(Dispatch.path).where(Dispatch.study_uid == study_uid).distinct()))
+
+    # ---- reconcile -----------------------------------------------------
+
+    def instance_paths(self) -> dict[str, str]:
+        """{path: SOP Instance UID} of every indexed instance."""
+        with self.session() as s:
+            return dict(s.execute(select(Instance.path, Instance.sop_instance_uid)).all())
+
+    def study_states(self) -> dict[str, str]:
+        with self.session() as s:
+            return dict(s.execute(select(Study.study_uid, Study.state)).all())
+
+    def job_states(self) -> dict[int, str]:
+        with self.session() as s:
+            return dict(s.execute(select(Job.id, Job.state)).all())
+
+    def pending_dispatch_paths(self) -> list[tuple[int, str]]:
+        with self.session() as s:
+            return list(s.execute(select(Dispatch.id, Dispatch.path)
+                                  .where(Dispatch.state.in_((DispatchState.PENDING, DispatchState.DEAD_LETTER))))
+                        .all())
 
     # ---- status --------------------------------------------------------
 

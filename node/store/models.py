@@ -18,6 +18,7 @@ class StudyState:
     COMPLETE = "complete"
     ROUTED = "routed"
     NO_RULE = "no-rule-matched"
+    PURGED = "purged"  # results dispatched and the retention time passed: spool files deleted
 
 
 class JobState:
@@ -26,13 +27,14 @@ class JobState:
     RESULTS_BUILT = "results-built"
     DISPATCHED = "dispatched"
     DONE_LOCAL = "done-no-destination"
-    FAILED = "failed"
+    FAILED = "failed"  # the plugin or the results build failed; `ainode requeue` runs it again
+    DEAD_LETTER = "dead-letter"  # results built, but a send gave up; `ainode requeue` sends again
 
 
 class DispatchState:
     PENDING = "pending"
     SENT = "sent"
-    FAILED = "failed"
+    DEAD_LETTER = "dead-letter"  # gave up after the destination's max_attempts
 
 
 PRIORITY = {"stat": 0, "routine": 1}
@@ -118,3 +120,20 @@ class Dispatch(Base):
     sent_at: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("ix_dispatch_due", "state", "next_attempt_at"),)
+
+
+class Request(Base):
+    """An operator's request (from the CLI) that the running node carries out and audits.
+
+    The node is the audit log's only writer, so the CLI leaves requests here instead of acting itself.
+    """
+
+    __tablename__ = "requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    action: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    requested_by: Mapped[str | None] = mapped_column(String(64))
+    requested_at: Mapped[float] = mapped_column(Float)
+    handled_at: Mapped[float | None] = mapped_column(Float, index=True)
+    outcome: Mapped[dict | None] = mapped_column(JSON)

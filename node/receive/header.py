@@ -1,0 +1,35 @@
+"""What the store indexes from a received data set's header."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from node.receive.checks import drop_unreadable_metadata, identity
+from node.store import InstanceMeta
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return str(value).strip() if value not in (None, "") else None
+
+
+def instance_meta(ds: Dataset, *, path: str, size: int, transfer_syntax: str, calling_ae: str | None) -> InstanceMeta:
+    """Index entry for a stored instance. Raises checks.CannotUnderstand (naming the tag) for a missing,
+    unsafe or wrongly encoded UID."""
+    sop_uid, study_uid, series_uid, sop_class = identity(ds)
+    drop_unreadable_metadata(ds)  # a descriptive attribute with a wrong VR is left out, not guessed
+    return InstanceMeta(
+        sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_uid=series_uid, study_uid=study_uid,
+        transfer_syntax=transfer_syntax, path=path, size_bytes=size, calling_ae=calling_ae,
+        patient_id=_text(ds, "PatientID"), accession_number=_text(ds, "AccessionNumber"),
+        study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"), series_description=_text(ds, "SeriesDescription"),
+        slice_thickness=_float(ds.get("SliceThickness")),
+    )

@@ -1,0 +1,110 @@
+"""What a worker process does for one job: load the series, run the plugin, build and validate results.
+
+It runs in a child process of the node (see plugin_process.py), so a plugin that hangs, exhausts
+memory or crashes the interpreter takes down only this process and fails only its own job. Results
+are written as synced temp files; the node commits them and records the state change.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from node.plugin_api import Plugin, StudyInput, load_plugin
+from node.results.build import AlgorithmInfo, build_results
+from node.results.validate import validate_with_dciodvfy
+from node.run.series_loader import load_series
+
+log = logging.getLogger("ainode.run")
+
+
+class JobError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: int
+    study_uid: str
+    plugin: str
+    series: dict[str, list[str]]  # series UID -> instance file paths
+    temp_dir: str  # where result temp files go (the spool's temp folder, reaped after a crash)
+    validate: bool
+
+
+@dataclass(frozen=True)
+class BuiltFile:
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    temp_path: str
+
+
+@dataclass
+class JobOutput:
+    plugin_name: str
+    plugin_version: str
+    summary: str
+    files: list[BuiltFile]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class PluginCache:
+    """Plugins loaded once per worker process and kept warm between jobs."""
+
+    def __init__(self, sections: Mapping[str, tuple[Mapping, str | None]]) -> None:
+        self.sections = sections  # plugin name -> (options, entry)
+        self._plugins: dict[str, Plugin] = {}
+
+    def get(self, name: str) -> Plugin:
+        if name not in self._plugins:
+            options, entry = self.sections.get(name, ({}, None))
+            self._plugins[name] = load_plugin(name, options, entry)
+        return self._plugins[name]
+
+
+def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None]) -> JobOutput:
+    timings: dict[str, float] = {}
+    plugin = plugins.get(spec.plugin)
+
+    stage("load")
+    t = time.perf_counter()
+    volumes, sources = [], {}
+    for series_uid, paths in spec.series.items():
+        vol, headers = load_series(paths)
+        volumes.append(vol)
+        sources[series_uid] = headers
+    timings["load_s"] = round(time.perf_counter() - t, 3)
+
+    stage("plugin")
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"ainode-job{spec.job_id}-") as scratch:
+        result = plugin.run(StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options))
+    timings["plugin_s"] = round(time.perf_counter() - t, 3)
+    del volumes
+
+    stage("build")
+    t = time.perf_counter()
+    objects = build_results(result, sources, AlgorithmInfo(name=plugin.name, version=plugin.version))
+    files = []
+    try:
+        for o in objects:
+            tmp = Path(spec.temp_dir) / f"job{spec.job_id}-{o.kind}-{o.sop_instance_uid}.part"
+            o.dataset.save_as(tmp, enforce_file_format=True)
+            files.append(BuiltFile(o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid, str(tmp)))
+            if spec.validate:
+                errors = validate_with_dciodvfy(tmp)
+                if errors:
+                    raise JobError(f"{o.kind} {o.sop_instance_uid} failed IOD validation: {errors[0]}"
+                                   + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+    except BaseException:
+        for f in files:
+            Path(f.temp_path).unlink(missing_ok=True)
+        raise
+    timings["build_s"] = round(time.perf_counter() - t, 3)
+    return JobOutput(plugin.name, plugin.version, result.summary, files, timings)

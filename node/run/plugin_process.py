@@ -1,0 +1,168 @@
+"""A warm worker process that runs jobs for the node, watched for time and memory.
+
+The node keeps one per worker. The process loads plugins once and serves jobs over a pipe. The
+node stops it (SIGKILL) when a job runs past run.timeout_s or its memory passes
+run.memory_limit_mb, fails that job, and starts a fresh process for the next one. A process that
+dies on its own (a segfault, the kernel's OOM killer) fails its job the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from typing import Callable, Mapping
+
+from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
+
+log = logging.getLogger("ainode.run")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class JobFailed(Exception):
+    """The job failed; `restart` says the worker process is gone or unfit and must be replaced."""
+
+    def __init__(self, message: str, restart: bool = False) -> None:
+        super().__init__(message)
+        self.restart = restart
+
+
+class Abandoned(Exception):
+    """The node is stopping and did not wait for the job to finish."""
+
+
+def default_memory_limit_mb(workers: int) -> int:
+    total = _PAGE * os.sysconf("SC_PHYS_PAGES")
+    return int(total * 0.7 / max(1, workers)) // 2**20
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _child_main(conn, plugin_sections: Mapping[str, tuple[Mapping, str | None]], preload: list[str], log_level: str) -> None:  # type: ignore[no-untyped-def]
+    # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
+    # itself; and if the node is killed outright, this process must not outlive it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    from node.logs import setup_logging
+
+    setup_logging(log_level)
+    plugins = PluginCache(plugin_sections)
+    for name in preload:
+        try:
+            plugins.get(name)
+        except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
+            log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+    while True:
+        try:
+            spec = conn.recv()
+        except (EOFError, OSError):
+            return
+        if spec is None:
+            return
+        try:
+            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)))
+            conn.send(("done", out))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the node
+            log.debug("job failed traceback:\n%s", traceback.format_exc())
+            conn.send(("error", (f"{type(exc).__name__}: {exc}", isinstance(exc, MemoryError))))
+
+
+class PluginProcess:
+    def __init__(self, name: str, plugin_sections: Mapping[str, tuple[Mapping, str | None]], preload: list[str],
+                 log_level: str = "INFO") -> None:
+        self.name = name
+        self._args = (dict(plugin_sections), list(preload), log_level)
+        self._ctx = mp.get_context("spawn")
+        self._proc = None
+        self._conn = None
+
+    def start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child_main, args=(child, *self._args), name=self.name, daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._conn.send(None)
+            self._proc.join(timeout)
+        except (OSError, BrokenPipeError):
+            pass
+        self.kill()
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int,
+            on_stage: Callable[[str], None], abandon: Callable[[], bool]) -> JobOutput:
+        if self._proc is None or not self._proc.is_alive():
+            self.restart()
+        limit = memory_limit_mb * 2**20
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._conn.send(spec)
+        except (OSError, BrokenPipeError) as exc:
+            raise JobFailed(f"worker process unreachable: {exc}", restart=True) from exc
+        while True:
+            if self._conn.poll(0.1):
+                try:
+                    kind, payload = self._conn.recv()
+                except (EOFError, OSError):
+                    kind, payload = "died", None
+                    self._proc.join(5)
+                if kind == "stage":
+                    on_stage(payload)
+                    continue
+                if kind == "done":
+                    return payload
+                if kind == "error":
+                    message, out_of_memory = payload
+                    raise JobFailed(message, restart=out_of_memory)
+            if not self._proc.is_alive():
+                code = self._proc.exitcode or 0
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                hint = " (the kernel's out-of-memory killer?)" if code == -signal.SIGKILL else ""
+                raise JobFailed(f"worker process died ({how}){hint}", restart=True)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise JobFailed(f"timed out after {timeout_s:g} s (run.timeout_s); worker process stopped",
+                                restart=True)
+            rss = _rss_bytes(self._proc.pid)
+            if rss > limit:
+                self.kill()
+                raise JobFailed(f"worker process used {rss // 2**20} MB, over run.memory_limit_mb "
+                                f"({memory_limit_mb} MB); stopped", restart=True)
+            if abandon():
+                self.kill()
+                raise Abandoned()

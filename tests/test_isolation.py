@@ -1,0 +1,40 @@
+"""A plugin that hangs, exhausts memory or crashes fails only its own job; the node goes on serving."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from node.synth import write_chest_ct
+from tests.support.wait import wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = {"hang": "HangPlugin", "hog": "HogPlugin", "crash": "CrashPlugin"}
+
+
+def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    plugins = {name: {"entry": f"tests.plugins.misbehaving:{cls}"} for name, cls in BAD.items()}
+    plugins["ct_lung"] = {}
+    rules = [{"name": name, "study": {"calling_ae": name.upper()}, "plugin": name} for name in BAD]
+    rules.append({"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"})
+    node = node_factory({"run": {"timeout_s": 8, "memory_limit_mb": 700}, "plugins": plugins, "rules": rules})
+
+    for seed, sender in enumerate(["GOOD", *(n.upper() for n in BAD)]):
+        ct = write_chest_ct(tmp_path / sender, slices=40, slice_thickness=5.0, seed=seed)
+        r = subprocess.run(["storescu", "-aet", sender, "-aec", node.ae_title, "127.0.0.1", str(node.port),
+                            *map(str, ct.files)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    def ends():
+        return {r["plugin"]: r for r in node.audit_records() if r["event"] == "job-end"}
+
+    done = wait_until(lambda: len(e := ends()) == 4 and e, 180, "four jobs to end")
+    assert "timed out after 8 s" in done["hang"]["error"]
+    assert "over run.memory_limit_mb (700 MB)" in done["hog"]["error"]
+    assert "worker process died (signal SIGSEGV)" in done["crash"]["error"]
+    assert all(done[n]["outcome"] == "failure" for n in BAD)
+    assert done["ct_lung"]["outcome"] == "success" and done["ct_lung"]["outputs"]
+    status = node.cli("status", "--config", str(node.config_path)).stdout
+    assert status.count("state=failed") == 3 and "state=done-no-destination" in status
+    assert node.proc.poll() is None
+    assert node.stop() == 0
