@@ -23,8 +23,19 @@ def _load(path: str | None):  # type: ignore[no-untyped-def]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from node.models import ModelError
+    from node.models.lock import verify_models
+
     loaded = _load(args.config)
     cfg = loaded.config
+    try:
+        models = verify_models(cfg, loaded.storage.models_dir)
+    except ModelError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for m in models:
+        print(f"model {m.name} {m.version}: sha256 verified ({m.weights_sha256[:12]}…)"
+              + (", not for clinical use" if m.manifest.not_for_clinical_use else ""))
     print(f"{loaded.source}: OK — AE {cfg.node.ae_title} port {cfg.node.port}, "
           f"{len(cfg.rules)} rule(s), {len(cfg.destinations)} destination(s), plugins: {', '.join(cfg.plugins)}")
     return 0
@@ -32,6 +43,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.logs import setup_logging
+    from node.models import ModelError
     from node.service import NodeService
 
     setup_logging(args.log_level)
@@ -46,6 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         node.start()
+    except ModelError as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"cannot listen on {loaded.config.node.host}:{loaded.config.node.port} "
               f"(node.port in {loaded.source}): {exc.strerror}", file=sys.stderr)

@@ -107,6 +107,8 @@ class PluginResult:
     segmentations: Sequence[Segmentation] = ()
     heatmap: np.ndarray | None = None  # float 0..1, same shape as the source series
     summary: str = ""
+    timings: Mapping[str, float] = field(default_factory=dict)  # e.g. preprocess_s, inference_s, postprocess_s
+    gpu_memory_peak_mb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class Accepts:
 
 @dataclass(frozen=True)
 class Resources:
-    gpu: bool = False
-    memory_mb: int = 1024
+    gpu: bool = False  # uses a GPU when one is there (the same code runs on CPU)
+    memory_mb: int = 1024  # host memory estimate
+    gpu_memory_mb: int = 0  # GPU memory estimate: a job waits until its slot's GPU has this much free
 
 
 class Plugin(abc.ABC):
@@ -129,9 +132,17 @@ class Plugin(abc.ABC):
     version: str = ""
     accepts: Accepts = Accepts()
     resources: Resources = Resources()
+    model_name: str | None = None  # the model package it needs (models/<model_name>/<version>/), if any
+    model_version: str | None = None  # the version it was validated with; config plugins.<name>.model_version pins another
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})
+        self.model: Any = None  # node.models.LoadedModel, set by load_model before the first run
+        self.device: str = "cpu"  # "cuda:N" when the node gives the plugin's worker a GPU
+
+    def load_model(self, model: Any) -> None:
+        """Called once, after the node verified the package's hashes. Load weights here (on self.device)."""
+        self.model = model
 
     @abc.abstractmethod
     def run(self, study: StudyInput) -> PluginResult:
@@ -147,20 +158,22 @@ def available_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_plugin(name: str, options: Mapping[str, Any] | None = None, entry: str | None = None) -> Plugin:
-    """The installed plugin `name`, or the class `entry` ('package.module:Class') when one is given."""
+def plugin_class(name: str, entry: str | None = None) -> type[Plugin]:
+    """The installed plugin class `name`, or the class `entry` ('package.module:Class') when one is given."""
     if entry:
         module, _, attr = entry.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-    else:
-        eps = available_plugins()
-        if name not in eps:
-            known = ", ".join(sorted(eps)) or "none"
-            raise PluginNotFound(
-                f"plugin '{name}' is not installed (entry point group '{ENTRY_POINT_GROUP}'); "
-                f"installed: {known}"
-            )
-        cls = eps[name].load()
+        return getattr(importlib.import_module(module), attr)
+    eps = available_plugins()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise PluginNotFound(
+            f"plugin '{name}' is not installed (entry point group '{ENTRY_POINT_GROUP}'); installed: {known}"
+        )
+    return eps[name].load()
+
+
+def load_plugin(name: str, options: Mapping[str, Any] | None = None, entry: str | None = None) -> Plugin:
+    cls = plugin_class(name, entry)
     plugin = cls(options)
     if not plugin.name or not plugin.version:
         raise PluginNotFound(f"plugin '{name}' ({cls!r}) does not declare name and version")

@@ -11,6 +11,7 @@ from node.audit import AuditLog
 from node.config import LoadedConfig
 from node.dispatch import Dispatcher
 from node.maintain import Purger, RequestHandler, reconcile
+from node.models.lock import verify_models
 from node.receive import Spool, StoreSCP
 from node.route import Router
 from node.run.worker import WorkerPool
@@ -34,7 +35,10 @@ class NodeService:
                                   workers=cfg.run.workers, timeout_s=cfg.run.timeout_s,
                                   memory_limit_mb=cfg.run.memory_limit_mb,
                                   preload=sorted({r.plugin for r in cfg.rules}),
-                                  log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+                                  log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                                  models_dir=paths.models_dir, device=cfg.run.device,
+                                  routine_max_wait_s=cfg.run.routine_max_wait_s)
+        self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, cfg.destinations, cfg.node.ae_title)
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
@@ -45,12 +49,16 @@ class NodeService:
         self.source = loaded.source
 
     def start(self) -> None:
+        models = verify_models(self.cfg, self.models_dir, self.store)  # raises ModelError: refuse to start
         t = time.perf_counter()
         fixed = reconcile(self.store, self.spool, self.results_dir)
         reconcile_s = round(time.perf_counter() - t, 3)
         requeued, failed = self.store.requeue_interrupted(self.cfg.run.max_attempts)
         self.audit.append("node-start", config=self.source, reconciled=fixed.as_dict() or None,
-                          reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None)
+                          reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None,
+                          models=[{"model": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
+                                   "package_digest": m.digest, "not_for_clinical_use": m.manifest.not_for_clinical_use}
+                                  for m in models] or None)
         for job in failed:
             self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
                               error=job.error)

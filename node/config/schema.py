@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
 
 
+BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +73,8 @@ class StorageSection(Strict):
         None, description="SQLAlchemy URL or a path to a SQLite file. Default: <root>/ainode.db"
     )
     audit_log: Path | None = None
+    models_dir: Path | None = Field(None, description="Model packages. Default: the models/ folder shipped "
+                                    "with the node.")
     min_free_mb: int = Field(
         1024, ge=0, description="Below this much free space on the spool's disk, C-STORE answers 0xA700."
     )
@@ -100,6 +105,8 @@ class StorageSection(Strict):
             results_dir=under(self.results_dir, "results"),
             database_url=db_url,
             audit_log=under(self.audit_log, "audit.jsonl"),
+            models_dir=(BUNDLED_MODELS if self.models_dir is None
+                        else self.models_dir if self.models_dir.is_absolute() else base / self.models_dir),
         )
 
 
@@ -108,6 +115,7 @@ class ResolvedStorage(Strict):
     results_dir: Path
     database_url: str
     audit_log: Path
+    models_dir: Path
 
 
 class AssembleSection(Strict):
@@ -119,6 +127,8 @@ class RunSection(Strict):
     workers: int = Field(1, ge=1, le=64)
     max_attempts: int = Field(3, ge=1, description="Runs of one job (a crash mid-run counts) before it fails.")
     timeout_s: float = Field(1800, gt=0, description="A job running longer is stopped and failed.")
+    routine_max_wait_s: float = Field(
+        900, gt=0, description="A routine job queued this long goes ahead as if it were stat (no starvation).")
     shutdown_grace_s: float = Field(
         30, ge=0, description="On SIGTERM, how long running jobs may finish; then they are queued again.")
     memory_limit_mb: int | None = Field(
@@ -147,6 +157,9 @@ class Destination(Strict):
 class PluginSection(Strict):
     enabled: bool = True
     options: dict = Field(default_factory=dict)
+    model_version: str | None = Field(
+        None, description="Pin the plugin's model package version (models/<model>/<version>/). "
+        "Default: the version the plugin declares.")
     entry: str | None = Field(
         None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="'package.module:Class' of a plugin not installed as a package (one under development). "

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from node.config.schema import BUNDLED_MODELS, PluginSection
+from node.models import load_model
 from node.plugin_api import Plugin, StudyInput, load_plugin
 from node.results.build import AlgorithmInfo, build_results
 from node.results.validate import validate_with_dciodvfy
@@ -52,19 +54,39 @@ class JobOutput:
     summary: str
     files: list[BuiltFile]
     timings: dict[str, float] = field(default_factory=dict)
+    model: dict | None = None  # name, version, weights sha256 and package digest of the model used
 
 
 class PluginCache:
-    """Plugins loaded once per worker process and kept warm between jobs."""
+    """Plugins loaded once per worker process and kept warm between jobs, with their verified models."""
 
-    def __init__(self, sections: Mapping[str, tuple[Mapping, str | None]]) -> None:
-        self.sections = sections  # plugin name -> (options, entry)
+    def __init__(self, sections: Mapping[str, PluginSection], models_dir: Path | None = None,
+                 device: str = "auto") -> None:
+        self.sections = sections
+        self.models_dir = models_dir
+        self.device = device
         self._plugins: dict[str, Plugin] = {}
+
+    def _device_for(self, plugin: Plugin) -> str:
+        if not plugin.resources.gpu or self.device == "cpu":
+            return "cpu"
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda:0"  # the worker process sees only its own GPU (CUDA_VISIBLE_DEVICES)
+        if self.device == "cuda":
+            raise RuntimeError("run.device is cuda, but no CUDA GPU is visible to the worker")
+        return "cpu"
 
     def get(self, name: str) -> Plugin:
         if name not in self._plugins:
-            options, entry = self.sections.get(name, ({}, None))
-            self._plugins[name] = load_plugin(name, options, entry)
+            section = self.sections.get(name)
+            plugin = load_plugin(name, section.options if section else None, section.entry if section else None)
+            plugin.device = self._device_for(plugin)
+            if plugin.model_name:
+                version = (section.model_version if section else None) or plugin.model_version
+                plugin.load_model(load_model(self.models_dir or BUNDLED_MODELS, plugin.model_name, version))
+            self._plugins[name] = plugin
         return self._plugins[name]
 
 
@@ -90,7 +112,14 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
 
     stage("build")
     t = time.perf_counter()
-    objects = build_results(result, sources, AlgorithmInfo(name=plugin.name, version=plugin.version))
+    model = plugin.model
+    algorithm = AlgorithmInfo(name=plugin.name, version=plugin.version,
+                              model_name=model.name if model else None, model_version=model.version if model else None,
+                              weights_sha256=model.weights_sha256 if model else None)
+    timings.update({k: round(float(v), 3) for k, v in result.timings.items()})
+    if result.gpu_memory_peak_mb is not None:
+        timings["gpu_memory_peak_mb"] = round(result.gpu_memory_peak_mb, 1)
+    objects = build_results(result, sources, algorithm)
     files = []
     try:
         for o in objects:
@@ -107,4 +136,6 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
             Path(f.temp_path).unlink(missing_ok=True)
         raise
     timings["build_s"] = round(time.perf_counter() - t, 3)
-    return JobOutput(plugin.name, plugin.version, result.summary, files, timings)
+    provenance = {"model": model.name, "model_version": model.version, "weights_sha256": model.weights_sha256,
+                  "package_digest": model.digest} if model else None
+    return JobOutput(plugin.name, plugin.version, result.summary, files, timings, provenance)

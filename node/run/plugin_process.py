@@ -15,7 +15,10 @@ import os
 import signal
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, Mapping
+
+from node.config.schema import PluginSection
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 
@@ -49,7 +52,8 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-def _child_main(conn, plugin_sections: Mapping[str, tuple[Mapping, str | None]], preload: list[str], log_level: str) -> None:  # type: ignore[no-untyped-def]
+def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
+                models_dir: Path | None, device: str) -> None:
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -61,7 +65,7 @@ def _child_main(conn, plugin_sections: Mapping[str, tuple[Mapping, str | None]],
     from node.logs import setup_logging
 
     setup_logging(log_level)
-    plugins = PluginCache(plugin_sections)
+    plugins = PluginCache(sections, models_dir, device)
     for name in preload:
         try:
             plugins.get(name)
@@ -83,10 +87,10 @@ def _child_main(conn, plugin_sections: Mapping[str, tuple[Mapping, str | None]],
 
 
 class PluginProcess:
-    def __init__(self, name: str, plugin_sections: Mapping[str, tuple[Mapping, str | None]], preload: list[str],
-                 log_level: str = "INFO") -> None:
+    def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
+                 log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto") -> None:
         self.name = name
-        self._args = (dict(plugin_sections), list(preload), log_level)
+        self._args = (dict(sections), list(preload), log_level, models_dir, device)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None

@@ -40,7 +40,11 @@ class WorkerPool:
         validate: bool = True,
         poll_interval_s: float = 0.2,
         log_level: str = "INFO",
+        models_dir: Path | None = None,
+        device: str = "auto",
+        routine_max_wait_s: float | None = None,
     ) -> None:
+        self.routine_max_wait_s = routine_max_wait_s
         self.store = store
         self.audit = audit
         self.spool = spool
@@ -53,8 +57,8 @@ class WorkerPool:
             log.warning("dciodvfy not found: results are sent without IOD validation "
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
-        sections = {name: (dict(section.options), section.entry) for name, section in plugin_config.items()}
-        self._processes = [PluginProcess(f"ainode-worker-{i}", sections, preload or [], log_level)
+        self._processes = [PluginProcess(f"ainode-worker-{i}", dict(plugin_config), preload or [], log_level,
+                                         models_dir, device)
                            for i in range(workers)]
         self._stop = threading.Event()
         self._abandon = threading.Event()
@@ -84,7 +88,7 @@ class WorkerPool:
 
     def _loop(self, proc: PluginProcess) -> None:
         while not self._stop.is_set():
-            job = self.store.claim_job()
+            job = self.store.claim_job(self.routine_max_wait_s)
             if job is None:
                 self._stop.wait(self.poll_interval_s)
                 continue
@@ -136,7 +140,7 @@ class WorkerPool:
             plugin_version=out.plugin_version,
             outputs=[{"kind": f.kind, "sop_instance_uid": f.sop_instance_uid, "series_uid": f.series_uid}
                      for f in out.files],
-            summary=out.summary, timings=timings,
+            model=out.model, summary=out.summary, timings=timings,
         )
         log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(out.files), timings)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import case, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,7 @@ from node.store.models import (
     Instance,
     Job,
     JobState,
+    ModelVersion,
     Request,
     Series,
     Study,
@@ -207,11 +208,19 @@ class Store:
 
     # ---- run -----------------------------------------------------------
 
-    def claim_job(self) -> Job | None:
-        """Take the most urgent, oldest queued job: queued → running."""
+    def claim_job(self, routine_max_wait_s: float | None = None) -> Job | None:
+        """Take the most urgent, oldest queued job: queued → running.
+
+        Stat before routine; a routine job queued longer than `routine_max_wait_s` counts as stat, so a
+        steady stream of stat work cannot starve the routine backlog forever.
+        """
+        urgency = Job.priority
+        if routine_max_wait_s is not None:
+            aged = time.time() - routine_max_wait_s
+            urgency = case((Job.created_at <= aged, PRIORITY["stat"]), else_=Job.priority)
         with self._write, self.session() as s, s.begin():
             job = s.scalars(
-                select(Job).where(Job.state == JobState.QUEUED).order_by(Job.priority, Job.id).limit(1)
+                select(Job).where(Job.state == JobState.QUEUED).order_by(urgency, Job.id).limit(1)
             ).first()
             if job is None:
                 return None
@@ -435,6 +444,17 @@ class Store:
             return list(s.execute(select(Dispatch.id, Dispatch.path)
                                   .where(Dispatch.state.in_((DispatchState.PENDING, DispatchState.DEAD_LETTER))))
                         .all())
+
+    # ---- model versions ------------------------------------------------
+
+    def lock_model_version(self, name: str, version: str, digest: str) -> ModelVersion | None:
+        """Record a model version's digest on first use. Returns the earlier record if the digest differs."""
+        with self._write, self.session() as s, s.begin():
+            row = s.get(ModelVersion, (name, version))
+            if row is None:
+                s.add(ModelVersion(name=name, version=version, digest=digest, first_used_at=time.time()))
+                return None
+            return None if row.digest == digest else row
 
     # ---- status --------------------------------------------------------
 

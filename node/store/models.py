@@ -137,3 +137,13 @@ class Request(Base):
     requested_at: Mapped[float] = mapped_column(Float)
     handled_at: Mapped[float | None] = mapped_column(Float, index=True)
     outcome: Mapped[dict | None] = mapped_column(JSON)
+
+
+class ModelVersion(Base):
+    """The digest of each model package version when the node first used it: later changes are refused."""
+
+    __tablename__ = "model_versions"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    first_used_at: Mapped[float] = mapped_column(Float)
