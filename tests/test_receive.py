@@ -8,6 +8,7 @@ import pydicom.data
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from node.store import Store
+from tests.support.wait import wait_until
 from tests.conftest import require
 
 # storescu sends a file as it is only when told to propose that transfer syntax.
@@ -73,16 +74,20 @@ def test_every_bundled_pydicom_file_is_stored_or_refused_with_status_and_audit(n
             # storescu itself could not read or send the file: nothing reached the node.
             outcomes["not-sendable"] += 1
             continue
-        records = node.audit_records()
         if r.returncode == 0:
-            stored = [x for x in records if x["event"] in ("instance-stored", "instance-duplicate")
+            stored = [x for x in node.audit_records() if x["event"] in ("instance-stored", "instance-duplicate")
                       and x.get("sop_instance_uid") == str(sop_uid)]
             assert stored, f"{f.name}: storescu succeeded but no stored/duplicate audit record"
             outcomes["stored"] += 1
         else:
-            refusals = [x for x in records if x["event"] in ("instance-refused", "presentation-context-refused")
+            def refusals():
+                return [x for x in node.audit_records()
+                        if x["event"] in ("instance-refused", "presentation-context-refused")
                         and (x.get("sop_instance_uid") == str(sop_uid) or sop_class in x.get("sop_classes", []))]
-            assert refusals, f"{f.name}: refused ({out.strip().splitlines()[-1]}) without an audit record"
+            # pynetdicom raises EVT_ACCEPTED (where a refused context is audited) after the A-ASSOCIATE-AC
+            # went out, so storescu can exit before the record is written: wait for it briefly.
+            wait_until(refusals, 5, f"{f.name}: refused ({out.strip().splitlines()[-1]}) without an audit record",
+                       interval=0.05)
             # The sender saw why: a failure status in the C-STORE response, or the context refused.
             assert ("Received Store Response (Failed" in out or "Received Store Response (Error" in out
                     or "No Acceptable Presentation Contexts" in out or "No presentation context" in out), out
