@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,10 @@ def orthanc(tmp_path):
     """A real Orthanc on free loopback ports (AE ORTHANC), stopped at the end of the test."""
     with OrthancServer(tmp_path / "orthanc", aet="ORTHANC") as o:
         yield o
+
+
+@pytest.fixture
+def test_plugins(monkeypatch):
+    """Lets node subprocesses import tests.plugins (plugins configured with `entry: tests.plugins...`)."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("PYTHONPATH", f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

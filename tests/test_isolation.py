@@ -1,18 +1,13 @@
 """A plugin that hangs, exhausts memory or crashes fails only its own job; the node goes on serving."""
 
-import os
-import subprocess
-from pathlib import Path
-
 from node.synth import write_chest_ct
+from tests.support.pipeline import send
 from tests.support.wait import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 BAD = {"hang": "HangPlugin", "hog": "HogPlugin", "crash": "CrashPlugin"}
 
 
-def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, test_plugins):
     plugins = {name: {"entry": f"tests.plugins.misbehaving:{cls}"} for name, cls in BAD.items()}
     plugins["ct_lung"] = {}
     rules = [{"name": name, "study": {"calling_ae": name.upper()}, "plugin": name} for name in BAD]
@@ -21,9 +16,7 @@ def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, 
 
     for seed, sender in enumerate(["GOOD", *(n.upper() for n in BAD)]):
         ct = write_chest_ct(tmp_path / sender, slices=40, slice_thickness=5.0, seed=seed)
-        r = subprocess.run(["storescu", "-aet", sender, "-aec", node.ae_title, "127.0.0.1", str(node.port),
-                            *map(str, ct.files)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
+        send(node, ct.files, calling=sender)
 
     def ends():
         return {r["plugin"]: r for r in node.audit_records() if r["event"] == "job-end"}

@@ -1,8 +1,6 @@
 """Model packages: hashes verified, versions immutable, and the model's identity in every result."""
 
 import hashlib
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,9 +11,8 @@ from node.models.lock import verify_models
 from node.config.schema import NodeConfig
 from node.store import Store
 from node.synth import write_chest_ct
+from tests.support.pipeline import send
 from tests.support.wait import wait_until
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_package(root: Path, name="demo", version="1.0.0", weights=b"\x00weights\x01") -> Path:
@@ -86,8 +83,7 @@ def test_a_version_whose_content_changes_after_first_use_is_refused(tmp_path):
     store.close()
 
 
-def test_the_sr_and_audit_cite_the_model_and_a_changed_package_stops_the_node(tmp_path, node_factory, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def test_the_sr_and_audit_cite_the_model_and_a_changed_package_stops_the_node(tmp_path, node_factory, test_plugins):
     folder = make_package(tmp_path / "models")
     sha = hashlib.sha256(b"\x00weights\x01").hexdigest()
     node = node_factory({
@@ -96,8 +92,7 @@ def test_the_sr_and_audit_cite_the_model_and_a_changed_package_stops_the_node(tm
         "rules": [{"name": "r", "series": {"modality": "CT"}, "plugin": "lung"}],
     })
     ct = write_chest_ct(tmp_path / "ct", slices=40, slice_thickness=5.0)
-    subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, ct.files)],
-                   check=True, capture_output=True, timeout=120)
+    send(node, ct.files)
     end = wait_until(lambda: [r for r in node.audit_records() if r["event"] == "job-end"], 90, "job-end")[0]
     assert end["outcome"] == "success", end
     assert end["model"]["model"] == "demo" and end["model"]["weights_sha256"] == sha

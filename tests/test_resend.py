@@ -77,3 +77,27 @@ def test_retention_purges_only_dispatched_studies(tmp_path, orthanc, node_factor
     wait_until(lambda: len(events(node, "study-purged")) == 2, 90, "the second run to be dispatched and purged")
     assert result_instances(orthanc, good.study_uid) == {"SEG": 1, "SR": 1}
     assert node.cli("audit", "verify", "--config", str(node.config_path)).returncode == 0
+
+
+def test_a_study_is_purgeable_only_when_every_job_is_done_before_the_cutoff(tmp_path):
+    from node.store import DispatchItem, NewJob, Store
+    from node.store.db import InstanceMeta
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for uid, jobs in (("1.1", 2), ("1.2", 2), ("1.3", 0)):
+        store.add_instance(InstanceMeta(f"{uid}.9", "1.2.840.10008.5.1.4.1.1.2", f"{uid}.5", uid,
+                                        "1.2.840.10008.1.2.1", f"/x/{uid}", 1, "A"))
+        store.mark_complete(uid, "quiet-period", time.time() + 1)
+        store.route(uid, [NewJob(f"r{k}", "ct_lung", "routine", [f"{uid}.5"], []) for k in range(jobs)])
+    while (job := store.claim_job()) is not None:  # every job ends with nowhere to send, except one of 1.2
+        if job.study_uid == "1.2" and job.rule == "r1":
+            store.job_results_built(job.id, "1", "", {}, [DispatchItem("pacs", "SR", "1.2.840.10008.5.1.4.1.1.88.34",
+                                                                        "1.2.3", "/r")])
+        else:
+            store.job_results_built(job.id, "1", "", {}, [])
+    assert store.purgeable_studies(time.time() - 3600) == []  # not yet past retention
+    assert sorted(store.purgeable_studies(time.time() + 1)) == ["1.1", "1.3"]  # 1.2 has a send pending
+    assert store.purge_study("1.2", time.time() + 1) == []
+    assert store.purge_study("1.1", time.time() + 1) == ["/x/1.1"]
+    assert store.purgeable_studies(time.time() + 1) == ["1.3"]
+    store.close()

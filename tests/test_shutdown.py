@@ -1,24 +1,19 @@
 """SIGTERM: stop accepting, let open associations and running jobs finish (or queue them again), exit 0."""
 
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from node.synth import write_chest_ct
-from tests.support.pipeline import events, lung_config, query, result_instances, status
+from tests.support.pipeline import events, lung_config, query, result_instances, send, status
 from tests.support.wait import wait_until
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sigterm_mid_association_and_mid_job_loses_nothing(tmp_path, orthanc, node_factory):
     first = write_chest_ct(tmp_path / "first", slices=60, slice_thickness=5.0, seed=1)
     second = write_chest_ct(tmp_path / "second", slices=150, slice_thickness=2.0, seed=2)
     node = node_factory(lung_config(orthanc))
-    subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, first.files)],
-                   check=True, capture_output=True, timeout=120)
+    send(node, first.files)
     wait_until(lambda: "job stage job_id=1 stage=plugin" in node.log_path.read_text(), 60, "the job to run", 0.02)
     sender = subprocess.Popen(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port),
                                *map(str, second.files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -39,16 +34,14 @@ def test_sigterm_mid_association_and_mid_job_loses_nothing(tmp_path, orthanc, no
 
 
 def test_sigterm_with_a_job_past_the_grace_time_requeues_it_without_using_an_attempt(
-        tmp_path, node_factory, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        tmp_path, node_factory, test_plugins):
     ct = write_chest_ct(tmp_path / "ct", slices=20, slice_thickness=5.0, rows=128, cols=128)
     node = node_factory({
         "run": {"shutdown_grace_s": 1},
         "plugins": {"slow": {"entry": "tests.plugins.misbehaving:HangPlugin", "options": {"seconds": 8}}},
         "rules": [{"name": "slow", "series": {"modality": "CT"}, "plugin": "slow"}],
     })
-    subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, ct.files)],
-                   check=True, capture_output=True, timeout=120)
+    send(node, ct.files)
     wait_until(lambda: events(node, "job-start"), 60, "the job to start", 0.05)
     t = time.monotonic()
     node.proc.send_signal(signal.SIGTERM)

@@ -92,4 +92,4 @@ def _reconcile_results(store: Store, results_dir: Path, report: ReconcileReport)
         if jobs.get(job_id) in (JobState.QUEUED, JobState.RUNNING, None):
             stale += [str(p) for p in job_dir.iterdir() if p.is_file()]
     report.stale_result_files_removed = remove_files(stale, results_dir)
-    report.missing_result_files = [d for d, p in store.pending_dispatch_paths() if not Path(p).exists()]
+    report.missing_result_files = [d for d, p in store.unsent_dispatch_paths() if not Path(p).exists()]

@@ -20,11 +20,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() if value not in (None, "") else None
 
 
-def instance_meta(ds: Dataset, *, path: str, size: int, transfer_syntax: str, calling_ae: str | None) -> InstanceMeta:
+def instance_meta(ds: Dataset, *, path: str, size: int, transfer_syntax: str, calling_ae: str | None,
+                  checked: tuple[str, str, str, str] | None = None) -> InstanceMeta:
     """Index entry for a stored instance. Raises checks.CannotUnderstand (naming the tag) for a missing,
-    unsafe or wrongly encoded UID."""
-    sop_uid, study_uid, series_uid, sop_class = identity(ds)
-    drop_unreadable_metadata(ds)  # a descriptive attribute with a wrong VR is left out, not guessed
+    unsafe or wrongly encoded UID.
+
+    `checked`: the (SOP instance, study, series, SOP class) UIDs from checks.identity when the caller has
+    already run it and dropped unreadable metadata (the receiver does, before writing).
+    """
+    if checked is None:
+        checked = identity(ds)
+        drop_unreadable_metadata(ds)  # a descriptive attribute with a wrong VR is left out, not guessed
+    sop_uid, study_uid, series_uid, sop_class = checked
     return InstanceMeta(
         sop_instance_uid=sop_uid, sop_class_uid=sop_class, series_uid=series_uid, study_uid=study_uid,
         transfer_syntax=transfer_syntax, path=path, size_bytes=size, calling_ae=calling_ae,

@@ -283,7 +283,8 @@ class StoreSCP:
             log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
             return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
 
-        meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling)
+        meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling,
+                             checked=(sop_uid, study_uid, series_uid, sop_class))
         try:
             is_new = self.store.add_instance(meta)
         except Exception as exc:  # noqa: BLE001 - any store failure must not answer Success

@@ -120,7 +120,7 @@ class PluginProcess:
         try:
             self._conn.send(None)
             self._proc.join(timeout)
-        except (OSError, BrokenPipeError):
+        except OSError:  # the process is already gone
             pass
         self.kill()
 
@@ -136,7 +136,7 @@ class PluginProcess:
         deadline = time.monotonic() + timeout_s
         try:
             self._conn.send(spec)
-        except (OSError, BrokenPipeError) as exc:
+        except OSError as exc:
             raise JobFailed(f"worker process unreachable: {exc}", restart=True) from exc
         while True:
             if self._conn.poll(0.1):

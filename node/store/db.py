@@ -387,32 +387,35 @@ class Store:
 
     # ---- retention -----------------------------------------------------
 
-    def purgeable_studies(self, cutoff: float) -> list[str]:
+    @staticmethod
+    def _purgeable(cutoff: float):  # type: ignore[no-untyped-def]
         """Studies whose every job ended with its results dispatched (or had nowhere to go) before `cutoff`,
         and studies no rule matched that were routed before `cutoff`. A failed or dead-letter job keeps
         its study, so it can still be requeued."""
-        done = (JobState.DISPATCHED, JobState.DONE_LOCAL)
+        not_done = case((Job.state.in_((JobState.DISPATCHED, JobState.DONE_LOCAL))
+                         & (Job.finished_at <= cutoff), 0), else_=1)
+        routed = (select(Job.study_uid).join(Study, Study.study_uid == Job.study_uid)
+                  .where(Study.state == StudyState.ROUTED)
+                  .group_by(Job.study_uid).having(func.sum(not_done) == 0))
+        unmatched = select(Study.study_uid).where(Study.state == StudyState.NO_RULE, Study.routed_at <= cutoff)
+        return routed.union(unmatched)
+
+    def purgeable_studies(self, cutoff: float) -> list[str]:
         with self.session() as s:
-            out = list(s.scalars(select(Study.study_uid).where(
-                Study.state == StudyState.NO_RULE, Study.routed_at <= cutoff)))
-            for uid in s.scalars(select(Study.study_uid).where(Study.state == StudyState.ROUTED)):
-                jobs = s.execute(select(Job.state, Job.finished_at).where(Job.study_uid == uid)).all()
-                if jobs and all(st in done and (fin or 0) <= cutoff for st, fin in jobs):
-                    out.append(uid)
-            return out
+            return list(s.scalars(self._purgeable(cutoff)))
 
     def purge_study(self, study_uid: str, cutoff: float) -> list[str]:
         """Delete the study's instance rows (state → purged) and return the files to delete.
 
         Rows go first: a crash before the files are deleted leaves files without rows, which the
         start-up reconciler deletes because their study is purged. Jobs and dispatches are kept as history.
+        Returns [] if the study is no longer purgeable (a new instance arrived meanwhile).
         """
-        if study_uid not in self.purgeable_studies(cutoff):
-            return []
         with self._write, self.session() as s, s.begin():
+            eligible = self._purgeable(cutoff).subquery()
+            if s.scalar(select(eligible.c[0]).where(eligible.c[0] == study_uid)) is None:
+                return []
             study = s.get(Study, study_uid)
-            if study.state not in (StudyState.ROUTED, StudyState.NO_RULE):
-                return []  # a new instance arrived meanwhile
             paths = list(s.scalars(select(Instance.path).where(Instance.study_uid == study_uid)))
             s.execute(delete(Instance).where(Instance.study_uid == study_uid))
             s.execute(delete(Series).where(Series.study_uid == study_uid))
@@ -439,7 +442,8 @@ class Store:
         with self.session() as s:
             return dict(s.execute(select(Job.id, Job.state)).all())
 
-    def pending_dispatch_paths(self) -> list[tuple[int, str]]:
+    def unsent_dispatch_paths(self) -> list[tuple[int, str]]:
+        """(id, path) of dispatches still to send: pending and dead-letter."""
         with self.session() as s:
             return list(s.execute(select(Dispatch.id, Dispatch.path)
                                   .where(Dispatch.state.in_((DispatchState.PENDING, DispatchState.DEAD_LETTER))))
