@@ -217,11 +217,12 @@ def test_oru_over_mllp_is_acked_and_logs_no_patient_data(sr_path, caplog):
 
 
 def test_application_error_is_not_retryable_and_says_why(sr_path):
-    with MllpListener("AE", text="Unknown order|ACC") as rl:
+    with MllpListener("AE", text="Unknown order|ACC for patient PID42") as rl:
         with pytest.raises(RisSendError) as err:
             send_oru(ris(rl.port), sr_path, control_id="AIN18")
     assert not err.value.retryable
-    assert f"127.0.0.1:{rl.port}" in str(err.value) and "Unknown order|ACC" in str(err.value)  # MSA-3, unescaped
+    assert f"127.0.0.1:{rl.port}" in str(err.value)
+    assert "Unknown order|ACC for patient <patient>" in str(err.value)  # MSA-3, unescaped; no patient ID (logged)
 
 
 def test_application_reject_is_retryable(sr_path):
@@ -377,9 +378,10 @@ def test_fhir_bundle_is_the_same_on_a_resend(sr_path):
 
 @pytest.mark.parametrize("status, retryable", [(400, False), (401, False), (503, True), (429, True)])
 def test_fhir_http_errors(sr_path, status, retryable):
-    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "diagnostics": "nope: bad"}]}
+    outcome = {"resourceType": "OperationOutcome",
+               "issue": [{"severity": "error", "diagnostics": "nope: no Patient PID42"}]}
     with HttpListener(status, outcome) as api:
-        with pytest.raises(RisSendError, match=f"HTTP {status}.*nope: bad") as err:
+        with pytest.raises(RisSendError, match=f"HTTP {status}.*nope: no Patient <patient>") as err:
             send_fhir(FhirDestination(base_url=api.url, token="t", timeout_s=3), sr_path)
     assert err.value.retryable is retryable and api.url in str(err.value)
 

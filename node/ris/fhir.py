@@ -22,7 +22,7 @@ from node.plugin_api import Code
 
 from .config import FhirDestination
 from .errors import RisSendError
-from .report import Num, Report, read_report
+from .report import Num, Report, patient_data_redacted, read_report
 from .tls import client_context
 
 log = logging.getLogger(__name__)
@@ -176,23 +176,12 @@ def _location(body: bytes) -> str:
         return ""
 
 
-def send_fhir(dest: FhirDestination, sr_path: Path) -> str:
-    """POST the SR at `sr_path` to `dest` as a transaction Bundle; one attempt. Returns a one-line summary.
-
-    Raises RisSendError: retryable for timeouts, connection errors, 5xx, 408 and 429; not for other 4xx.
-    """
-    report = read_report(sr_path)
-    bundle = build_bundle(report)
-    body = json.dumps(bundle).encode("utf-8")
-    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
-    token = _token(dest)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    url = dest.base_url
-    context: ssl.SSLContext | None = client_context(dest.ca_file) if url.startswith("https://") else None
+def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
+          context: ssl.SSLContext | None) -> tuple[int, bytes]:
+    """One POST; HTTP and network failures as RisSendError."""
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=dest.timeout_s, context=context) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             status, answer = response.status, response.read()
     except urllib.error.HTTPError as exc:
         detail = _outcome(exc.read())
@@ -207,8 +196,27 @@ def send_fhir(dest: FhirDestination, sr_path: Path) -> str:
         raise RisSendError(f"FHIR server {url} cannot be reached ({reason}): check base_url, network and that "
                            f"the server runs", retryable=True) from exc
     except (TimeoutError, OSError) as exc:
-        raise RisSendError(f"FHIR server {url}: no answer within {dest.timeout_s:g} s ({exc})",
+        raise RisSendError(f"FHIR server {url}: no answer within {timeout_s:g} s ({exc})",
                            retryable=True) from exc
+    return status, answer
+
+
+def send_fhir(dest: FhirDestination, sr_path: Path) -> str:
+    """POST the SR at `sr_path` to `dest` as a transaction Bundle; one attempt. Returns a one-line summary.
+
+    Raises RisSendError: retryable for timeouts, connection errors, 5xx, 408 and 429; not for other 4xx.
+    """
+    report = read_report(sr_path)
+    bundle = build_bundle(report)
+    body = json.dumps(bundle).encode("utf-8")
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+    token = _token(dest)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = dest.base_url
+    context: ssl.SSLContext | None = client_context(dest.ca_file) if url.startswith("https://") else None
+    with patient_data_redacted(report):
+        status, answer = _post(url, body, headers, dest.timeout_s, context)
     where = _location(answer)
     log.info("FHIR bundle to %s: HTTP %d, %d observations", url, status, len(bundle["entry"]) - 1)
     return f"HTTP {status}" + (f": {where}" if where else "")

@@ -21,9 +21,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
-from hl7apy.core import Element, Field, Message, Segment
+from hl7apy.core import Element, Message, Segment
 from hl7apy.factories import datatype_factory
-from hl7apy.v2_5 import NM
 from pydicom.valuerep import PersonName
 
 from node.plugin_api import Code
@@ -31,7 +30,7 @@ from node.plugin_api import Code
 from .config import RisDestination
 from .errors import RisSendError
 from .mllp import send_message
-from .report import Num, Report, read_report
+from .report import Num, Report, patient_data_redacted, read_report
 from .tls import mllp_context
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,13 @@ def _put(parent: Element, name: str, text: str) -> None:
 
 
 def _components(*parts: str) -> str:
-    """ER7 of a composite OBX-5 (whose type hl7apy only knows as "varies"): each part escaped by hl7apy."""
+    """ER7 of an OBX-5 (whose type hl7apy only knows as "varies"): each component escaped by hl7apy."""
     return "^".join(datatype_factory("ST", p, version=HL7_VERSION).to_er7() for p in parts).rstrip("^")
+
+
+def _decimal(value: Decimal) -> str:
+    """An HL7 NM: plain digits, never an exponent (a DICOM DS may be written "1e3")."""
+    return format(value, "f")
 
 
 def _ce(field: Element, code: Code) -> None:
@@ -90,9 +94,7 @@ class _Obx:
 
     def numeric(self, num: Num, sub_id: str) -> Segment:
         obx = self.add("NM", num.concept, sub_id)
-        value = Field("OBX_5", datatype="NM")
-        value.value = NM(num.value)
-        obx.add(value)
+        obx.obx_5 = _decimal(num.value)
         _ce(obx.obx_6, num.unit)
         return obx
 
@@ -103,9 +105,7 @@ class _Obx:
 
     def text(self, value_type: str, concept: Code, text: str, sub_id: str | None = None) -> Segment:
         obx = self.add(value_type, concept, sub_id)
-        field = Field("OBX_5", datatype=value_type)
-        field.value = datatype_factory(value_type, text, version=HL7_VERSION)
-        obx.add(field)
+        obx.obx_5 = _components(text)
         return obx
 
     def uid(self, concept: Code, uid: str) -> Segment:
@@ -192,7 +192,7 @@ def build_oru(report: Report, dest: RisDestination, control_id: str, *, now: dat
         if g.finding:
             seg = obx.coded(FINDING, g.finding, sub)
             if g.confidence is not None:
-                seg.obx_9 = NM((g.confidence.value / Decimal(100)).normalize())
+                seg.obx_9 = _decimal(g.confidence.value / Decimal(100))
         if g.tracking_id:
             obx.text("ST", TRACKING_ID, g.tracking_id, sub)
         if g.finding_site:
@@ -218,8 +218,9 @@ def send_oru(dest: RisDestination, sr_path: Path, *, control_id: str) -> str:
     report = read_report(sr_path)
     message = build_oru(report, dest, control_id).to_er7()
     context = mllp_context(dest.tls) if dest.tls else None
-    ack = send_message(dest.host, dest.port, message, control_id=control_id, timeout_s=dest.timeout_s,
-                       ssl_context=context)
+    with patient_data_redacted(report):
+        ack = send_message(dest.host, dest.port, message, control_id=control_id, timeout_s=dest.timeout_s,
+                           ssl_context=context)
     log.info("ORU^R01 control_id=%s to %s:%d acknowledged %s (%d findings)", control_id, dest.host, dest.port,
              ack.code, len(report.groups))
-    return ack.summary()
+    return report.redact(ack.summary())

@@ -7,6 +7,8 @@ what the PACS got: the same values, codes, UIDs and patient/accession attributes
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -97,6 +99,23 @@ class Report:
     not_for_clinical_use: bool
     algorithms: tuple[Algorithm, ...]
     groups: tuple[Group, ...] = field(default=())
+
+    def redact(self, text: str) -> str:
+        """`text` without this patient's ID or name parts, for error messages that end up in logs: a RIS or
+        FHIR server may quote them back (e.g. "unknown patient PID42")."""
+        words = {self.patient_id, *re.split(r"[\^=\s]+", self.patient_name)}
+        for w in sorted((w for w in words if len(w) >= 3), key=len, reverse=True):
+            text = text.replace(w, "<patient>")
+        return text
+
+
+@contextmanager
+def patient_data_redacted(report: Report) -> Iterator[None]:
+    """Re-raise a RisSendError with the patient's identifiers taken out of its message."""
+    try:
+        yield
+    except RisSendError as exc:
+        raise RisSendError(report.redact(str(exc)), retryable=exc.retryable) from exc.__cause__
 
 
 def _key(item: Dataset) -> tuple[str, str]:
