@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
+
+Listener = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger("ainode.audit")
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -35,11 +41,18 @@ def head_path(log_path: Path) -> Path:
 
 
 class AuditLog:
-    """Thread-safe appender. One process owns a log file at a time."""
+    """Thread-safe appender. One process owns a log file at a time.
 
-    def __init__(self, path: Path, *, node_ae: str = "") -> None:
+    Listeners (e.g. the ATNA syslog forwarder) get a copy of each record after it is in the file,
+    outside the lock; they must not block. An exception from a listener is logged and swallowed:
+    forwarding must never cost an audit record or fail the caller. Listeners may see records of
+    concurrent appends in a different order than the file holds them (each carries its `seq`).
+    """
+
+    def __init__(self, path: Path, *, node_ae: str = "", forward: Listener | None = None) -> None:
         self.path = Path(path)
         self.node_ae = node_ae
+        self._listeners: list[Listener] = [forward] if forward is not None else []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._seq, self._prev = self._read_tail()
@@ -89,7 +102,20 @@ class AuditLog:
             os.write(self._fd, canonical(rec) + b"\n")
             self._seq, self._prev = rec["seq"], rec["hash"]
             self._write_head()
-            return rec
+        for listener in self._listeners:
+            try:
+                listener(dict(rec))
+            except Exception as exc:  # noqa: BLE001 - a listener must never break an append
+                log.warning("audit listener %r failed on a %s record: %s (the record is in the log)",
+                            listener, event, type(exc).__name__)
+        return rec
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(record)` after every later append (see the class docstring)."""
+        self._listeners = [*self._listeners, listener]  # copy-on-write: appends iterate without the lock
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners = [x for x in self._listeners if x is not listener]
 
     def _write_head(self) -> None:
         hp = head_path(self.path)
