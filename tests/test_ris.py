@@ -6,7 +6,6 @@ it. Certificates come from a throwaway CA that the tests make with the openssl C
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import ssl

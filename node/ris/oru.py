@@ -10,7 +10,9 @@ Layout (one message per SR, i.e. per finished study and plugin):
        (NM, DCM 111012 in %, also as OBX-9 probability on the finding's OBX)
   OBX  with no sub-id: Study / Series / SOP Instance UID of the SR (HD, ISO), so the RIS can link to the
        PACS object; the algorithm, model version and "not for clinical use" where the SR says so (TX)
-Every value from the SR or config is set as an hl7apy leaf of its HL7 type, so hl7apy escapes | ^ & ~ \\ in it.
+Every value from the SR or config is set as an hl7apy leaf of its HL7 type (OBX-5: as components that
+hl7apy escaped), so | ^ & ~ \\ in free text are escaped. MSH-15/16 stay empty: original acknowledgement
+mode, in which a RIS answers AA/AE/AR (an enhanced-mode CA/CE/CR is understood too).
 """
 
 from __future__ import annotations
