@@ -22,12 +22,24 @@ def _load(path: str | None):  # type: ignore[no-untyped-def]
         sys.exit(2)
 
 
+def _tls_ok(loaded) -> bool:  # type: ignore[no-untyped-def]
+    """TLS files are checked by check-config and serve only: other commands need not read the private key."""
+    from node.config.tls import config_dir, tls_errors
+
+    errors = tls_errors(loaded.config, config_dir(loaded.source))
+    for line in errors:
+        print(f"{loaded.source}: {line}", file=sys.stderr)
+    return not errors
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from node.models import ModelError
     from node.models.lock import verify_models
 
     loaded = _load(args.config)
     cfg = loaded.config
+    if not _tls_ok(loaded):
+        return 2
     try:
         models = verify_models(cfg, loaded.storage.models_dir)
     except ModelError as exc:
@@ -48,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     loaded = _load(args.config)
+    if not _tls_ok(loaded):
+        return 2
     node = NodeService(loaded)
     stop = threading.Event()
 

@@ -9,6 +9,7 @@ import time
 from node.assemble import Assembler
 from node.audit import AuditLog
 from node.config import LoadedConfig
+from node.config.tls import config_dir, server_context, with_resolved_tls
 from node.dispatch import Dispatcher
 from node.maintain import Purger, RequestHandler, reconcile
 from node.models.lock import verify_models
@@ -27,7 +28,9 @@ class NodeService:
         self.audit = AuditLog(paths.audit_log, node_ae=cfg.node.ae_title)
         self.store = Store(paths.database_url)
         self.spool = Spool(paths.spool_dir)
-        self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb)
+        tls_base = config_dir(loaded.source)  # relative TLS file paths are relative to the config file
+        self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
+                            ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
@@ -39,7 +42,8 @@ class NodeService:
                                   models_dir=paths.models_dir, device=cfg.run.device,
                                   routine_max_wait_s=cfg.run.routine_max_wait_s)
         self.models_dir = paths.models_dir
-        self.dispatcher = Dispatcher(self.store, self.audit, cfg.destinations, cfg.node.ae_title)
+        self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
+                                     cfg.node.ae_title)
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)

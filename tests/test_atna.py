@@ -354,7 +354,7 @@ def test_tls_with_client_certificate(tmp_path, pki):
     server_ctx = pki.server_context(require_client_cert=True)
     with SyslogListener(ssl_context=server_ctx) as listener:
         section = AtnaSection(host="127.0.0.1", port=listener.port, transport="tls", ca_file=Path("ca.pem"),
-                              cert_file=Path("client.pem"), key_file=Path("client.key"))
+                              cert_file=Path("client.pem"), key_file=Path("client.key"), include_bom=False)
         forwarder = build_atna_forwarder(section, node_ae="AINODE", base=pki.dir)
         log = AuditLog(tmp_path / "audit.jsonl", node_ae="AINODE", forward=forwarder)
         log.append("node-start")
@@ -363,7 +363,7 @@ def test_tls_with_client_certificate(tmp_path, pki):
         messages = listener.wait_for(2)
         forwarder.close()
         log.close()
-    assert not listener.errors
+    assert not listener.errors and not any(m.has_bom for m in messages)
     assert [validate(m.text).find("EventIdentification/EventID").get("csd-code") for m in messages] == [
         "110100", "110104"]
     assert any(("commonName", "ainode-client") in rdn for c in listener.peer_certs for rdn in c["subject"])

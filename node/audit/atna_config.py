@@ -24,7 +24,7 @@ def _header_token(value: str, max_len: int, key: str) -> str:
     return value
 
 
-class Strict(BaseModel):
+class _Strict(BaseModel):
     """The same rules as node.config.schema.Strict (unknown keys are errors, frozen). Not imported from
     there: schema.py imports this module for its `atna:` key, and a two-way import breaks whichever
     side is imported first."""
@@ -32,7 +32,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class AtnaSection(Strict):
+class AtnaSection(_Strict):
     """Send every audit record the node writes as an IHE ATNA / DICOM PS3.15 A.5 audit message."""
 
     enabled: bool = Field(True, description="false: keep the settings but send nothing.")
@@ -56,6 +56,9 @@ class AtnaSection(Strict):
         None, description="AuditSourceIdentification/@AuditSourceID. Default: node.ae_title.")
     enterprise_site_id: str | None = Field(
         None, description="AuditSourceIdentification/@AuditEnterpriseSiteID, e.g. the hospital's name or OID.")
+    include_bom: bool = Field(
+        True, description="Start the XML with a UTF-8 BOM, as RFC 5424 asks for UTF-8 text. Turn off only for a "
+        "repository that cannot parse it.")
     queue_size: int = Field(
         10000, ge=1, le=1_000_000,
         description="Messages held while the receiver is unreachable; beyond this, new ones are dropped "

@@ -94,7 +94,7 @@ class AtnaForwarder:
 
 def build_atna_forwarder(section: AtnaSection, *, node_ae: str, base: Path | None = None,
                          patient_lookup: Callable[[str], str | None] | None = None,
-                         hostname: str | None = None, bom: bool = True) -> AtnaForwarder | None:
+                         hostname: str | None = None) -> AtnaForwarder | None:
     """The forwarder for `section`, or None when it is disabled. Raises AtnaConfigError for unusable files.
 
     `base` resolves relative file paths (the config file's folder). `patient_lookup(study_uid)` fills
@@ -109,6 +109,6 @@ def build_atna_forwarder(section: AtnaSection, *, node_ae: str, base: Path | Non
                         node_host=hostname, patient_lookup=patient_lookup)
     sender: SyslogForwarder[dict[str, Any]] = SyslogForwarder(
         section.host, section.resolved_port, render=mapper.to_xml, ssl_context=ctx, app_name=section.app_name,
-        hostname=hostname, bom=bom, queue_size=section.queue_size, name="atna-syslog")
+        hostname=hostname, bom=section.include_bom, queue_size=section.queue_size, name="atna-syslog")
     log.info("ATNA audit messages go to %s:%d over %s", section.host, section.resolved_port, section.transport)
     return AtnaForwarder(mapper, sender)

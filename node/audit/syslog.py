@@ -8,7 +8,7 @@ new items are dropped and counted; the count is logged (never the content, which
 Header choices (IHE ITI TF-2 3.20, Record Audit Event): PRI facility 10 (authpriv) severity 5
 (notice), i.e. <85>; MSGID "IHE+RFC-3881", the value IHE ATNA repositories select audit messages by
 (DICOM's schema descends from RFC 3881); no structured data; the XML as MSG, after a UTF-8 BOM as
-RFC 5424 6.4 asks for UTF-8 text (configurable: some older IHE readers want none).
+RFC 5424 6.4 asks for UTF-8 text (atna.include_bom: some older repositories want none).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+from node.config.tls import TlsSettings  # noqa: E402 - here, not at the top: tls.py builds on Strict
+
+
 def _ae_title(value: str) -> str:
     stripped = value.strip()
     if not stripped or not re.match(AE_TITLE, value) or len(value) > 16:
@@ -43,6 +46,7 @@ class NodeSection(Strict):
     max_associations: int = Field(10, ge=1, le=200)
     max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
     network_timeout_s: float = Field(60, gt=0)
+    tls: TlsSettings | None = Field(None, description="DICOM TLS on node.port (then TLS only). Default: plain TCP.")
 
     @field_validator("ae_title")
     @classmethod
@@ -147,6 +151,7 @@ class Destination(Strict):
     backoff_initial_s: float = Field(2.0, gt=0)
     backoff_max_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
+    tls: TlsSettings | None = Field(None, description="C-STORE to this PACS over DICOM TLS. Default: plain TCP.")
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

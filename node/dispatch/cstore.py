@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +11,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from node.config.schema import Destination
+from node.config.tls import TlsError, client_context
 
 
 class SendError(Exception):
@@ -23,6 +25,30 @@ class Outgoing:
     path: Path
 
 
+class _RecordingSSLSocket(ssl.SSLSocket):
+    """Keeps the connect/handshake error on its context: pynetdicom only logs it, SendError should say it."""
+
+    def connect(self, addr):  # type: ignore[no-untyped-def]
+        try:
+            super().connect(addr)
+        except OSError as exc:
+            self.context.handshake_error = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """A fresh context per association, so renewed certificate files are used without a restart."""
+    if dest.tls is None:
+        return None
+    try:
+        # The service made the paths absolute (with_resolved_tls); cwd only matters for direct callers.
+        ctx = client_context(dest.tls, Path.cwd())
+    except TlsError as exc:
+        raise SendError(f"TLS toward {dest.ae_title}@{dest.host}:{dest.port}: tls.{exc.key}: {exc}") from None
+    ctx.sslsocket_class = _RecordingSSLSocket
+    return ctx, dest.host
+
+
 def send_files(dest: Destination, calling_ae: str, files: Sequence[Outgoing]) -> dict[str, str | None]:
     """Send each file; return {sop_instance_uid: None on success, else the error}."""
     datasets = {f.sop_instance_uid: dcmread(f.path) for f in files}
@@ -33,11 +59,17 @@ def send_files(dest: Destination, calling_ae: str, files: Sequence[Outgoing]) ->
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = _tls_args(dest)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
             raise SendError(f"association rejected by {dest.ae_title}@{dest.host}:{dest.port}")
-        raise SendError(f"cannot connect to {dest.ae_title}@{dest.host}:{dest.port}")
+        if tls_args and (err := getattr(tls_args[0], "handshake_error", None)) is not None:
+            why = (f"certificate verify failed: {err.verify_message} (check tls.ca_file)"
+                   if isinstance(err, ssl.SSLCertVerificationError) else getattr(err, "reason", None) or err)
+            raise SendError(f"TLS connection to {dest.ae_title}@{dest.host}:{dest.port} failed: {why}")
+        raise SendError(f"cannot connect to {dest.ae_title}@{dest.host}:{dest.port}"
+                        + (" (TLS)" if tls_args else ""))
     results: dict[str, str | None] = {}
     try:
         for uid, ds in datasets.items():

@@ -9,9 +9,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Callable
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -71,6 +74,47 @@ STORAGE_CLASSES = [
     sc.BasicTextSRStorage, sc.EnhancedSRStorage, sc.ComprehensiveSRStorage, sc.Comprehensive3DSRStorage,
 ]
 
+
+class TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server, with the TLS handshake moved into each connection's own thread.
+
+    pynetdicom handshakes in `get_request`, on the one thread that accepts every connection: a peer that
+    connects and stays silent (a port check, a stalled client) would hold up all others, and a failed
+    handshake is dropped there without a word. Here it is bounded by `handshake_timeout` and reported.
+    """
+
+    handshake_timeout: float = 10.0
+    on_handshake_failed: Callable[[tuple[str, int], OSError], None] = staticmethod(lambda addr, exc: None)
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        return self.socket.accept()  # type: ignore[union-attr]
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        assert self.ssl_context is not None
+        try:
+            timeout = request.gettimeout()
+            request.settimeout(self.handshake_timeout)
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls.settimeout(timeout)
+        except OSError as exc:  # ssl.SSLError, timeout, reset
+            request.close()
+            self.on_handshake_failed(client_address, exc)
+            return
+        super().process_request_thread(tls, client_address)
+
+
+def tls_peer(assoc) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
+    """(TLS version, peer certificate subject as 'CN=…,O=…') of an association; (None, None) without TLS."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None, None
+    cert = sock.getpeercert() or {}
+    names = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+             "localityName": "L", "stateOrProvinceName": "ST"}
+    subject = ",".join(f"{names.get(k, k)}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+    return sock.version(), subject or None
+
+
 # DIMSE C-STORE statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -94,8 +138,10 @@ class ReceiveCounters:
 
 
 class StoreSCP:
-    def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0) -> None:
+    def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.cfg = cfg
+        self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.spool = spool
         self.store = store
@@ -131,11 +177,25 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
-        )
+        if self.ssl_context is None:
+            self._server = self.ae.start_server(
+                (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
+            )
+        else:
+            self._server = self._start_tls_server(handlers)
         self._port = self._server.server_address[1]
-        log.info("listening ae_title=%s host=%s port=%d", self.cfg.ae_title, self.cfg.host, self.port)
+        log.info("listening ae_title=%s host=%s port=%d tls=%s", self.cfg.ae_title, self.cfg.host, self.port,
+                 "on" if self.ssl_context else "off")
+
+    def _start_tls_server(self, handlers: list) -> ThreadedAssociationServer:  # type: ignore[type-arg]
+        """What AE.start_server(block=False) does, with TlsAssociationServer as the server class."""
+        server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.ssl_context,
+                                     evt_handlers=handlers, server_class=TlsAssociationServer)
+        server.handshake_timeout = self.ae.acse_timeout
+        server.on_handshake_failed = self._on_handshake_failed
+        threading.Thread(target=server.serve_forever, name="AcceptorServer-tls", daemon=True).start()
+        self.ae._servers.append(server)  # as start_server does: server.shutdown() removes it from there
+        return server
 
     @property
     def port(self) -> int:
@@ -196,10 +256,29 @@ class StoreSCP:
             return False
         return any(addr in net for net in self._networks)
 
+    def _on_handshake_failed(self, address: tuple[str, int], exc: OSError) -> None:
+        ip, port = address[0], address[1]
+        if isinstance(exc, (ssl.SSLEOFError, ConnectionError)) or not str(exc):
+            # closed before or during the handshake: port checks (and the test harness) do this all day
+            log.debug("tls connection closed before the handshake ended ip=%s port=%d", ip, port)
+            return
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        if detail := getattr(exc, "verify_message", None):
+            reason = f"{reason} ({detail})"
+        elif reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST"):
+            reason = f"{reason} (not a TLS hello: is the peer configured for TLS?)"
+        log.warning("tls handshake failed ip=%s port=%d reason=%s", ip, port, reason)
+        self.audit.append("tls-handshake-failed", "failure", peer_ip=ip, peer_port=port, reason=str(reason))
+
     def _on_accepted(self, event: evt.Event) -> None:
         calling, ip, port = self._peer(event)
         refused = sorted({cx.abstract_syntax for cx in event.assoc.rejected_contexts})
-        self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port)
+        tls_version, peer_cert = tls_peer(event.assoc)
+        if tls_version:
+            log.info("tls association calling_ae=%s ip=%s version=%s peer_cert=%s", calling, ip, tls_version,
+                     peer_cert or "none")
+        self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
+                          tls_version=tls_version, peer_cert_subject=peer_cert)
         if refused:
             self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
                               peer_port=port, sop_classes=refused,

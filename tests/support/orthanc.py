@@ -44,7 +44,7 @@ def find_orthanc() -> str:
 class OrthancServer:
     def __init__(self, workdir: Path, *, aet: str = "ORTHANC",
                  modalities: dict[str, tuple[str, str, int]] | None = None, dicomweb: bool = False,
-                 tcp_nodelay: bool = True) -> None:
+                 tcp_nodelay: bool = True, extra_config: dict[str, Any] | None = None) -> None:
         self.binary = find_orthanc()
         if dicomweb and not os.path.exists(DICOMWEB_PLUGIN):
             raise RuntimeError(f"{DICOMWEB_PLUGIN} not found: apt-get install orthanc-dicomweb")
@@ -54,6 +54,7 @@ class OrthancServer:
         self.modalities = dict(modalities or {})
         self.dicomweb = dicomweb
         self.tcp_nodelay = tcp_nodelay
+        self.extra_config = dict(extra_config or {})  # top-level keys added or replaced (DicomTls*, ...)
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
         self.proc: subprocess.Popen | None = None
@@ -116,6 +117,7 @@ class OrthancServer:
             "LoadPrivateDictionary": False,
             "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
             **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}} if self.dicomweb else {}),
+            **self.extra_config,
         }
 
     def _env(self) -> dict[str, str]:
