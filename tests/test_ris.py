@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from pydantic import ValidationError
 from pydicom import dcmread
@@ -163,6 +164,11 @@ def test_oru_carries_patient_order_and_the_srs_measurements(sr_path, oru):
     algo = next(r[5] for r in by_sub[""] if r[2] == "TX")
     assert "ct_lung 1.0.0" in algo and "lung-unet 2.1" in algo and "NOT FOR CLINICAL USE" not in algo
     assert all(r[11] == "P" for r in rows)
+
+
+def test_oru_is_a_valid_v25_oru_r01(oru):
+    """hl7apy's strict validation: message structure, segment order, required fields, datatypes."""
+    assert parse_message(oru, validation_level=VALIDATION_LEVEL.STRICT).validate()
 
 
 def test_free_text_delimiters_are_escaped(oru):
