@@ -35,6 +35,8 @@ def _tls_ok(loaded) -> bool:  # type: ignore[no-untyped-def]
 def cmd_check_config(args: argparse.Namespace) -> int:
     from node.models import ModelError
     from node.models.lock import verify_models
+    from node.plugin_api import PluginNotFound
+    from node.run.slots import SlotConfigError, describe_slots
 
     loaded = _load(args.config)
     cfg = loaded.config
@@ -48,6 +50,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for m in models:
         print(f"model {m.name} {m.version}: sha256 verified ({m.weights_sha256[:12]}…)"
               + (", not for clinical use" if m.manifest.not_for_clinical_use else ""))
+    try:
+        print(describe_slots(cfg))
+    except (SlotConfigError, PluginNotFound) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"{loaded.source}: OK — AE {cfg.node.ae_title} port {cfg.node.port}, "
           f"{len(cfg.rules)} rule(s), {len(cfg.destinations)} destination(s), plugins: {', '.join(cfg.plugins)}")
     return 0
@@ -56,13 +63,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.logs import setup_logging
     from node.models import ModelError
+    from node.plugin_api import PluginNotFound
+    from node.run.slots import SlotConfigError
     from node.service import NodeService
 
     setup_logging(args.log_level)
     loaded = _load(args.config)
     if not _tls_ok(loaded):
         return 2
-    node = NodeService(loaded)
+    try:
+        node = NodeService(loaded)
+    except (SlotConfigError, PluginNotFound) as exc:
+        print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, _frame):  # type: ignore[no-untyped-def]

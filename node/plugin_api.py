@@ -58,6 +58,12 @@ class StudyInput:
     series: Sequence[SeriesVolume]
     scratch_dir: Path
     options: Mapping[str, Any] = field(default_factory=dict)
+    # What the plugin's `prepare` returned for this study (None if it has none). The node may have called
+    # it in the background while the worker was still running the previous job.
+    prepared: Any = None
+    # Multiply your batch size by this (at least 1). The node runs the study again at half the scale after
+    # a CUDA out-of-memory error, so one oversized study fails neither itself nor the worker.
+    batch_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,13 @@ class Plugin(abc.ABC):
     def load_model(self, model: Any) -> None:
         """Called once, after the node verified the package's hashes. Load weights here (on self.device)."""
         self.model = model
+
+    def prepare(self, study: StudyInput) -> Any:
+        """Optional pre-processing on the host (cropping, resampling, windowing), passed to `run` as
+        `study.prepared`. The node calls it for the next queued study while the current one runs, so the
+        GPU does not wait for it. It runs in another thread: read only the study and the model here, and
+        allocate no GPU memory (that is reserved for the running job)."""
+        return None
 
     @abc.abstractmethod
     def run(self, study: StudyInput) -> PluginResult:

@@ -15,6 +15,7 @@ from node.maintain import Purger, RequestHandler, reconcile
 from node.models.lock import verify_models
 from node.receive import Spool, StoreSCP
 from node.route import Router
+from node.run.slots import plan_slots, plugin_needs
 from node.run.worker import WorkerPool
 from node.store import Store
 
@@ -34,10 +35,14 @@ class NodeService:
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
+        rule_plugins = sorted({r.plugin for r in cfg.rules})
+        needs = plugin_needs(rule_plugins, cfg.plugins)
+        slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,
-                                  workers=cfg.run.workers, timeout_s=cfg.run.timeout_s,
+                                  slots=slots, timeout_s=cfg.run.timeout_s,
                                   memory_limit_mb=cfg.run.memory_limit_mb,
-                                  preload=sorted({r.plugin for r in cfg.rules}),
+                                  gpu_memory_mb={n: v.gpu_memory_mb for n, v in needs.items()},
+                                  preload=rule_plugins,
                                   log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                                   models_dir=paths.models_dir, device=cfg.run.device,
                                   routine_max_wait_s=cfg.run.routine_max_wait_s)
@@ -58,7 +63,9 @@ class NodeService:
         fixed = reconcile(self.store, self.spool, self.results_dir)
         reconcile_s = round(time.perf_counter() - t, 3)
         requeued, failed = self.store.requeue_interrupted(self.cfg.run.max_attempts)
-        self.audit.append("node-start", config=self.source, reconciled=fixed.as_dict() or None,
+        workers = [{"name": s.name, "gpu": s.gpu.index if s.gpu else None,
+                    "gpu_budget_mb": s.gpu.budget_mb if s.gpu else None} for s in self.workers.slots]
+        self.audit.append("node-start", config=self.source, workers=workers, reconciled=fixed.as_dict() or None,
                           reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None,
                           models=[{"model": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
                                    "package_digest": m.digest, "not_for_clinical_use": m.manifest.not_for_clinical_use}

@@ -226,6 +226,20 @@ def test_cpu_and_cuda_share_one_inference_function(plugin, case, small, monkeypa
     assert a.sum() > 0 and (a & b).sum() * 2 / (a.sum() + b.sum()) > 0.9
 
 
+def test_prepared_ahead_gives_the_same_result_and_batch_scale_shrinks_the_batch(plugin, small, tmp_path):
+    # The node calls `prepare` for the next study while the current one runs, and lowers `batch_scale`
+    # after a CUDA out-of-memory error; neither may change the findings.
+    plain = plugin.run(StudyInput("1.2.3", [small], tmp_path))
+    study = StudyInput("1.2.3", [small], tmp_path)
+    prepared = plugin.prepare(study)
+    assert isinstance(prepared, infer.Prepared) and prepared.image.device.type == "cpu"
+    ahead = plugin.run(StudyInput("1.2.3", [small], tmp_path, prepared=prepared, batch_scale=0.5))
+    assert plugin.last_batch_size == 1  # the CPU default of 2, halved
+    assert [f.measurements for f in ahead.findings] == [f.measurements for f in plain.findings]
+    assert all((a.mask == b.mask).all() for a, b in zip(ahead.segmentations[0].segments,
+                                                          plain.segmentations[0].segments))
+
+
 def test_no_nodule_gives_no_finding(plugin, case, small_cut, tmp_path):
     # The cut with its nodules painted over with lung (-850 HU, the generator's noise): no finding, also none
     # along the cut faces (infer.EDGE_PAD).

@@ -1,3 +1,3 @@
-from node.assemble.quiet import QUIET_PERIOD, Assembler
+from node.assemble.assembler import QUIET_PERIOD, Assembler
 
 __all__ = ["QUIET_PERIOD", "Assembler"]

@@ -127,8 +127,22 @@ class AssembleSection(Strict):
     poll_interval_s: float = Field(0.5, gt=0)
 
 
+class GpuSection(Strict):
+    devices: Literal["auto"] | list[int] = Field(
+        "auto", description="GPU indexes to use; 'auto': every GPU nvidia-smi lists; []: none (CPU only).")
+    slots_per_gpu: int = Field(1, ge=1, le=16, description="Worker processes per GPU, each with the GPU "
+                               "memory of the jobs it runs reserved from the GPU's budget.")
+    memory_mb: int | None = Field(
+        None, ge=256, description="GPU memory budget per GPU. Default: the GPU's total (nvidia-smi) less "
+        "reserve_mb. Required with a devices list when nvidia-smi is not installed.")
+    reserve_mb: int = Field(512, ge=0, description="Kept free on each GPU for the display, drivers, "
+                            "other processes.")
+
+
 class RunSection(Strict):
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=64, description="CPU worker processes. They run the plugins that need "
+                         "no GPU, and every plugin when there is no GPU.")
+    gpu: GpuSection = Field(default_factory=GpuSection)
     max_attempts: int = Field(3, ge=1, description="Runs of one job (a crash mid-run counts) before it fails.")
     timeout_s: float = Field(1800, gt=0, description="A job running longer is stopped and failed.")
     routine_max_wait_s: float = Field(
@@ -165,6 +179,9 @@ class PluginSection(Strict):
     model_version: str | None = Field(
         None, description="Pin the plugin's model package version (models/<model>/<version>/). "
         "Default: the version the plugin declares.")
+    gpu_memory_mb: int | None = Field(
+        None, ge=0, description="GPU memory a job of this plugin needs. Default: the plugin's own estimate "
+        "(Resources.gpu_memory_mb). A job waits until its GPU has this much of its budget free.")
     entry: str | None = Field(
         None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="'package.module:Class' of a plugin not installed as a package (one under development). "

@@ -7,21 +7,27 @@ are written as synced temp files; the node commits them and records the state ch
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
-from node.plugin_api import Plugin, StudyInput, load_plugin
+from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
 from node.results.build import AlgorithmInfo, build_results
 from node.results.validate import validate_with_dciodvfy
 from node.run.series_loader import load_series
 
 log = logging.getLogger("ainode.run")
+
+
+MIN_BATCH_SCALE = 1 / 8
 
 
 class JobError(Exception):
@@ -78,6 +84,9 @@ class PluginCache:
             raise RuntimeError("run.device is cuda, but no CUDA GPU is visible to the worker")
         return "cpu"
 
+    def loaded(self, name: str) -> Plugin | None:
+        return self._plugins.get(name)
+
     def get(self, name: str) -> Plugin:
         if name not in self._plugins:
             section = self.sections.get(name)
@@ -90,11 +99,21 @@ class PluginCache:
         return self._plugins[name]
 
 
-def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None]) -> JobOutput:
-    timings: dict[str, float] = {}
-    plugin = plugins.get(spec.plugin)
+@dataclass
+class LoadedInput:
+    """A job's decoded series (and the plugin's `prepare` output), possibly made ahead of time."""
 
-    stage("load")
+    job_id: int
+    series: dict[str, list[str]]
+    volumes: list
+    sources: dict
+    prepared: Any
+    timings: dict[str, float]
+
+
+def load_input(spec: JobSpec, plugin: Plugin | None) -> LoadedInput:
+    """Decode the job's series into volumes and run the plugin's `prepare` (when `plugin` is given)."""
+    timings: dict[str, float] = {}
     t = time.perf_counter()
     volumes, sources = [], {}
     for series_uid, paths in spec.series.items():
@@ -102,13 +121,74 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
         volumes.append(vol)
         sources[series_uid] = headers
     timings["load_s"] = round(time.perf_counter() - t, 3)
+    prepared = None
+    if plugin is not None:
+        t = time.perf_counter()
+        prepared = plugin.prepare(StudyInput(spec.study_uid, volumes, Path(tempfile.gettempdir()), plugin.options))
+        timings["prepare_s"] = round(time.perf_counter() - t, 3)
+    return LoadedInput(spec.job_id, dict(spec.series), volumes, sources, prepared, timings)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return "CUDA out of memory" in str(exc)
+
+
+def _free_gpu_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_plugin(plugin: Plugin, study: StudyInput, timings: dict[str, float]) -> PluginResult:
+    """Run the plugin; after a CUDA out-of-memory error, free the GPU's cache and run the study again at half
+    the batch scale, down to MIN_BATCH_SCALE. The worker keeps serving either way."""
+    scale = 1.0
+    while True:
+        try:
+            return plugin.run(dataclasses.replace(study, batch_scale=scale))
+        except Exception as exc:  # noqa: BLE001 - only CUDA out-of-memory is retried
+            if not is_cuda_oom(exc):
+                raise
+            _free_gpu_memory()
+            timings["oom_retries"] = timings.get("oom_retries", 0) + 1
+            if scale / 2 < MIN_BATCH_SCALE:
+                raise JobError(f"CUDA out of memory even at batch scale {scale:g} (plugin {plugin.name}); lower "
+                               f"run.gpu.slots_per_gpu or raise plugins.{plugin.name}.gpu_memory_mb") from exc
+            scale /= 2
+            timings["batch_scale"] = scale
+            log.warning("CUDA out of memory; running the study again plugin=%s batch_scale=%g", plugin.name, scale)
+
+
+def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None],
+                loaded: LoadedInput | None = None) -> JobOutput:
+    """Run one job. `loaded` is its input if it was prefetched while the previous job ran."""
+    timings: dict[str, float] = {}
+    plugin = plugins.get(spec.plugin)
+
+    stage("load")
+    if loaded is None:
+        loaded = load_input(spec, plugin)
+    else:
+        timings["prefetched"] = 1
+        if "prepare_s" not in loaded.timings:  # the plugin was not loaded yet when the input was prefetched
+            t = time.perf_counter()
+            loaded.prepared = plugin.prepare(StudyInput(spec.study_uid, loaded.volumes, Path(tempfile.gettempdir()),
+                                                        plugin.options))
+            loaded.timings["prepare_s"] = round(time.perf_counter() - t, 3)
+    timings.update(loaded.timings)
+    volumes, sources = loaded.volumes, loaded.sources
 
     stage("plugin")
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"ainode-job{spec.job_id}-") as scratch:
-        result = plugin.run(StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options))
+        result = _run_plugin(plugin, StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options,
+                                                prepared=loaded.prepared), timings)
     timings["plugin_s"] = round(time.perf_counter() - t, 3)
-    del volumes
+    del volumes, loaded
 
     stage("build")
     t = time.perf_counter()

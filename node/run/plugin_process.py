@@ -12,7 +12,9 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,10 +23,12 @@ from typing import Callable, Mapping
 from node.config.schema import PluginSection
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
+from node.run.prefetch import Prefetcher
 
 log = logging.getLogger("ainode.run")
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+PREFETCH_POLL_S = 0.5
 
 
 class JobFailed(Exception):
@@ -53,7 +57,8 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
-                models_dir: Path | None, device: str) -> None:
+                models_dir: Path | None, device: str, env: Mapping[str, str]) -> None:
+    os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -66,20 +71,39 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
 
     setup_logging(log_level)
     plugins = PluginCache(sections, models_dir, device)
+    prefetcher = Prefetcher(plugins)
     for name in preload:
         try:
             plugins.get(name)
         except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
             log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+    runs: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        # Prefetch hints arrive while a job runs, so a thread reads the pipe and the main thread runs jobs.
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            if msg is None:
+                runs.put(None)
+                return
+            kind, spec = msg
+            if kind == "prefetch":
+                prefetcher.start(spec)
+            else:
+                runs.put(spec)
+
+    threading.Thread(target=read, name="pipe-reader", daemon=True).start()
     while True:
-        try:
-            spec = conn.recv()
-        except (EOFError, OSError):
-            return
+        spec = runs.get()
         if spec is None:
             return
+        loaded = prefetcher.take(spec)
         try:
-            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)))
+            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)), loaded)
+            del loaded
             conn.send(("done", out))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the node
             log.debug("job failed traceback:\n%s", traceback.format_exc())
@@ -88,9 +112,11 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
 
 class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
-                 log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto") -> None:
+                 log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
-        self._args = (dict(sections), list(preload), log_level, models_dir, device)
+        self.env = dict(env or {})
+        self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
@@ -129,16 +155,29 @@ class PluginProcess:
         self.start()
 
     def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int,
-            on_stage: Callable[[str], None], abandon: Callable[[], bool]) -> JobOutput:
+            on_stage: Callable[[str], None], abandon: Callable[[], bool],
+            next_job: Callable[[], JobSpec | None] | None = None) -> JobOutput:
+        """Run `spec`. While it runs, `next_job` is asked (every PREFETCH_POLL_S until it names one) for
+        the job likely to come next, whose input the process then loads in the background."""
         if self._proc is None or not self._proc.is_alive():
             self.restart()
         limit = memory_limit_mb * 2**20
         deadline = time.monotonic() + timeout_s
         try:
-            self._conn.send(spec)
+            self._conn.send(("run", spec))
         except OSError as exc:
             raise JobFailed(f"worker process unreachable: {exc}", restart=True) from exc
+        hint_at = time.monotonic()
         while True:
+            if next_job is not None and time.monotonic() >= hint_at:
+                hint = next_job()
+                hint_at = time.monotonic() + PREFETCH_POLL_S
+                if hint is not None:
+                    next_job = None
+                    try:
+                        self._conn.send(("prefetch", hint))
+                    except OSError:
+                        pass  # the process is gone; noticed below
             if self._conn.poll(0.1):
                 try:
                     kind, payload = self._conn.recv()

@@ -11,13 +11,14 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from node.audit import AuditLog
 from node.config.schema import PluginSection
 from node.receive.spool import Spool
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
+from node.run.slots import WorkerSlot
 from node.store import DispatchItem, Store
 from node.store.models import Job
 
@@ -33,6 +34,7 @@ class WorkerPool:
         results_dir: Path,
         plugin_config: Mapping[str, PluginSection],
         *,
+        slots: list[WorkerSlot] | None = None,
         workers: int = 1,
         timeout_s: float = 1800,
         memory_limit_mb: int | None = None,
@@ -43,31 +45,39 @@ class WorkerPool:
         models_dir: Path | None = None,
         device: str = "auto",
         routine_max_wait_s: float | None = None,
+        gpu_memory_mb: Mapping[str, int] | None = None,
     ) -> None:
+        """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
+        without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate."""
         self.routine_max_wait_s = routine_max_wait_s
         self.store = store
         self.audit = audit
         self.spool = spool
         self.results_dir = Path(results_dir)
-        self.n_workers = workers
+        self.slots = slots or [WorkerSlot(f"ainode-worker-{i}", {}, None, None) for i in range(workers)]
+        self.gpu_memory_mb = dict(gpu_memory_mb or {})
         self.timeout_s = timeout_s
-        self.memory_limit_mb = memory_limit_mb or default_memory_limit_mb(workers)
+        self.memory_limit_mb = memory_limit_mb or default_memory_limit_mb(len(self.slots))
         self.validate = validate and shutil.which("dciodvfy") is not None
         if validate and not self.validate:
             log.warning("dciodvfy not found: results are sent without IOD validation "
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
-        self._processes = [PluginProcess(f"ainode-worker-{i}", dict(plugin_config), preload or [], log_level,
-                                         models_dir, device)
-                           for i in range(workers)]
+        self._processes = [PluginProcess(slot.name, dict(plugin_config),
+                                         [p for p in preload or [] if slot.may_run(p)], log_level,
+                                         models_dir, device, slot.env)
+                           for slot in self.slots]
+        self._running: set[int] = set()  # jobs claimed by this pool and not yet ended
+        self._prefetching: dict[int, int] = {}  # slot index -> job id it prefetches
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for i, proc in enumerate(self._processes):
+        for i, (slot, proc) in enumerate(zip(self.slots, self._processes)):
             proc.start()
-            t = threading.Thread(target=self._loop, args=(proc,), name=f"worker-{i}", daemon=True)
+            t = threading.Thread(target=self._loop, args=(i, slot, proc), name=slot.name, daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -86,14 +96,38 @@ class WorkerPool:
             proc.stop()
         return clean
 
-    def _loop(self, proc: PluginProcess) -> None:
+    def _admit(self, slot: WorkerSlot) -> tuple[Callable[[Job], bool], list[int]]:
+        """A claim's admission test for `slot`: reserves the job's GPU memory on the slot's GPU if it fits."""
+        reserved: list[int] = []
+
+        def admit(job: Job) -> bool:
+            if slot.gpu is None:
+                return True
+            mb = self.gpu_memory_mb.get(job.plugin, 0)
+            if not slot.gpu.try_reserve(mb):
+                return False
+            reserved.append(mb)
+            return True
+
+        return admit, reserved
+
+    def _loop(self, index: int, slot: WorkerSlot, proc: PluginProcess) -> None:
         while not self._stop.is_set():
-            job = self.store.claim_job(self.routine_max_wait_s)
+            admit, reserved = self._admit(slot)
+            try:
+                job = self.store.claim_job(self.routine_max_wait_s, may_run=slot.may_run, admit=admit)
+            except Exception:
+                for mb in reserved:
+                    slot.gpu.release(mb)  # type: ignore[union-attr]
+                raise
             if job is None:
                 self._stop.wait(self.poll_interval_s)
                 continue
+            with self._lock:
+                self._running.add(job.id)
+                self._prefetching.pop(index, None)
             try:
-                self.execute(job, proc)
+                self.execute(job, proc, lambda: self._next_for(index, slot, job.id))
             except Abandoned:
                 self.store.release_job(job.id)
                 self.audit.append("job-end", "interrupted", study_uid=job.study_uid, job_id=job.id,
@@ -102,20 +136,44 @@ class WorkerPool:
                 return
             except Exception:  # noqa: BLE001 - a store or disk error must not end the worker thread
                 log.exception("job handling failed job_id=%d", job.id)
+            finally:
+                for mb in reserved:
+                    slot.gpu.release(mb)  # type: ignore[union-attr]
+                with self._lock:
+                    self._running.discard(job.id)
 
-    def execute(self, job: Job, proc: PluginProcess) -> None:
+    def _next_for(self, index: int, slot: WorkerSlot, current: int) -> Job | None:
+        """The queued job this slot will most likely run next (not claimed): its input is prefetched."""
+        try:
+            upcoming = self.store.peek_jobs(self.routine_max_wait_s)
+        except Exception:  # noqa: BLE001 - prefetch is an optimisation only
+            return None
+        with self._lock:
+            taken = self._running | {j for i, j in self._prefetching.items() if i != index}
+            for job in upcoming:
+                if job.id != current and job.id not in taken and slot.may_run(job.plugin):
+                    self._prefetching[index] = job.id
+                    return job
+        return None
+
+    def _spec(self, job: Job) -> JobSpec:
+        return JobSpec(job_id=job.id, study_uid=job.study_uid, plugin=job.plugin,
+                       series={uid: [i.path for i in self.store.instances_of(uid)] for uid in job.series_uids},
+                       temp_dir=str(self.spool.tmp), validate=self.validate)
+
+    def execute(self, job: Job, proc: PluginProcess, upcoming: Callable[[], Job | None] | None = None) -> None:
         t0 = time.time()
         timings: dict[str, float] = {"queue_wait_s": round(t0 - job.created_at, 3)}
         self.audit.append("job-start", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
-                          rule=job.rule, attempt=job.attempts, series_uids=job.series_uids)
-        log.info("job start job_id=%d plugin=%s attempt=%d worker_pid=%s", job.id, job.plugin, job.attempts, proc.pid)
-        spec = JobSpec(job_id=job.id, study_uid=job.study_uid, plugin=job.plugin,
-                       series={uid: [i.path for i in self.store.instances_of(uid)] for uid in job.series_uids},
-                       temp_dir=str(self.spool.tmp), validate=self.validate)
+                          rule=job.rule, attempt=job.attempts, series_uids=job.series_uids, worker=proc.name)
+        log.info("job start job_id=%d plugin=%s attempt=%d worker=%s worker_pid=%s", job.id, job.plugin,
+                 job.attempts, proc.name, proc.pid)
+        spec = self._spec(job)
         try:
             out = proc.run(spec, timeout_s=self.timeout_s, memory_limit_mb=self.memory_limit_mb,
                            on_stage=lambda stage: log.info("job stage job_id=%d stage=%s", job.id, stage),
-                           abandon=self._abandon.is_set)
+                           abandon=self._abandon.is_set,
+                           next_job=(lambda: (j := upcoming()) and self._spec(j)) if upcoming else None)
             timings.update(out.timings)
             paths = self._commit(job, out)
         except JobFailed as exc:
@@ -136,7 +194,7 @@ class WorkerPool:
         timings["total_s"] = round(time.time() - t0, 3)
         self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items)
         self.audit.append(
-            "job-end", study_uid=job.study_uid, job_id=job.id, plugin=out.plugin_name,
+            "job-end", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
             plugin_version=out.plugin_version,
             outputs=[{"kind": f.kind, "sop_instance_uid": f.sop_instance_uid, "series_uid": f.series_uid}
                      for f in out.files],

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from sqlalchemy import case, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
@@ -208,26 +208,38 @@ class Store:
 
     # ---- run -----------------------------------------------------------
 
-    def claim_job(self, routine_max_wait_s: float | None = None) -> Job | None:
-        """Take the most urgent, oldest queued job: queued → running.
-
-        Stat before routine; a routine job queued longer than `routine_max_wait_s` counts as stat, so a
-        steady stream of stat work cannot starve the routine backlog forever.
-        """
+    @staticmethod
+    def _queue_order(routine_max_wait_s: float | None):  # type: ignore[no-untyped-def]
+        """Queued jobs, most urgent first: stat before routine, oldest first; a routine job queued longer
+        than `routine_max_wait_s` counts as stat, so a steady stream of stat work cannot starve it."""
         urgency = Job.priority
         if routine_max_wait_s is not None:
             aged = time.time() - routine_max_wait_s
             urgency = case((Job.created_at <= aged, PRIORITY["stat"]), else_=Job.priority)
+        return select(Job).where(Job.state == JobState.QUEUED).order_by(urgency, Job.id)
+
+    def claim_job(self, routine_max_wait_s: float | None = None, *,
+                  may_run: Callable[[str], bool] | None = None,
+                  admit: Callable[[Job], bool] | None = None) -> Job | None:
+        """Take the most urgent queued job this worker may run (by plugin name): queued → running.
+
+        `admit` is asked about that job only, inside the claim; if it says no (its GPU has too little
+        memory free) nothing is claimed, so a less urgent job that would fit cannot overtake it.
+        """
         with self._write, self.session() as s, s.begin():
-            job = s.scalars(
-                select(Job).where(Job.state == JobState.QUEUED).order_by(urgency, Job.id).limit(1)
-            ).first()
-            if job is None:
+            job = next((j for j in s.scalars(self._queue_order(routine_max_wait_s))
+                        if may_run is None or may_run(j.plugin)), None)
+            if job is None or (admit is not None and not admit(job)):
                 return None
             job.state = JobState.RUNNING
             job.attempts += 1
             job.started_at = time.time()
             return job
+
+    def peek_jobs(self, routine_max_wait_s: float | None = None, limit: int = 8) -> list[Job]:
+        """The next queued jobs in claim order, without claiming them (for prefetching their input)."""
+        with self.session() as s:
+            return list(s.scalars(self._queue_order(routine_max_wait_s).limit(limit)))
 
     def requeue_interrupted(self, max_attempts: int) -> tuple[list[Job], list[Job]]:
         """Jobs found running at start-up were cut off by a stop or crash.

@@ -11,6 +11,7 @@ TID 1500 finding per nodule (longest diameter, volume, lung side, certainty; cen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -82,26 +83,42 @@ class CtNodulePlugin(Plugin):
         self.net = torch.jit.load(str(model.weight_path()), map_location=self.device).eval()
 
     # -- run -----------------------------------------------------------------------------------------
-    def run(self, study: StudyInput) -> PluginResult:
-        if self.net is None:
-            raise RuntimeError("ct_nodule: no model loaded (the node calls load_model before run)")
+    def _series(self, study: StudyInput) -> SeriesVolume:
         if not study.series:
             raise ValueError(f"study {study.study_uid}: no series given to ct_nodule")
         vol = max(study.series, key=lambda s: s.pixels.shape[0])
         if vol.pixels.shape[0] < self.accepts.min_slices:
             raise ValueError(f"series {vol.series_uid}: {vol.pixels.shape[0]} slices, "
                              f"ct_nodule needs at least {self.accepts.min_slices}")
+        return vol
+
+    def prepare(self, study: StudyInput) -> infer.Prepared:
+        """Body crop, HU window and resampling on the host, while the worker's previous study infers."""
+        if self.net is None:
+            raise RuntimeError("ct_nodule: no model loaded (the node calls load_model before prepare)")
+        vol = self._series(study)
+        with torch.no_grad():
+            return infer.prepare(vol.pixels, vol.spacing, self.spacing, self.hu_window, "cpu")
+
+    def run(self, study: StudyInput) -> PluginResult:
+        if self.net is None:
+            raise RuntimeError("ct_nodule: no model loaded (the node calls load_model before run)")
+        vol = self._series(study)
         device = self.device
         is_cuda = torch.device(device).type == "cuda"
         if is_cuda:
             torch.cuda.reset_peak_memory_stats(device)
         amp = infer.amp_for(device)
         batch = int(self.options.get("batch_size", DEFAULT_BATCH["cuda" if is_cuda else "cpu"]))
+        batch = max(1, int(batch * study.batch_scale))  # the node halves the scale after an out-of-memory error
         threshold = float(self.options.get("threshold", 0.5))
         min_volume = float(self.options.get("min_volume_mm3", 15.0))
 
         t0 = time.perf_counter()
-        prep = infer.prepare(vol.pixels, vol.spacing, self.spacing, self.hu_window, device)
+        if isinstance(study.prepared, infer.Prepared):
+            prep = dataclasses.replace(study.prepared, image=study.prepared.image.to(device))
+        else:
+            prep = infer.prepare(vol.pixels, vol.spacing, self.spacing, self.hu_window, device)
         _sync(device)
         t1 = time.perf_counter()
 

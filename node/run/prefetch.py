@@ -1,0 +1,58 @@
+"""Decode (and `prepare`) the next queued job's series while the current job runs, in the worker process.
+
+The node only hints which job is likely next; it does not claim it. If another job is claimed instead (a
+stat study arrived, another worker took it), the prefetched input is dropped, so prefetching never
+changes the queue order. A prefetch that fails is dropped too: the job then loads its input itself and
+reports the error in its own stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from node.run.job_process import JobSpec, LoadedInput, PluginCache, load_input
+
+log = logging.getLogger("ainode.run")
+
+
+class _Pending:
+    def __init__(self, spec: JobSpec, plugin) -> None:  # type: ignore[no-untyped-def]
+        self.spec = spec
+        self.result: LoadedInput | None = None
+        self.thread = threading.Thread(target=self._load, args=(plugin,), name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _load(self, plugin) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self.result = load_input(self.spec, plugin)
+        except Exception as exc:  # noqa: BLE001 - the job reports it when it loads its input itself
+            log.info("prefetch failed job_id=%d error=%s", self.spec.job_id, type(exc).__name__)
+
+    def is_for(self, spec: JobSpec) -> bool:
+        return self.spec.job_id == spec.job_id and self.spec.series == spec.series
+
+
+class Prefetcher:
+    def __init__(self, plugins: PluginCache) -> None:
+        self.plugins = plugins
+        self._pending: _Pending | None = None
+        self._lock = threading.Lock()  # start() runs in the pipe reader, take() in the job thread
+
+    def start(self, spec: JobSpec) -> None:
+        """Begin loading `spec`'s input in the background (one job ahead at most)."""
+        with self._lock:
+            if self._pending is not None and self._pending.is_for(spec):
+                return
+            # Only a plugin already loaded is asked to prepare: loading one here would race the running
+            # job. A dropped load is not waited for: it ends on its own and its memory is freed then.
+            self._pending = _Pending(spec, self.plugins.loaded(spec.plugin))
+
+    def take(self, spec: JobSpec) -> LoadedInput | None:
+        """The prefetched input of `spec`, if that is the job that was prefetched; else None."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None or not pending.is_for(spec):
+            return None
+        pending.thread.join()
+        return pending.result

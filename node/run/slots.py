@@ -1,0 +1,171 @@
+"""Which worker processes the node runs, and which jobs each may take.
+
+One worker per GPU slot (`run.gpu.slots_per_gpu` per GPU), each seeing only its own GPU through
+CUDA_VISIBLE_DEVICES, plus `run.workers` CPU workers. GPU plugins run in GPU slots; a job is admitted to
+a slot only while its plugin's GPU memory estimate fits in what the other slots of that GPU have left
+of the budget, so a plugin that does not fit waits instead of failing with out-of-memory. With no GPU,
+every plugin runs in the CPU workers (the plugins' CPU path).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from node.config.schema import GpuSection, PluginSection
+from node.plugin_api import plugin_class
+
+log = logging.getLogger("ainode.run")
+
+
+class SlotConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int
+    memory_mb: int  # total memory as reported; the budget is set from it
+
+
+def detect_gpus() -> list[GpuDevice]:
+    """The GPUs nvidia-smi lists; none when it is not installed or finds no GPU (driver missing)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed, running without GPU error=%s", exc)
+        return []
+    gpus = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            gpus.append(GpuDevice(int(parts[0]), int(float(parts[1]))))
+    return gpus
+
+
+class GpuBudget:
+    """GPU memory of one GPU shared by its slots: reserved when a job is admitted, released when it ends."""
+
+    def __init__(self, index: int, budget_mb: int) -> None:
+        self.index = index
+        self.budget_mb = budget_mb
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_mb(self) -> int:
+        return self._used
+
+    def try_reserve(self, mb: int) -> bool:
+        with self._lock:
+            if self._used + mb > self.budget_mb:
+                return False
+            self._used += mb
+            return True
+
+    def release(self, mb: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - mb)
+
+
+@dataclass(frozen=True)
+class PluginNeeds:
+    gpu: bool
+    gpu_memory_mb: int
+
+
+@dataclass
+class WorkerSlot:
+    name: str
+    env: dict[str, str]
+    gpu: GpuBudget | None  # None: a CPU worker
+    plugins: frozenset[str] | None  # plugins this slot may run; None: any plugin not in `excluded`
+    excluded: frozenset[str] = field(default_factory=frozenset)
+
+    def may_run(self, plugin: str) -> bool:
+        if self.plugins is not None:
+            return plugin in self.plugins
+        return plugin not in self.excluded
+
+
+def plugin_needs(names: list[str], sections: Mapping[str, PluginSection]) -> dict[str, PluginNeeds]:
+    """GPU use and memory estimate of each plugin: the plugin's Resources, unless the config overrides it."""
+    out = {}
+    for name in names:
+        section = sections.get(name)
+        res = plugin_class(name, section.entry if section else None).resources
+        mb = section.gpu_memory_mb if section is not None and section.gpu_memory_mb is not None else res.gpu_memory_mb
+        out[name] = PluginNeeds(bool(res.gpu), int(mb))
+    return out
+
+
+def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, PluginNeeds], device: str,
+               gpus: list[GpuDevice] | None = None) -> list[WorkerSlot]:
+    """The worker slots for this machine. `gpus` defaults to what nvidia-smi finds."""
+    if device == "cpu" or gpu_cfg.devices == []:
+        devices: list[GpuDevice] = []
+    elif gpu_cfg.devices == "auto":
+        devices = detect_gpus() if gpus is None else gpus
+    else:
+        found = {g.index: g for g in (detect_gpus() if gpus is None else gpus)}
+        devices = []
+        for i in gpu_cfg.devices:
+            if i in found:
+                devices.append(found[i])
+            elif gpu_cfg.memory_mb is not None:
+                devices.append(GpuDevice(i, gpu_cfg.memory_mb + gpu_cfg.reserve_mb))
+            else:
+                raise SlotConfigError(f"run.gpu.devices: GPU {i} is not listed by nvidia-smi; check the driver "
+                                      "and CUDA_VISIBLE_DEVICES, or set run.gpu.memory_mb to use it anyway")
+    if device == "cuda" and not devices:
+        raise SlotConfigError("run.device is cuda but no GPU is configured or found (run.gpu.devices, nvidia-smi)")
+
+    budgets = [GpuBudget(g.index, gpu_cfg.memory_mb if gpu_cfg.memory_mb is not None
+                         else max(0, g.memory_mb - gpu_cfg.reserve_mb)) for g in devices]
+    largest = max((b.budget_mb for b in budgets), default=0)
+    gpu_plugins = set()
+    for name, n in sorted(needs.items()):
+        if not n.gpu or not budgets:
+            continue
+        if n.gpu_memory_mb > largest:
+            log.warning("plugin runs on CPU: its GPU memory estimate exceeds every GPU's budget plugin=%s "
+                        "needs_mb=%d largest_budget_mb=%d (set plugins.%s.gpu_memory_mb or run.gpu.memory_mb)",
+                        name, n.gpu_memory_mb, largest, name)
+            continue
+        gpu_plugins.add(name)
+
+    slots = []
+    for b in budgets:
+        fitting = frozenset(p for p in gpu_plugins if needs[p].gpu_memory_mb <= b.budget_mb)
+        for k in range(gpu_cfg.slots_per_gpu):
+            slots.append(WorkerSlot(f"ainode-gpu{b.index}-{k}", {"CUDA_VISIBLE_DEVICES": str(b.index)}, b, fitting))
+    # With GPU slots, CPU workers must not touch a GPU: its memory belongs to the slots' budget.
+    cpu_env = {"CUDA_VISIBLE_DEVICES": ""} if slots else {}
+    for k in range(cpu_workers):
+        slots.append(WorkerSlot(f"ainode-worker-{k}", dict(cpu_env), None, None, frozenset(gpu_plugins)))
+    return slots
+
+
+def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
+    """One line per worker and per rule plugin, for `ainode check-config`."""
+    names = sorted({r.plugin for r in cfg.rules})
+    needs = plugin_needs(names, cfg.plugins)
+    slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
+    lines = []
+    for s in slots:
+        where = f"GPU {s.gpu.index} (budget {s.gpu.budget_mb} MB)" if s.gpu else "CPU"
+        runs = ", ".join(sorted(s.plugins)) if s.plugins is not None else "plugins without a GPU slot"
+        lines.append(f"worker {s.name}: {where}; runs {runs or 'nothing'}")
+    on_gpu = {p for s in slots if s.plugins for p in s.plugins}
+    for name in names:
+        n = needs[name]
+        lines.append(f"plugin {name}: " + (f"GPU, {n.gpu_memory_mb} MB per job" if name in on_gpu else "CPU"))
+    return "\n".join(lines)
