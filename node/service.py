@@ -32,7 +32,9 @@ class NodeService:
         tls_base = config_dir(loaded.source)  # relative TLS file paths are relative to the config file
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
                             ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None)
-        self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s)
+        self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
+                                   node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
+                                   evidence_min_interval_s=cfg.assemble.evidence_min_interval_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
         rule_plugins = sorted({r.plugin for r in cfg.rules})
@@ -110,6 +112,7 @@ class NodeService:
         for t in (self._pipeline, self._maintenance):
             if t:
                 t.join(10)
+        self.assembler.close()
         clean = self.workers.stop(self.cfg.run.shutdown_grace_s)
         self.dispatcher.stop()
         self.scp.stop()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
 
@@ -123,8 +123,18 @@ class ResolvedStorage(Strict):
 
 
 class AssembleSection(Strict):
-    quiet_period_s: float = Field(10.0, gt=0, description="Seconds without a new instance before a study is complete.")
-    poll_interval_s: float = Field(0.5, gt=0)
+    quiet_period_s: float = Field(
+        10.0, gt=0, description="Seconds without a new instance before a study is complete: the fallback when "
+        "the sender cannot be asked, and the upper bound when it can.")
+    poll_interval_s: float = Field(
+        0.25, gt=0, description="How often receiving studies are checked (one indexed query each time).")
+    evidence_check_s: float = Field(
+        0.4, gt=0, description="Seconds without a new instance before the sending PACS (a `sources` entry with "
+        "query: true) is asked how many instances the study has. Instances of one send arrive milliseconds "
+        "apart, so a gap this long means the send has most likely ended; a busy receive never queries.")
+    evidence_min_interval_s: float = Field(
+        5.0, gt=0, description="A study's PACS is asked again no sooner than this (unless the node has since "
+        "received as many instances as the last answer said), so a study arriving in bursts cannot hammer it.")
 
 
 class GpuSection(Strict):
@@ -171,6 +181,52 @@ class Destination(Strict):
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return None if value is None else _ae_title(value)
+
+
+class Source(Strict):
+    """A PACS that sends studies to the node and may be asked (C-FIND) how many instances they have."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, description="Our AE title toward this PACS. Default: node.ae_title")
+    query: bool = Field(True, description="Ask it for instance counts to complete studies early.")
+    match_calling_ae: list[str] = Field(
+        default_factory=list, description="Calling AE titles whose studies this PACS holds. Default: [ae_title]")
+    timeout_s: float = Field(5.0, gt=0, description="Connect, association and C-FIND response timeout.")
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return None if value is None else _ae_title(value)
+
+    @field_validator("match_calling_ae", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("match_calling_ae")
+    @classmethod
+    def _check_aes(cls, values: list[str]) -> list[str]:
+        return [_ae_title(v) for v in values]
+
+    def senders(self) -> set[str]:
+        """Upper-case calling AE titles whose studies are checked against this PACS."""
+        return {a.upper() for a in (self.match_calling_ae or [self.ae_title])}
+
+
+def _one_source_per_sender(sources: dict[str, Source]) -> dict[str, Source]:
+    owner: dict[str, str] = {}
+    for name, src in sources.items():
+        for ae in src.senders() if src.query else ():
+            if ae in owner:
+                raise ValueError(f"calling AE '{ae}' is matched by both sources '{owner[ae]}' and '{name}'; "
+                                 "give each sender to one source (match_calling_ae)")
+            owner[ae] = name
+    return sources
+
+
+Sources = Annotated[dict[str, Source], AfterValidator(_one_source_per_sender)]
 
 
 class PluginSection(Strict):
@@ -232,6 +288,9 @@ class Rule(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     study: StudyMatch = Field(default_factory=StudyMatch)
     series: SeriesMatch = Field(default_factory=SeriesMatch)
+    requires: list[SeriesMatch] = Field(
+        default_factory=list, description="Series the study must also hold (any series, each entry its own), "
+        "e.g. a thin-slice lung-kernel series; without one the rule does not fire and says which is missing.")
     plugin: str
     priority: Literal["stat", "routine"] = "routine"
     destinations: list[str] = Field(default_factory=list)
@@ -243,6 +302,7 @@ class NodeConfig(Strict):
     assemble: AssembleSection = Field(default_factory=AssembleSection)
     run: RunSection = Field(default_factory=RunSection)
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    sources: Sources = Field(default_factory=dict, description="Sending PACS the node may query (C-FIND).")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [

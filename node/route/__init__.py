@@ -1,4 +1,4 @@
 from node.route.router import Router
-from node.route.rules import SeriesFacts, StudyFacts, evaluate
+from node.route.rules import Evaluation, SeriesFacts, StudyFacts, evaluate, evaluate_all
 
-__all__ = ["Router", "SeriesFacts", "StudyFacts", "evaluate"]
+__all__ = ["Evaluation", "Router", "SeriesFacts", "StudyFacts", "evaluate", "evaluate_all"]

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from node.audit import AuditLog
 from node.config.schema import Rule
-from node.route.rules import SeriesFacts, StudyFacts, evaluate
+from node.route.rules import SeriesFacts, StudyFacts, evaluate_all
 from node.store import Store, StudyState
 
 log = logging.getLogger("ainode.route")
@@ -41,12 +41,19 @@ class Router:
         facts = self.facts(study_uid)
         if facts is None:
             return []
-        matches = evaluate(self.rules, facts)
+        ev = evaluate_all(self.rules, facts)
+        matches = ev.matches
         job_ids = self.store.route(study_uid, [job for _, job in matches])
         if not matches:
             self.audit.append("no-rule-matched", study_uid=study_uid,
-                              series=len(facts.series), rules_evaluated=len(self.rules))
+                              series=len(facts.series), rules_evaluated=len(self.rules),
+                              not_matched=ev.not_matched or None)
             log.info("no rule matched study_uid=%s", study_uid)
+        elif ev.missing_required:
+            # Other rules fired; say why these (which selected a series) did not, or nobody will know.
+            self.audit.append("rules-not-matched", study_uid=study_uid, not_matched=ev.missing_required)
+        for name, why in ev.missing_required.items():
+            log.info("rule not matched study_uid=%s rule=%s reason=%s", study_uid, name, why)
         for (rule, job), job_id in zip(matches, job_ids):
             self.audit.append("rule-matched", study_uid=study_uid, rule=rule.name, plugin=rule.plugin,
                               priority=rule.priority, series_uid=job.series_uids[0], job_id=job_id,

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.store.models import (
     PRIORITY,
     Base,
+    CompletionReason,
     Dispatch,
     DispatchState,
     Instance,
@@ -52,6 +53,24 @@ class InstanceMeta:
     body_part: str | None = None
     series_description: str | None = None
     slice_thickness: float | None = None
+
+
+@dataclass(frozen=True)
+class ReceivingStudy:
+    study_uid: str
+    calling_ae: str | None
+    last_received_at: float
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class HeldCounts:
+    """Instances the node holds of a study: what evidence-based completion compares with the PACS."""
+
+    study_uid: str
+    instances: int
+    series: dict[str, int]  # SeriesInstanceUID → instances held
+    last_received_at: float
 
 
 @dataclass(frozen=True)
@@ -168,6 +187,44 @@ class Store:
                 .values(state=StudyState.COMPLETE, completed_at=time.time(), completion_reason=reason)
             )
             return res.rowcount == 1
+
+    def receiving_studies(self, cutoff: float) -> list[ReceivingStudy]:
+        """Studies still receiving whose last instance arrived at or before `cutoff`."""
+        with self.session() as s:
+            q = select(Study.study_uid, Study.calling_ae, Study.last_received_at, Study.instance_count).where(
+                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+            return [ReceivingStudy(*row) for row in s.execute(q)]
+
+    def held_counts(self, study_uid: str) -> HeldCounts | None:
+        """What the node holds of a receiving study: its count, its series' counts, its last arrival.
+
+        The study row is read first, so an instance indexed between the two reads leaves
+        `last_received_at` older than that instance, and mark_complete(cutoff=last_received_at) refuses.
+        """
+        with self.session() as s:
+            st = s.get(Study, study_uid)
+            if st is None or st.state != StudyState.RECEIVING:
+                return None
+            series = dict(s.execute(select(Series.series_uid, Series.instance_count)
+                                    .where(Series.study_uid == study_uid)).all())
+            return HeldCounts(study_uid, st.instance_count, series, st.last_received_at)
+
+    def force_complete(self, request_id: int) -> dict:
+        """Carry out an operator's 'complete' request: receiving → complete (reason 'forced') now."""
+        with self._write, self.session() as s, s.begin():
+            req = s.get(Request, request_id)
+            st = s.get(Study, req.study_uid) if req.study_uid else None
+            if st is None:
+                outcome = {"completed": False, "why": "no such study"}
+            elif st.state != StudyState.RECEIVING:
+                outcome = {"completed": False, "why": f"study is {st.state}, not receiving"}
+            else:
+                st.state, st.completed_at = StudyState.COMPLETE, time.time()
+                st.completion_reason = CompletionReason.FORCED
+                outcome = {"completed": True, "instances": st.instance_count, "revision": st.revision}
+            req.handled_at = time.time()
+            req.outcome = outcome
+            return outcome
 
     def studies_in_state(self, state: str) -> list[str]:
         with self.session() as s:

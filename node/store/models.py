@@ -21,6 +21,14 @@ class StudyState:
     PURGED = "purged"  # results dispatched and the retention time passed: spool files deleted
 
 
+class CompletionReason:
+    """Why a study was declared complete (studies.completion_reason, `ainode status`, the audit record)."""
+
+    COUNTS_MATCHED = "counts-matched"  # the sending PACS's C-FIND counts were all held
+    QUIET_PERIOD = "quiet-period"  # no new instance for assemble.quiet_period_s
+    FORCED = "forced"  # an operator's request
+
+
 class JobState:
     QUEUED = "queued"
     RUNNING = "running"
