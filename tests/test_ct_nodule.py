@@ -240,6 +240,43 @@ def test_prepared_ahead_gives_the_same_result_and_batch_scale_shrinks_the_batch(
                                                           plain.segmentations[0].segments))
 
 
+def _onnx_package(tmp_path, model):
+    """The shipped TorchScript weights exported to ONNX, as a package of its own (format: onnx)."""
+    import yaml
+
+    pkg = tmp_path / "models" / "ct_nodule" / "0.1.0"
+    pkg.mkdir(parents=True)
+    net = torch.jit.load(str(model.weight_path())).eval()
+    torch.onnx.export(net, (torch.zeros(1, 1, 64, 64, 64),), str(pkg / "model.onnx"), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    manifest = model.manifest.model_dump(mode="json")
+    manifest.update(format="onnx", weights=[{"file": "model.onnx", "sha256": sha256_file(pkg / "model.onnx")}])
+    (pkg / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    return tmp_path / "models"
+
+
+def test_an_onnx_package_runs_through_onnxruntime_with_the_same_findings(model, plugin, small, tmp_path):
+    from node.models import ModelError
+    from node.models.runtime import OnnxNetwork, load_network
+
+    onnx_model = load_model(_onnx_package(tmp_path, model), "ct_nodule", "0.1.0")
+    onnx_plugin = CtNodulePlugin()
+    onnx_plugin.load_model(onnx_model)
+    assert isinstance(onnx_plugin.net, OnnxNetwork)
+    x = torch.rand(2, 1, 64, 64, 64)
+    assert torch.allclose(onnx_plugin.net(x), plugin.net(x), atol=1e-4)
+    ours = plugin.run(StudyInput("1.2.3", [small], tmp_path))
+    theirs = onnx_plugin.run(StudyInput("1.2.3", [small], tmp_path))
+    assert [(f.finding_site, [m.value for m in f.measurements]) for f in theirs.findings] == \
+        [(f.finding_site, [m.value for m in f.measurements]) for f in ours.findings]
+
+    # A weight file replaced after the package was verified is refused at the load itself.
+    weights = onnx_model.weight_path()
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ModelError, match="sha256 changed after the package was verified"):
+        load_network(onnx_model)
+
+
 def test_no_nodule_gives_no_finding(plugin, case, small_cut, tmp_path):
     # The cut with its nodules painted over with lung (-850 HU, the generator's noise): no finding, also none
     # along the cut faces (infer.EDGE_PAD).

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from node.models.runtime import load_network
 from node.plugin_api import (
     Accepts,
     Code,
@@ -80,7 +81,7 @@ class CtNodulePlugin(Plugin):
         label = m.labels[0]
         self.category = Code(label.category.value, label.category.scheme, label.category.meaning)
         self.type = Code(label.type.value, label.type.scheme, label.type.meaning)
-        self.net = torch.jit.load(str(model.weight_path()), map_location=self.device).eval()
+        self.net = load_network(model, self.device)  # TorchScript or ONNX, as the manifest says
 
     # -- run -----------------------------------------------------------------------------------------
     def _series(self, study: StudyInput) -> SeriesVolume:
