@@ -67,12 +67,12 @@ class EvidenceChecker:
     min_interval_s: float
     query: QueryFn = expected_counts
     clock: Callable[[], float] = time.time
-    _checks: dict[str, _Check] = field(default_factory=dict)
-    _down_until: dict[str, float] = field(default_factory=dict)
-    _done: list[str] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _checks: dict[str, _Check] = field(default_factory=dict, init=False)
+    _down_until: dict[str, float] = field(default_factory=dict, init=False)  # source name → muted until
+    _done: list[str] = field(default_factory=list, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="evidence"))
+        default_factory=lambda: ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="evidence"), init=False)
 
     def source_for(self, calling_ae: str | None) -> tuple[str, Source] | None:
         """The queryable source vouching for studies sent by `calling_ae` (config ensures at most one)."""
