@@ -26,7 +26,16 @@ def _tls_ok(loaded) -> bool:  # type: ignore[no-untyped-def]
     """TLS files are checked by check-config and serve only: other commands need not read the private key."""
     from node.config.tls import config_dir, tls_errors
 
-    errors = tls_errors(loaded.config, config_dir(loaded.source))
+    base = config_dir(loaded.source)
+    errors = tls_errors(loaded.config, base)
+    atna = loaded.config.atna
+    if atna is not None and atna.enabled and atna.transport == "tls":
+        from node.audit.forward import AtnaConfigError, tls_context
+
+        try:
+            tls_context(atna.resolved(base))
+        except AtnaConfigError as exc:
+            errors.append(str(exc))
     for line in errors:
         print(f"{loaded.source}: {line}", file=sys.stderr)
     return not errors
@@ -64,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.logs import setup_logging
     from node.models import ModelError
     from node.plugin_api import PluginNotFound
+    from node.audit.forward import AtnaConfigError
     from node.run.slots import SlotConfigError
     from node.service import NodeService
 
@@ -73,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         node = NodeService(loaded)
-    except (SlotConfigError, PluginNotFound) as exc:
+    except (SlotConfigError, PluginNotFound, AtnaConfigError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -176,6 +186,36 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_complete(args: argparse.Namespace) -> int:
+    """Declare a study complete now (an operator who knows the send has ended); the node carries it out."""
+    import getpass
+    import socket
+
+    from node.store import Store
+
+    loaded = _load(args.config)
+    store = Store(loaded.storage.database_url)
+    if store.get_study(args.study) is None:
+        print(f"no study {args.study} in {loaded.storage.database_url} (see `ainode status`)", file=sys.stderr)
+        return 1
+    request_id = store.add_request("complete", study_uid=args.study,
+                                   requested_by=f"{getpass.getuser()}@{socket.gethostname()}")
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        req = store.get_request(request_id)
+        if req.handled_at is not None:
+            out = req.outcome or {}
+            if out.get("completed"):
+                print(f"study {args.study}: complete (forced), {out.get('instances')} instance(s); routing follows")
+                return 0
+            print(f"study {args.study}: not completed: {out.get('why')}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"complete request {request_id} recorded; the node carries it out when it runs "
+          f"(it did not answer within {args.wait:g} s)")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit import verify_log
 
@@ -215,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every failed or dead-letter job")
     s.add_argument("--wait", type=float, default=15, help="seconds to wait for the node to confirm")
     s.set_defaults(func=cmd_requeue)
+
+    s = sub.add_parser("complete", help="declare a study complete now, without waiting for its quiet period")
+    s.add_argument("--config")
+    s.add_argument("--study", required=True, help="Study Instance UID")
+    s.add_argument("--wait", type=float, default=15, help="seconds to wait for the node to confirm")
+    s.set_defaults(func=cmd_complete)
 
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_command", required=True)

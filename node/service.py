@@ -8,12 +8,14 @@ import time
 
 from node.assemble import Assembler
 from node.audit import AuditLog
+from node.audit.forward import build_atna_forwarder
 from node.config import LoadedConfig
 from node.config.tls import config_dir, server_context, with_resolved_tls
 from node.dispatch import Dispatcher
 from node.maintain import Purger, RequestHandler, reconcile
 from node.models.lock import verify_models
 from node.receive import Spool, StoreSCP
+from node.ris.config import resolve_paths
 from node.route import Router
 from node.run.slots import plan_slots, plugin_needs
 from node.run.worker import WorkerPool
@@ -28,6 +30,13 @@ class NodeService:
         self.cfg = cfg
         self.audit = AuditLog(paths.audit_log, node_ae=cfg.node.ae_title)
         self.store = Store(paths.database_url)
+        self.atna = None
+        if cfg.atna is not None:  # audit records also go to the hospital's audit repository (IHE ATNA)
+            self.atna = build_atna_forwarder(
+                cfg.atna, node_ae=cfg.node.ae_title, base=config_dir(loaded.source),
+                patient_lookup=lambda uid: getattr(self.store.get_study(uid), "patient_id", None))
+            if self.atna is not None:
+                self.audit.add_listener(self.atna)
         self.spool = Spool(paths.spool_dir)
         tls_base = config_dir(loaded.source)  # relative TLS file paths are relative to the config file
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
@@ -47,10 +56,13 @@ class NodeService:
                                   preload=rule_plugins,
                                   log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                                   models_dir=paths.models_dir, device=cfg.run.device,
-                                  routine_max_wait_s=cfg.run.routine_max_wait_s)
+                                  routine_max_wait_s=cfg.run.routine_max_wait_s,
+                                  report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}})
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
-                                     cfg.node.ae_title)
+                                     cfg.node.ae_title,
+                                     ris={n: resolve_paths(d, tls_base) for n, d in cfg.ris.items()},
+                                     fhir={n: resolve_paths(d, tls_base) for n, d in cfg.fhir.items()})
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)
@@ -117,6 +129,8 @@ class NodeService:
         self.dispatcher.stop()
         self.scp.stop()
         self.audit.append("node-stop", clean=clean)
+        if self.atna is not None:
+            self.atna.close(5)  # delivers what is queued, for at most 5 s; uses the store, so before it closes
         self.audit.close()
         self.store.close()
         return clean

@@ -153,10 +153,12 @@ def test_forced_completion_request(tmp_path, node_factory, test_plugins):
     ct = small_ct(tmp_path)
     node = node_factory(node_config(None, quiet=60.0))
     send(node, ct.files)
-    Store(f"sqlite:///{node.var / 'ainode.db'}").add_request("complete", study_uid=ct.study_uid,
-                                                             requested_by="tester")
+    r = node.cli("complete", "--config", str(node.config_path), "--study", ct.study_uid)
+    assert r.returncode == 0 and "complete (forced)" in r.stdout, r.stderr
     rec = completion(node, ct.study_uid)
-    assert rec["reason"] == "forced" and rec["requested_by"] == "tester"
+    assert rec["reason"] == "forced" and "@" in rec["requested_by"]  # user@host of whoever asked
+    again = node.cli("complete", "--config", str(node.config_path), "--study", ct.study_uid)
+    assert again.returncode == 1 and "not completed: study is" in again.stderr
     assert "(forced)" in status(node)
 
 

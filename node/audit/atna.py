@@ -9,11 +9,13 @@ our event                     EventID (EventTypeCode)                        act
 node-start / node-stop        110100 Application Activity (110120 / 110121)  E       0, 4 if not clean
 association-accepted          110113 Security Alert (110126 Node Auth.)      E       0
 association-rejected          110113 Security Alert (110126 Node Auth.)      E       4
+tls-handshake-failed          110113 Security Alert (110126 Node Auth.)      E       4
 instance-stored               110104 DICOM Instances Transferred             C       0
 instance-duplicate            110104 DICOM Instances Transferred             R       0
 instance-refused              110104 DICOM Instances Transferred             C       8
 object-sent                   110104 DICOM Instances Transferred             R       0
 send-failed                   110104 DICOM Instances Transferred             R       4, 8 final
+report-sent                   110104 DICOM Instances Transferred             R       0
 job-start                     110103 DICOM Instances Accessed                R       0
 job-end                       110103 DICOM Instances Accessed                C       0/4/8
 requeue                       110103 DICOM Instances Accessed                R       0
@@ -29,7 +31,8 @@ every activity); the local audit log keeps them.
 the control of the organisation's security domain (examples: media, film, e-mail, conversion for
 an EHR). A C-STORE between the hospital's PACS and this node is a 110104 transfer inside the
 domain. Sending to an external (de-identified, second-read) destination would be an Export once
-such destinations exist. 110114 User Authentication is for persons logging in; a calling AE is a
+such destinations exist. report-sent (an SR's content sent to the RIS as HL7 ORU or FHIR) is
+reported as the transfer of that SR instance to the RIS, the nearest A.5.3 event. 110114 User Authentication is for persons logging in; a calling AE is a
 node, reported by A.5.3.11's Node Authentication.
 
 Patient IDs are allowed here (this is the record ATNA exists for). Records that carry a study but
@@ -213,7 +216,8 @@ class AtnaMapper:
             "association-rejected": self._node_authentication,
             "instance-stored": self._received, "instance-duplicate": self._received,
             "instance-refused": self._received,
-            "object-sent": self._sent, "send-failed": self._sent,
+            "object-sent": self._sent, "send-failed": self._sent, "report-sent": self._sent,
+            "tls-handshake-failed": self._node_authentication,
             "job-start": self._job, "job-end": self._job,
             "requeue": self._requeue,
             "study-purged": self._purged,
@@ -314,6 +318,8 @@ class AtnaMapper:
         calling = r.get("calling_ae")
         if accepted:
             description = f"association accepted from calling AE {calling or '-'}"
+        elif r["event"] == "tls-handshake-failed":
+            description = f"TLS handshake failed: {r.get('reason') or 'no reason recorded'}"
         else:
             description = f"association rejected: {r.get('reason') or 'no reason recorded'}"
         m = self._base(r, SECURITY_ALERT, "E", OUTCOME_SUCCESS if accepted else OUTCOME_MINOR,

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from node.config.base import Strict
 
 TLS_PORT = 6514  # RFC 5425
 _FILES = ("ca_file", "cert_file", "key_file")
@@ -24,15 +26,7 @@ def _header_token(value: str, max_len: int, key: str) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    """The same rules as node.config.schema.Strict (unknown keys are errors, frozen). Not imported from
-    there: schema.py imports this module for its `atna:` key, and a two-way import breaks whichever
-    side is imported first."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AtnaSection(_Strict):
+class AtnaSection(Strict):
     """Send every audit record the node writes as an IHE ATNA / DICOM PS3.15 A.5 audit message."""
 
     enabled: bool = Field(True, description="false: keep the settings but send nothing.")

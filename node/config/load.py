@@ -77,12 +77,20 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
             )
         elif not cfg.plugins[rule.plugin].enabled:
             errors.append(f"rules.{i}.plugin: plugin '{rule.plugin}' is disabled under 'plugins'")
+        known = {*cfg.destinations, *cfg.ris, *cfg.fhir}
         for j, dest in enumerate(rule.destinations):
-            if dest not in cfg.destinations:
+            if dest not in known:
                 errors.append(
                     f"rules.{i}.destinations.{j}: unknown destination '{dest}' "
-                    f"(defined: {', '.join(sorted(cfg.destinations)) or 'none'})"
+                    f"(defined under destinations, ris or fhir: {', '.join(sorted(known)) or 'none'})"
                 )
+    for section, names in (("ris", cfg.ris), ("fhir", cfg.fhir)):
+        for name in names:
+            other = [o for o, m in (("destinations", cfg.destinations), ("ris", cfg.ris), ("fhir", cfg.fhir))
+                     if o != section and name in m]
+            if other:
+                errors.append(f"{section}.{name}: the name is also used under {other[0]}; rules name "
+                              "destinations by name, so give each a name of its own")
     return errors
 
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
 
@@ -19,11 +19,10 @@ AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
 BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-from node.config.tls import TlsSettings  # noqa: E402 - here, not at the top: tls.py builds on Strict
+from node.audit.atna_config import AtnaSection  # noqa: E402
+from node.config.base import Strict  # noqa: E402
+from node.config.tls import TlsSettings  # noqa: E402
+from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 
 
 def _ae_title(value: str) -> str:
@@ -303,6 +302,13 @@ class NodeConfig(Strict):
     run: RunSection = Field(default_factory=RunSection)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     sources: Sources = Field(default_factory=dict, description="Sending PACS the node may query (C-FIND).")
+    ris: dict[str, RisDestination] = Field(
+        default_factory=dict, description="RIS receiving an HL7 ORU^R01 per finished job (MLLP); rules name them "
+        "in `destinations` like a PACS.")
+    fhir: dict[str, FhirDestination] = Field(
+        default_factory=dict, description="FHIR R4 servers receiving a DiagnosticReport Bundle per finished job.")
+    atna: AtnaSection | None = Field(None, description="Audit records also sent as DICOM PS3.15 A.5 messages "
+                                     "to this syslog receiver (IHE ATNA).")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from node.config.schema import Strict
+from node.config.base import Strict
 
 if TYPE_CHECKING:
     from node.config.schema import Destination, NodeConfig

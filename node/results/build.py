@@ -30,13 +30,17 @@ class AlgorithmInfo:
     model_name: str | None = None
     model_version: str | None = None
     weights_sha256: str | None = None
+    not_for_clinical_use: bool = False  # from the model manifest; the RIS message and viewers show it
 
 
 def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
     """Model identity, recorded as algorithm parameters in the SEG and in every SR measurement."""
     fields = {"model_name": algorithm.model_name, "model_version": algorithm.model_version,
               "weights_sha256": algorithm.weights_sha256}
-    return {k: str(v) for k, v in fields.items() if v}
+    out = {k: str(v) for k, v in fields.items() if v}
+    if algorithm.not_for_clinical_use:
+        out["not_for_clinical_use"] = "true"
+    return out
 
 
 def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], algorithm: AlgorithmInfo,

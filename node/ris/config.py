@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from node.config.schema import Strict
+from node.config.base import Strict
 
 # MSH-3..6 namespace ids: HL7 delimiters would have to be escaped there, which receivers rarely expect.
 HL7_NAME = r"^[^|^~\\&\r\n]{0,180}$"
@@ -72,3 +72,17 @@ class FhirDestination(Strict):
         if len(given) > 1:
             raise ValueError(f"give at most one of token, token_file, token_env (got {', '.join(given)})")
         return self
+
+
+def resolve_paths(dest: RisDestination | FhirDestination, base: Path) -> RisDestination | FhirDestination:
+    """`dest` with its relative file paths made relative to `base` (the config file's folder)."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    if isinstance(dest, RisDestination):
+        if dest.tls is None:
+            return dest
+        tls = dest.tls.model_copy(update={k: fix(getattr(dest.tls, k)) for k in ("ca_file", "cert_file", "key_file")})
+        return dest.model_copy(update={"tls": tls})
+    return dest.model_copy(update={"ca_file": fix(dest.ca_file), "token_file": fix(dest.token_file)})

@@ -195,7 +195,8 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     model = plugin.model
     algorithm = AlgorithmInfo(name=plugin.name, version=plugin.version,
                               model_name=model.name if model else None, model_version=model.version if model else None,
-                              weights_sha256=model.weights_sha256 if model else None)
+                              weights_sha256=model.weights_sha256 if model else None,
+                              not_for_clinical_use=bool(model and model.manifest.not_for_clinical_use))
     timings.update({k: round(float(v), 3) for k, v in result.timings.items()})
     if result.gpu_memory_peak_mb is not None:
         timings["gpu_memory_peak_mb"] = round(result.gpu_memory_peak_mb, 1)

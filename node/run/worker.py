@@ -46,9 +46,12 @@ class WorkerPool:
         device: str = "auto",
         routine_max_wait_s: float | None = None,
         gpu_memory_mb: Mapping[str, int] | None = None,
+        report_kinds: Mapping[str, str] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
-        without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate."""
+        without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
+        `report_kinds` maps RIS destination names to their kind ("ORU" or "FHIR")."""
+        self.report_kinds = dict(report_kinds or {})
         self.routine_max_wait_s = routine_max_wait_s
         self.store = store
         self.audit = audit
@@ -185,12 +188,13 @@ class WorkerPool:
             self._failed(job, f"cannot store results: {exc}", timings, t0)
             return
 
-        items = [
-            DispatchItem(destination=dest, kind=f.kind, sop_class_uid=f.sop_class_uid,
-                         sop_instance_uid=f.sop_instance_uid, path=str(p))
-            for dest in job.destinations
-            for f, p in zip(out.files, paths)
-        ]
+        items = []
+        for dest in job.destinations:
+            report = self.report_kinds.get(dest)  # a RIS gets one message per job, made from the SR
+            for f, p in zip(out.files, paths):
+                if report is None or f.kind == "SR":
+                    items.append(DispatchItem(destination=dest, kind=report or f.kind, sop_class_uid=f.sop_class_uid,
+                                              sop_instance_uid=f.sop_instance_uid, path=str(p)))
         timings["total_s"] = round(time.time() - t0, 3)
         self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items)
         self.audit.append(
