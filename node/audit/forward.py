@@ -18,6 +18,7 @@ from typing import Any
 from node.audit.atna import AtnaMapper
 from node.audit.atna_config import AtnaSection
 from node.audit.syslog import SyslogForwarder
+from node.config.tls import TlsError, client_context_for
 
 log = logging.getLogger("ainode.atna")
 
@@ -30,40 +31,13 @@ class AtnaConfigError(ValueError):
         self.key = key
 
 
-def _readable(key: str, path: Path) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except FileNotFoundError:
-        raise AtnaConfigError(key, f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise AtnaConfigError(key, f"{path} is a folder, not a PEM file") from None
-    except PermissionError:
-        raise AtnaConfigError(key, f"cannot read {path}: permission denied (give the node's user read access)") from None
-
-
 def tls_context(section: AtnaSection) -> ssl.SSLContext:
     """The client context toward the receiver (TLS 1.2 or newer). Raises AtnaConfigError naming the file."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = section.verify_hostname
-    if section.ca_file is not None:
-        _readable("ca_file", section.ca_file)
-        try:
-            ctx.load_verify_locations(cafile=str(section.ca_file))
-        except ssl.SSLError:
-            raise AtnaConfigError("ca_file", f"{section.ca_file} holds no PEM certificate") from None
-    else:
-        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if section.cert_file is not None and section.key_file is not None:
-        _readable("cert_file", section.cert_file)
-        _readable("key_file", section.key_file)
-        try:
-            ctx.load_cert_chain(str(section.cert_file), str(section.key_file), password=lambda: b"")
-        except ssl.SSLError as exc:
-            raise AtnaConfigError("key_file", f"{section.cert_file} / {section.key_file}: not a PEM certificate "
-                                  f"and its unencrypted private key ({exc.reason or exc})") from None
-    return ctx
+    try:
+        return client_context_for(section.ca_file, section.cert_file, section.key_file,
+                                  verify_hostname=section.verify_hostname)
+    except TlsError as exc:
+        raise AtnaConfigError(exc.key, str(exc)) from None
 
 
 class AtnaForwarder:

@@ -89,9 +89,8 @@ def _no_password() -> bytes:
     raise TlsError("key_file", "")  # message filled in by _load_chain, which knows the file
 
 
-def _load_chain(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
-    assert tls.cert_file is not None
-    cert, key = tls.cert_file, tls.key_file or tls.cert_file
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> None:
+    key = key or cert
     _readable("cert_file", cert)
     _readable("key_file", key)
     try:  # is there a certificate at all? (load_cert_chain's own error does not say which file is bad)
@@ -125,7 +124,7 @@ def server_context(tls: TlsSettings, base: Path) -> ssl.SSLContext:
         raise TlsError("cert_file", "the node's TLS listener needs cert_file (and key_file): its certificate")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
-    _load_chain(ctx, tls)
+    _load_chain(ctx, tls.cert_file, tls.key_file)
     if tls.ca_file is not None:
         _load_ca(ctx, tls.ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
@@ -135,15 +134,24 @@ def server_context(tls: TlsSettings, base: Path) -> ssl.SSLContext:
 def client_context(tls: TlsSettings, base: Path) -> ssl.SSLContext:
     """The SCU's context toward one destination. Raises TlsError naming the file at fault."""
     tls = tls.resolved(base)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # always verifies the server's certificate chain
-    ctx.minimum_version = _VERSIONS[tls.min_version]
-    ctx.check_hostname = tls.verify_hostname
-    if tls.ca_file is not None:
-        _load_ca(ctx, tls.ca_file)
+    return client_context_for(tls.ca_file, tls.cert_file, tls.key_file, verify_hostname=tls.verify_hostname,
+                              min_version=tls.min_version)
+
+
+def client_context_for(ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None, *,
+                       verify_hostname: bool = True, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+    """A client context that always verifies the server's chain (against `ca_file`, else the system CAs),
+    with our certificate when one is given. Shared by DICOM, MLLP, syslog and HTTPS clients; raises
+    TlsError whose `key` names the setting at fault (ca_file, cert_file, key_file)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSIONS[min_version]
+    ctx.check_hostname = verify_hostname
+    if ca_file is not None:
+        _load_ca(ctx, ca_file)
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    if tls.cert_file is not None:
-        _load_chain(ctx, tls)
+    if cert_file is not None:
+        _load_chain(ctx, cert_file, key_file)
     return ctx
 
 
