@@ -16,7 +16,7 @@ from .uids import derive_uid
 
 @dataclass(frozen=True)
 class BuiltObject:
-    kind: str  # "SEG" or "SR"
+    kind: str  # "SEG" or "SR"; "GSPS" or "SC" from node/results/fallback.py
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
