@@ -201,6 +201,32 @@ def test_options_retain_uids_full_dates_characteristics_and_safe_private(ct):
     assert_no_identity(out, {NAME, PID, OTHER_PID, BIRTH, ct["accession"]})
 
 
+def test_safe_private_uid_is_keyed_and_retained_uids_still_come_home(ct):
+    src = ct["datasets"][4]
+    safe = [{"creator": CREATOR, "group": 0x0009, "element": 0x02}]
+    out = deidentifier(ct["root"], db="safe.db", safe_private=safe).deidentify(src)
+    assert out.private_block(0x0009, CREATOR)[0x02].value == out.StudyInstanceUID != src.StudyInstanceUID
+    kept = deidentifier(ct["root"], db="kept.db", retain_uids=True)
+    copy_ = kept.deidentify(src)
+    back = kept.reidentify(copy_)
+    assert back is not None and back.StudyInstanceUID == src.StudyInstanceUID and back.PatientID == PID
+
+
+def test_map_lives_in_the_node_store(ct, tmp_path):
+    from sqlalchemy import inspect
+
+    from node.store.db import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}")
+    try:
+        d = Deidentifier(settings(), KEY, PseudonymMap(store.engine))
+        out = d.deidentify(ct["datasets"][5])
+        assert {"studies", "jobs", "pseudonyms"} <= set(inspect(store.engine).get_table_names())
+        assert PseudonymMap(store.engine).original_study(out.StudyInstanceUID) == ct["datasets"][5].StudyInstanceUID
+    finally:
+        store.close()
+
+
 def test_without_date_options_dates_follow_the_table(ct):
     out = deidentifier(ct["root"], db="nodates.db", shift_dates=False).deidentify(ct["datasets"][1])
     assert not out.StudyDate and "SeriesDate" not in out and not out.ContentDate  # Z, X/D, Z/D

@@ -4,7 +4,8 @@ Applied to every element at every depth (sequence items included):
 - Table E.1-1's action (node.deid.table, from the dicom-anonymizer package). Compound actions take the
   first choice that keeps a Type 2 attribute present: X/Z, X/Z/D and Z/D → Z (empty); X/D → X; X/Z/U*
   keeps the sequence and cleans its items. Sequences under X/Z or X/Z/D are removed (mostly Type 3,
-  where an empty sequence is invalid), Acquisition Context Sequence (Type 2) is emptied. Attributes the table does not list are kept.
+  where an empty sequence is invalid); Acquisition Context Sequence (Type 2) is emptied. Attributes
+  the table does not list are kept (and their sequences cleaned).
 - UIDs (action U, and any UID element that repeats one of them): keyed `2.25.` UIDs, the same for
   the same input, so a series stays one series. Retain UIDs Option: kept.
 - PatientID, PatientName, AccessionNumber: keyed pseudonyms (Z and Z/D allow a dummy value); these,
@@ -32,8 +33,10 @@ from pydicom.tag import Tag
 
 from node.deid import table
 from node.deid.config import MIN_KEY_BYTES, DeidKeyError, DeidSettings
-from node.deid.errors import BurnedInAnnotationError, DeidentificationError
+from node.deid.errors import DeidentificationError
 from node.deid.keyed import date_shift_days, key_id, keyed_token, keyed_uid
+from node.deid.leaks import DATE_VRS, check_no_leak, identity_values
+from node.deid.pixels import check_burned_in
 from node.deid.pseudonyms import ATTR, Pair, PseudonymMap
 from node.deid.reidentify import reidentify
 from node.deid.walk import values as _strings
@@ -43,11 +46,6 @@ from node.deid.walk import walk
 STUDY_CONTEXT = ("IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
                  "PatientWeight", "StudyDate", "StudyTime", "StudyID", "ReferringPhysicianName", "StudyDescription")
 METHOD = "AINODE PS3.15 E.1 Basic Profile, keyed pseudonyms"
-# Kinds of image that often carry burned-in text: without BurnedInAnnotation NO they are refused.
-SUSPECT_MODALITIES = frozenset({"US", "OT", "XC", "ES", "SC", "GM", "SM", "DOC"})
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-PIXEL_TAGS = frozenset(Tag(t) for t in ((0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)))
-DATE_VRS = ("DA", "DT", "TM")
 TYPE2_SEQUENCES = frozenset({Tag("AcquisitionContextSequence")})  # kept empty rather than removed
 BINARY_VRS = ("OB", "OW", "OF", "OD", "OL", "OV", "UN")
 NUMERIC_VRS = ("US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT")
@@ -56,11 +54,6 @@ DUMMY = {"PN": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000", "TM": "00
 
 _PATIENT_ID, _PATIENT_NAME = Tag("PatientID"), Tag("PatientName")
 _ACCESSION, _BIRTH_DATE = Tag("AccessionNumber"), Tag("PatientBirthDate")
-# Values that must not survive, by keyword: what the final check looks for.
-_IDENTITY_KEYWORDS = {"PatientID": "patient ID", "OtherPatientIDs": "patient ID", "PatientName": "patient name",
-                      "OtherPatientNames": "patient name", "PatientBirthName": "patient name",
-                      "PatientMotherBirthName": "patient name", "PatientBirthDate": "birth date",
-                      "AccessionNumber": "accession number"}
 
 
 class Deidentifier:
@@ -87,7 +80,8 @@ class Deidentifier:
                                         "into its study, so the instance is not sent")
         run = _Run(self, ds)
         out = run.apply()
-        check_no_leak(out, run.forbidden())
+        check_no_leak(out, identity_values(ds, set() if self.settings.retain_uids else run.instance_uids,
+                                           dates_handled=self.settings.retain_dates or self.settings.shift_dates))
         self.pseudonyms.record(run.pairs, self.key_id)
         return out
 
@@ -114,24 +108,6 @@ def applied_methods(s: DeidSettings) -> list[tuple[str, str]]:
     if s.remove_private_tags and s.safe_private:
         applied.append(("113111", "Retain Safe Private Option"))
     return applied
-
-
-def check_burned_in(ds: Dataset) -> None:
-    """Refuse images whose pixels may show identity: the node does not clean pixel data."""
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return
-    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    sop = ds.get("SOPInstanceUID", "?")
-    if flag == "YES":
-        raise BurnedInAnnotationError(
-            f"instance {sop}: (0028,0301) BurnedInAnnotation is YES and the node does not clean pixel data "
-            f"(Clean Pixel Data Option); not sent: route only series without burned-in text to external destinations")
-    modality = str(ds.get("Modality", "") or "").upper()
-    if flag != "NO" and (modality in SUSPECT_MODALITIES or str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE)):
-        raise BurnedInAnnotationError(
-            f"instance {sop}: (0028,0301) BurnedInAnnotation is absent on a {modality or 'secondary capture'} image, "
-            f"a kind that often has burned-in text; not sent: only images marked BurnedInAnnotation NO of this "
-            f"kind go to external destinations")
 
 
 class _Run:
@@ -171,6 +147,8 @@ class _Run:
             if tag.is_private:  # kept: a safe one, or remove_private_tags is off; clean what it nests
                 if elem.VR == "SQ":
                     self._clean_items(elem)
+                elif elem.VR == "UI" and any(v in self.instance_uids for v in _strings(elem)):
+                    self._uids(elem)
                 continue
             self._element(ds, elem)
 
@@ -313,62 +291,9 @@ class _Run:
             meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
         out.file_meta = meta
 
-    # ---- what must be gone ---------------------------------------------
-
-    def forbidden(self) -> list[tuple[str, str, bool]]:
-        """(what, original value, also skip date elements) for the final check."""
-        out: list[tuple[str, str, bool]] = []
-        for _, _, elem in walk(self.src):
-            what = _IDENTITY_KEYWORDS.get(elem.keyword)
-            if what is None or elem.tag.is_private:
-                continue
-            for v in _strings(elem):
-                v = v.strip()
-                if v:
-                    # With a date option, date elements are handled deliberately (kept or shifted).
-                    out.append((what, v, what == "birth date" and (self.s.retain_dates or self.s.shift_dates)))
-                    if elem.VR == "PN":
-                        out.extend((what, part, False) for part in _name_parts(v))
-        if not self.s.retain_uids:
-            out.extend(("UID", uid, False) for uid in self.instance_uids)
-        return out
-
-
-def check_no_leak(ds: Dataset, forbidden: list[tuple[str, str, bool]]) -> None:
-    """Raise if any original identifying value is in any element (nested, private, file meta included).
-
-    Values of 4 characters or more (16 for UIDs) are also looked for inside longer strings. Numeric
-    elements (DS, IS, US...) and binary ones other than UN are not searched.
-    """
-    elements = list(walk(ds.file_meta, "file meta > ")) if getattr(ds, "file_meta", None) is not None else []
-    elements += list(walk(ds))
-    for path, _, elem in elements:
-        # Numbers and bulk binary data are not where identity hides, and short numeric IDs would match them.
-        if elem.VR in NUMERIC_VRS or elem.VR in ("DS", "IS") or elem.tag in PIXEL_TAGS or (
-                elem.VR in BINARY_VRS and (elem.VR != "UN" or len(elem.value or b"") > 65536)):
-            continue
-        found = _strings(elem)
-        if not found:
-            continue
-        for what, value, skip_dates in forbidden:
-            if skip_dates and elem.VR in DATE_VRS:
-                continue
-            sub = len(value) >= (16 if what == "UID" else 4)
-            if any(v == value or (sub and value in v) for v in found):
-                raise DeidentificationError(
-                    f"the de-identified copy still holds an original {what} in {path}; the instance is not sent. "
-                    f"The attribute is not cleaned by PS3.15 Table E.1-1 as configured: remove it upstream, or "
-                    f"keep remove_private_tags on if it is private")
-
 
 def _text(elem: DataElement) -> str:
     return "\\".join(_strings(elem))
-
-
-def _name_parts(name: str) -> list[str]:
-    """Name components long enough to look for inside other strings (short ones match too much)."""
-    parts = {p.strip() for group in name.split("=") for p in group.split("^")}
-    return sorted(p for p in parts if len(p) >= 4 and p != name)
 
 
 def _shift_date(value: str, days: int) -> str:

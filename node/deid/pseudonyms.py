@@ -26,6 +26,7 @@ from node.deid.models import Pseudonym
 KIND_KEYWORDS = {"patient_id": "PatientID", "patient_name": "PatientName", "accession": "AccessionNumber"}
 ATTR = "attr:"
 _CHUNK = 500  # bound parameters per IN (...) list, well under SQLite's limit
+_KNOWN_MAX = 200_000  # pairs remembered as stored, to skip the read for the next instance of a series
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class PseudonymMap:
             except IntegrityError:  # another process stored some of them between our read and our write
                 if attempt == 2:
                     raise
+        if len(self._known) > _KNOWN_MAX:  # a cache, not a copy of the table: keep it bounded
+            self._known.clear()
         self._known.update(new)
         return added
 
