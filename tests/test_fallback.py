@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -14,6 +15,7 @@ from node.plugin_api import Code, Finding, PluginResult, StudyInput
 from node.results import AlgorithmInfo, validate_with_dciodvfy
 from node.results.contours import edge_pixels, mask_contours
 from node.results.fallback import build_fallbacks
+from node.results.gsps import FastAnnotation
 from node.results.keyimage import BANNER_RGB
 from node.run.series_loader import load_series
 from node.synth import write_chest_ct
@@ -78,6 +80,18 @@ def test_contours_follow_pixel_borders_regions_holes_and_corner_touches():
     assert mask_contours(np.zeros((5, 5), bool)) == []
 
 
+def test_fast_annotation_is_highdicoms(case):
+    headers = case[2]
+    obj = hd.pr.GraphicObject("POLYLINE", np.array([[1.0, 1.0], [5.0, 1.0], [5.0, 5.0], [1.0, 1.0]]), "PIXEL")
+    text = hd.pr.TextObject("label", "PIXEL", anchor_point=(1.0, 1.0), anchor_point_visible=False)
+    layer = hd.pr.GraphicLayer("AI TEXT", order=1)
+    for images in ([headers[3]], headers[:5]):
+        fast = FastAnnotation(images, layer, graphic_objects=[obj], text_objects=[text])
+        assert fast == hd.pr.GraphicAnnotation(images, layer, graphic_objects=[obj], text_objects=[text])
+    assert FastAnnotation(headers[:2], layer, text_objects=[text]) == hd.pr.GraphicAnnotation(
+        headers[:2], layer, text_objects=[text])
+
+
 def test_all_pass_dciodvfy(case):
     *_, objs, paths = case
     assert [o.kind for o in objs] == ["GSPS"] + ["SC"] * (len(objs) - 1) and len(objs) >= 2
@@ -130,12 +144,17 @@ def test_gsps_draws_each_outline_on_its_slice(case):
         assert {k for m, k in drawn if m == n} == on, seg.label
         for k in on:
             objects = drawn[(n, k)]
-            assert len(objects) == expected_outlines(seg.mask[k])
+            exact = mask_contours(seg.mask[k])
+            assert len(objects) == len(exact) == expected_outlines(seg.mask[k])
             assert {o.GraphicType for o in objects} == {"POLYLINE"}
             assert {o.GraphicAnnotationUnits for o in objects} == {"PIXEL"}
-            polys = [np.asarray(o.GraphicData, float).reshape(-1, 2) for o in objects]
-            assert all((p[0] == p[-1]).all() for p in polys)  # closed
-            assert sum(polygon_area(p) for p in polys) == pytest.approx(seg.mask[k].sum())  # exactly the mask
+            for o, e in zip(objects, exact):
+                p = np.asarray(o.GraphicData, float).reshape(-1, 2)
+                assert (p[0] == p[-1]).all() and len(p) >= 4  # closed
+                corners = {tuple(v) for v in e}
+                assert all(tuple(v) in corners for v in p)  # simplified: some of the pixel-border corners
+                perimeter = np.abs(np.diff(e, axis=0)).sum()
+                assert abs(polygon_area(p) - polygon_area(e)) <= perimeter  # within a pixel of the border
     # The banner is on every image of the series, with the finding labels.
     assert len(banner.ReferencedImageSequence) == len(headers)
     texts = [t.UnformattedTextValue for t in banner.TextObjectSequence]

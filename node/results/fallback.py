@@ -41,6 +41,8 @@ def build_fallbacks(result: PluginResult, sources: Mapping[str, Sequence[Dataset
     unknown = set(kinds) - FALLBACK_KINDS
     if unknown:
         raise ValueError(f"unknown fallback kind(s) {sorted(unknown)}; choose from {sorted(FALLBACK_KINDS)}")
+    if max_key_images < 1:
+        raise ValueError(f"max_key_images must be at least 1, got {max_key_images}")
     if not sources or not all(sources.values()):
         raise ValueError("no source series (or an empty one) given")
     studies = {str(ds.StudyInstanceUID) for series in sources.values() for ds in series}

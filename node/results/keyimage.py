@@ -25,15 +25,19 @@ BANNER_RGB = (255, 80, 80)
 TEXT_RGB = (255, 255, 255)
 
 
-def window_for(header: Dataset, looks_like_lung: bool) -> tuple[float, float]:
-    """The slice's own (first) window; else a lung or soft-tissue window."""
+def window_for(header: Dataset, pixels: np.ndarray, looks_like_lung: bool) -> tuple[float, float]:
+    """The slice's own (first) window; else for CT a lung or soft-tissue window, for other modalities
+    the 1st to 99th percentile of the slice (their values have no fixed meaning)."""
     c, w = header.get("WindowCenter"), header.get("WindowWidth")
     if c is not None and w is not None:
         c = c[0] if isinstance(c, (MultiValue, list, tuple)) else c
         w = w[0] if isinstance(w, (MultiValue, list, tuple)) else w
         if float(w) > 0:
             return float(c), float(w)
-    return LUNG_WINDOW if looks_like_lung else SOFT_TISSUE_WINDOW
+    if header.get("Modality") == "CT":
+        return LUNG_WINDOW if looks_like_lung else SOFT_TISSUE_WINDOW
+    lo, hi = (float(v) for v in np.percentile(pixels, [1, 99]))
+    return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
 def to_gray8(values: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -105,9 +109,13 @@ def build_key_image(header: Dataset, hu: np.ndarray, overlays: Sequence[Overlay]
                     instance_number: int, manufacturer: str, device_serial: str,
                     looks_like_lung: bool) -> hd.sc.SCImage:
     """The key image of one source slice (`hu`: its pixels in modality units, `header`: its dataset)."""
-    center, width = window_for(header, looks_like_lung)
+    hu = np.asarray(hu, np.float32)
+    center, width = window_for(header, hu, looks_like_lung)
+    gray = to_gray8(hu, center, width)
+    if header.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray  # low values shown white, as the source is meant to be seen
     drawn = [(o.mask[slice_index], o.rgb, o.text) for o in overlays if o.mask[slice_index].any()]
-    rgb, band = render(to_gray8(np.asarray(hu, np.float32), center, width), drawn, banner)
+    rgb, band = render(gray, drawn, banner)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=rgb,
