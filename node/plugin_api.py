@@ -64,6 +64,9 @@ class StudyInput:
     # Multiply your batch size by this (at least 1). The node runs the study again at half the scale after
     # a CUDA out-of-memory error, so one oversized study fails neither itself nor the worker.
     batch_scale: float = 1.0
+    # The patient's prior studies when the rule asks for them (`priors:`), newest study first; empty when it
+    # does not or none could be fetched. Each volume's headers give its StudyInstanceUID and StudyDate.
+    priors: Sequence[SeriesVolume] = ()
 
 
 @dataclass(frozen=True)

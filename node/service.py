@@ -57,7 +57,9 @@ class NodeService:
                                   log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                                   models_dir=paths.models_dir, device=cfg.run.device,
                                   routine_max_wait_s=cfg.run.routine_max_wait_s,
-                                  report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}})
+                                  report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}},
+                                  rule_priors={r.name: r.priors for r in cfg.rules if r.priors},
+                                  sources=cfg.sources, node_ae=cfg.node.ae_title)
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
                                      cfg.node.ae_title,

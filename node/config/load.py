@@ -77,6 +77,9 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
             )
         elif not cfg.plugins[rule.plugin].enabled:
             errors.append(f"rules.{i}.plugin: plugin '{rule.plugin}' is disabled under 'plugins'")
+        if rule.priors is not None and rule.priors.source not in cfg.sources:
+            errors.append(f"rules.{i}.priors.source: unknown source '{rule.priors.source}' "
+                          f"(defined under sources: {', '.join(sorted(cfg.sources)) or 'none'})")
         known = {*cfg.destinations, *cfg.ris, *cfg.fhir}
         for j, dest in enumerate(rule.destinations):
             if dest not in known:

@@ -22,6 +22,7 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 from node.audit.atna_config import AtnaSection  # noqa: E402
 from node.config.base import Strict  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
+from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 
 
@@ -293,6 +294,8 @@ class Rule(Strict):
     plugin: str
     priority: Literal["stat", "routine"] = "routine"
     destinations: list[str] = Field(default_factory=list)
+    priors: PriorsSpec | None = Field(None, description="Also hand the plugin the patient's prior studies, "
+                                      "fetched (C-GET) from a PACS under `sources`.")
 
 
 class NodeConfig(Strict):

@@ -42,6 +42,7 @@ class JobSpec:
     series: dict[str, list[str]]  # series UID -> instance file paths
     temp_dir: str  # where result temp files go (the spool's temp folder, reaped after a crash)
     validate: bool
+    priors: dict[str, list[str]] = field(default_factory=dict)  # prior series UID -> files (rule's `priors:`)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,18 @@ class LoadedInput:
     sources: dict
     prepared: Any
     timings: dict[str, float]
+    priors: list = field(default_factory=list)  # SeriesVolumes of the prior studies
+
+
+def load_priors(series: Mapping[str, list[str]]) -> list:
+    """Prior series as volumes; one that cannot be read as a volume (a scout, a report) is left out, not fatal."""
+    out = []
+    for series_uid, paths in series.items():
+        try:
+            out.append(load_series(paths)[0])
+        except Exception as exc:  # noqa: BLE001 - a prior is extra input: the job goes on without it
+            log.warning("prior series left out series=%s error=%s", series_uid, f"{type(exc).__name__}: {exc}")
+    return out
 
 
 def load_input(spec: JobSpec, plugin: Plugin | None) -> LoadedInput:
@@ -121,12 +134,17 @@ def load_input(spec: JobSpec, plugin: Plugin | None) -> LoadedInput:
         volumes.append(vol)
         sources[series_uid] = headers
     timings["load_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    priors = load_priors(spec.priors)
+    if spec.priors:
+        timings["priors_load_s"] = round(time.perf_counter() - t, 3)
     prepared = None
     if plugin is not None:
         t = time.perf_counter()
-        prepared = plugin.prepare(StudyInput(spec.study_uid, volumes, Path(tempfile.gettempdir()), plugin.options))
+        prepared = plugin.prepare(StudyInput(spec.study_uid, volumes, Path(tempfile.gettempdir()), plugin.options,
+                                             priors=priors))
         timings["prepare_s"] = round(time.perf_counter() - t, 3)
-    return LoadedInput(spec.job_id, dict(spec.series), volumes, sources, prepared, timings)
+    return LoadedInput(spec.job_id, dict(spec.series), volumes, sources, prepared, timings, priors)
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -174,10 +192,12 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
         loaded = load_input(spec, plugin)
     else:
         timings["prefetched"] = 1
+        if spec.priors and not loaded.priors:  # fetched after the hint, so not in the prefetched input
+            loaded.priors = load_priors(spec.priors)
         if "prepare_s" not in loaded.timings:  # the plugin was not loaded yet when the input was prefetched
             t = time.perf_counter()
             loaded.prepared = plugin.prepare(StudyInput(spec.study_uid, loaded.volumes, Path(tempfile.gettempdir()),
-                                                        plugin.options))
+                                                        plugin.options, priors=loaded.priors))
             loaded.timings["prepare_s"] = round(time.perf_counter() - t, 3)
     timings.update(loaded.timings)
     volumes, sources = loaded.volumes, loaded.sources
@@ -186,7 +206,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"ainode-job{spec.job_id}-") as scratch:
         result = _run_plugin(plugin, StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options,
-                                                prepared=loaded.prepared), timings)
+                                                prepared=loaded.prepared, priors=loaded.priors), timings)
     timings["plugin_s"] = round(time.perf_counter() - t, 3)
     del volumes, loaded
 

@@ -6,6 +6,7 @@ heavy work (load, plugin, build). A job that fails, hangs or exhausts memory fai
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import threading
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from node.audit import AuditLog
-from node.config.schema import PluginSection
+from node.config.schema import PluginSection, Source
+from node.priors.config import PriorsSpec
+from node.priors.retrieve import PriorRetriever
 from node.receive.spool import Spool
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
@@ -47,10 +50,16 @@ class WorkerPool:
         routine_max_wait_s: float | None = None,
         gpu_memory_mb: Mapping[str, int] | None = None,
         report_kinds: Mapping[str, str] | None = None,
+        rule_priors: Mapping[str, PriorsSpec] | None = None,
+        sources: Mapping[str, Source] | None = None,
+        node_ae: str = "AINODE",
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
-        `report_kinds` maps RIS destination names to their kind ("ORU" or "FHIR")."""
+        `report_kinds` maps RIS destination names to their kind ("ORU" or "FHIR"). `rule_priors`: the rules
+        whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`."""
+        self.rule_priors = dict(rule_priors or {})
+        self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
         self.report_kinds = dict(report_kinds or {})
         self.routine_max_wait_s = routine_max_wait_s
         self.store = store
@@ -78,6 +87,7 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        self.priors.clear()  # a crash's leftovers: no job runs yet
         for i, (slot, proc) in enumerate(zip(self.slots, self._processes)):
             proc.start()
             t = threading.Thread(target=self._loop, args=(i, slot, proc), name=slot.name, daemon=True)
@@ -167,11 +177,27 @@ class WorkerPool:
     def execute(self, job: Job, proc: PluginProcess, upcoming: Callable[[], Job | None] | None = None) -> None:
         t0 = time.time()
         timings: dict[str, float] = {"queue_wait_s": round(t0 - job.created_at, 3)}
+        spec, wanted = self._spec(job), self.rule_priors.get(job.rule)
+        first = next((paths[0] for paths in spec.series.values() if paths), None)
+        priors = (self.priors.retrieve(job.id, job.study_uid, first, wanted, self._abandon.is_set)
+                  if wanted and first else None)
+        if priors is not None and self._abandon.is_set():
+            self.priors.release(job.id)
+            raise Abandoned()  # stopped mid-fetch: queued again, not failed for want of priors
+        if priors is not None:
+            spec = dataclasses.replace(spec, priors=priors.series)
+            timings.update(priors.timings())
         self.audit.append("job-start", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
-                          rule=job.rule, attempt=job.attempts, series_uids=job.series_uids, worker=proc.name)
+                          rule=job.rule, attempt=job.attempts, series_uids=job.series_uids, worker=proc.name,
+                          **({"priors_source": wanted.source, **priors.audit_fields()} if priors else {}))
         log.info("job start job_id=%d plugin=%s attempt=%d worker=%s worker_pid=%s", job.id, job.plugin,
                  job.attempts, proc.name, proc.pid)
-        spec = self._spec(job)
+        if priors is not None and priors.error:
+            if wanted.required:  # type: ignore[union-attr] - priors is only set with wanted
+                self._failed(job, f"priors required (rules.*.priors.required) but not fetched: {priors.missing}",
+                             timings, t0)
+                return
+            log.warning("job runs without priors job_id=%d: %s", job.id, priors.missing)
         try:
             out = proc.run(spec, timeout_s=self.timeout_s, memory_limit_mb=self.memory_limit_mb,
                            on_stage=lambda stage: log.info("job stage job_id=%d stage=%s", job.id, stage),
@@ -187,6 +213,9 @@ class WorkerPool:
         except OSError as exc:
             self._failed(job, f"cannot store results: {exc}", timings, t0)
             return
+        finally:
+            if priors is not None:
+                self.priors.release(job.id)
 
         items = []
         for dest in job.destinations:
