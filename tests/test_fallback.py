@@ -4,7 +4,6 @@ result on a synthetic CT, valid per dciodvfy, in the source study, deterministic
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from scipy import ndimage
 
 from node.plugin_api import Code, Finding, PluginResult, StudyInput
-from node.results import AlgorithmInfo, validate_with_dciodvfy
+from node.results import AlgorithmInfo, build_results, validate_with_dciodvfy
 from node.results.contours import edge_pixels, mask_contours
 from node.results.fallback import build_fallbacks
 from node.results.gsps import FastAnnotation
@@ -164,6 +163,23 @@ def test_gsps_draws_each_outline_on_its_slice(case):
     assert "ct_lung 1.0.0" in texts[1] and "lungseg 2" in texts[1]
 
 
+def test_gsps_outlines_carry_the_srs_tracking_uids(case):
+    _, vol, headers, result, objs, _ = case
+    [gsps] = of_kind(objs, "GSPS")
+    sr = build_results(result, {vol.series_uid: headers}, ALGO)[-1].dataset
+
+    def items(ds):
+        for item in ds.get("ContentSequence", []):
+            yield item
+            yield from items(item)
+
+    sr_uids = {i.UID for i in items(sr) if i.ValueType == "UIDREF"}
+    tracked = {(o.TrackingID, o.TrackingUID) for a in gsps.GraphicAnnotationSequence
+               for o in a.get("GraphicObjectSequence", [])}
+    assert {t for t, _ in tracked} == {"left-lung", "right-lung"}
+    assert {u for _, u in tracked} <= sr_uids
+
+
 def test_key_images_show_outlines_at_the_mask_edges_and_a_banner(case):
     _, vol, headers, result, objs, _ = case
     segments = result.segmentations[0].segments
@@ -196,7 +212,7 @@ def test_key_images_show_outlines_at_the_mask_edges_and_a_banner(case):
         assert len(np.unique(rest[:, 0])) > 3  # windowed, not flat
         first_line = px[:band // 3]
         assert (first_line == BANNER_RGB).all(axis=-1).sum() > 20  # the warning, burned in
-        assert "NOT FOR DIAGNOSIS" in ds.ImageComments
+        assert "NOT FOR DIAGNOSIS" in ds.ImageComments and "Lung (Lung): Volume" in ds.ImageComments
     # Each lung's largest cross-section is among the key images.
     for seg in segments:
         areas = seg.mask.reshape(seg.mask.shape[0], -1).sum(axis=1)
@@ -221,7 +237,7 @@ def test_kinds_inputs_and_findings_without_masks(case, tmp_path):
     with pytest.raises(ValueError, match="volumes="):  # the node's headers carry no pixel data
         build_fallbacks(result, sources, ALGO, {"SC"})
     assert build_fallbacks(PluginResult(), sources, ALGO, {"GSPS", "SC"}) == []
-    assert [o.kind for o in build_fallbacks(result, sources, ALGO, {"GSPS"})] == ["GSPS"]
+    assert [o.kind for o in build_fallbacks(result, sources, ALGO, "GSPS")] == ["GSPS"]
     # A classifier's finding without a mask: the text on every image, one key image; UTF-8 keeps the dash.
     utf8 = [copy.copy(h) for h in headers]
     for h in utf8:
@@ -236,6 +252,7 @@ def test_kinds_inputs_and_findings_without_masks(case, tmp_path):
     assert ann.TextObjectSequence[0].UnformattedTextValue == "AI RESULT – NOT FOR DIAGNOSIS"
     assert "Pneumonia: confidence 0.87" in ann.TextObjectSequence[1].UnformattedTextValue
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == vol.sop_instance_uids[len(headers) // 2]
+    assert "Pneumonia: confidence 0.87" in sc.ImageComments and int(sc.Rows) > int(headers[0].Rows)
     for o in built:
         p = tmp_path / f"{o.kind}.dcm"
         o.dataset.save_as(p, enforce_file_format=True)

@@ -65,7 +65,7 @@ def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     if (nxt < 0).any():
         raise AssertionError("open mask outline: an edge has no successor")  # cannot happen for a pixel mask
     seen = np.zeros(keys.size, dtype=bool)
-    nxt_l, d_l = nxt.tolist(), d.tolist()
+    nxt_l = nxt.tolist()
     out = []
     for first in range(keys.size):
         if seen[first]:

@@ -38,7 +38,8 @@ def build_fallbacks(result: PluginResult, sources: Mapping[str, Sequence[Dataset
     then must still carry PixelData. `max_key_images` is per finding (per segment without a finding):
     its slices with the largest cross-section. A result with neither findings nor segments gives [].
     """
-    unknown = set(kinds) - FALLBACK_KINDS
+    kinds = {kinds} if isinstance(kinds, str) else set(kinds)
+    unknown = kinds - FALLBACK_KINDS
     if unknown:
         raise ValueError(f"unknown fallback kind(s) {sorted(unknown)}; choose from {sorted(FALLBACK_KINDS)}")
     if max_key_images < 1:
@@ -70,12 +71,14 @@ def build_fallbacks(result: PluginResult, sources: Mapping[str, Sequence[Dataset
     if "SC" in kinds:
         series_uid = derive_uid(study_uid, name, version, "SC", "series")
         lungish = any("lung" in o.text.lower() or "lung" in o.label.lower() for o in overlays)
+        # Each key image lists the findings drawn on it (beside their outlines) and those without a mask.
+        sc_banner = banner[:2] + [finding_text(f) for f in result.findings if f.segment_label not in segmented]
         n = 0
         for src_series, k in _key_images(result, overlays, sources, shown, segmented, max_key_images):
             header = sources[src_series][k]
             n += 1
             sc = build_key_image(header, _slice_pixels(volumes, sources, src_series, k),
-                                 [o for o in overlays if o.series_uid == src_series], k, banner[:2],
+                                 [o for o in overlays if o.series_uid == src_series], k, sc_banner,
                                  series_uid=series_uid,
                                  sop_uid=derive_uid(study_uid, src_series, name, version, "SC",
                                                     str(header.SOPInstanceUID)),

@@ -138,7 +138,7 @@ def build_key_image(header: Dataset, hu: np.ndarray, overlays: Sequence[Overlay]
     copy_series_anatomy(sc, header)
     sc.ConversionType = "WSD"  # rendered by a workstation (this node), not digitised
     sc.BurnedInAnnotation = "YES"
-    sc.ImageComments = dicom_text(truncate(" ".join([banner[0], *(t for _, _, t in drawn)]), 10240), header)
+    sc.ImageComments = dicom_text(truncate("; ".join([*banner, *(t for _, _, t in drawn)]), 10240), header)
     sc.DerivationDescription = dicom_text(truncate(
         f"{name} {version}: outlines of {len(drawn)} segment(s) burned into slice {slice_index + 1}, "
         f"window {center:g}/{width:g}, {band}-row text band on top", 1024), header)
