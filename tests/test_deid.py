@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 KEY = b"0123456789abcdef0123456789abcdef-test-key"
 OTHER_KEY = b"fedcba9876543210fedcba9876543210-other-key"
-NAME, PID, BIRTH = "Zhangsan^Weiming^Q", "HOSP-77123", "19600101"
+NAME, PID, BIRTH = "Zhangsan^Weiming^Q=张三^伟明", "HOSP-77123", "19600101"
 OTHER_PID = "MRN-555001"
 CREATOR = "ACME HOSPITAL PACS"
 NODULE, DIAMETER, MM = Code("27925004", "SCT", "Nodule"), Code("81827009", "SCT", "Diameter"), Code("mm", "UCUM", "mm")
@@ -79,11 +79,14 @@ def nasty(ds: Dataset, k: int, sop_uids: list[str]) -> Dataset:
 def ct(tmp_path_factory) -> dict:
     """The original study (10 slices, with nasty content) on disk, and what identifies it."""
     root = tmp_path_factory.mktemp("deid")
-    r = write_chest_ct(root / "synth", slices=10, rows=32, cols=32, patient_id=PID, patient_name=NAME)
+    r = write_chest_ct(root / "synth", slices=10, rows=32, cols=32, patient_id=PID, patient_name="Zhangsan^Weiming^Q")
     originals = [pydicom.dcmread(p) for p in r.files]
     sop_uids = [str(ds.SOPInstanceUID) for ds in originals]
     files = []
     for k, ds in enumerate(originals):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: the ideographic name group
+        ds.PatientName = NAME
+        ds.PatientBirthTime = "083000"
         nasty(ds, k, sop_uids)
         ds.PatientBirthDate = BIRTH
         path = root / "orig" / f"CT{k:03d}.dcm"
@@ -132,7 +135,7 @@ def assert_no_identity(ds: Dataset, forbidden: set[str]) -> None:
 
 
 def forbidden_values(ct: dict) -> set[str]:
-    name_parts = {p for p in NAME.split("^") if len(p) >= 4}
+    name_parts = {p for group in NAME.split("=") for p in group.split("^") if len(p) >= (4 if p.isascii() else 2)}
     return {NAME, *name_parts, PID, OTHER_PID, BIRTH, ct["accession"], *ct["uids"]}
 
 
@@ -151,7 +154,7 @@ def test_no_original_identity_anywhere(ct, deid):
         assert [i.CodeValue for i in ds.DeidentificationMethodCodeSequence] == ["113100", "113107"]
         assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
         assert "OtherPatientIDsSequence" not in ds and "ImageComments" not in ds and "ReferencedStudySequence" not in ds
-        assert not ds.PatientBirthDate
+        assert not ds.PatientBirthDate and "PatientBirthTime" not in ds
         assert ds.PatientID.startswith("AINODE-") and ds.PatientName == ds.PatientID
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     # the originals are untouched

@@ -52,7 +52,7 @@ def identity_values(src: Dataset, uids: set[str], *, dates_handled: bool) -> lis
 def check_no_leak(ds: Dataset, forbidden: list[Forbidden]) -> None:
     """Raise DeidentificationError naming the element if any forbidden value is found in `ds`.
 
-    Values of 4 characters or more (16 for UIDs) are also looked for inside longer strings. Numbers
+    Values of 4 characters or more (2 non-ASCII, 16 for UIDs) are also looked for inside longer strings. Numbers
     (DS, IS, US...) and bulk binary data other than UN are not searched: identity does not hide there,
     and short numeric IDs would match them by chance.
     """
@@ -68,7 +68,7 @@ def check_no_leak(ds: Dataset, forbidden: list[Forbidden]) -> None:
         for f in forbidden:
             if f.skip_dates and elem.VR in DATE_VRS:
                 continue
-            sub = len(f.value) >= (16 if f.what == "UID" else 4)
+            sub = len(f.value) >= _min_substring(f)
             if any(v == f.value or (sub and f.value in v) for v in found):
                 raise DeidentificationError(
                     f"the de-identified copy still holds an original {f.what} in {path}; the instance is not sent. "
@@ -76,7 +76,16 @@ def check_no_leak(ds: Dataset, forbidden: list[Forbidden]) -> None:
                     f"remove_private_tags on and the tag out of safe_private if it is private")
 
 
+def _min_substring(f: Forbidden) -> int:
+    """Shorter values are only matched whole: they would turn up inside unrelated strings.
+
+    Two ideographic characters (a Chinese name) are distinctive enough; four Latin ones are needed."""
+    if f.what == "UID":
+        return 16
+    return 4 if f.value.isascii() else 2
+
+
 def _name_parts(name: str) -> list[str]:
-    """Name components long enough to look for inside other strings (short ones match too much)."""
+    """Name components (all three PN groups) long enough to look for inside other strings."""
     parts = {p.strip() for group in name.split("=") for p in group.split("^")}
-    return sorted(p for p in parts if len(p) >= 4 and p != name)
+    return sorted(p for p in parts if p and p != name and len(p) >= (4 if p.isascii() else 2))

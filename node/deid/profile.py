@@ -13,7 +13,7 @@ Applied to every element at every depth (sequence items included):
   before deidentify() returns, so a returning result can always be put back.
 - Dates: Retain Full Dates Option keeps them; Modified Dates Option (the default) moves every DA/DT
   back by a keyed per-patient number of days (times unchanged, intervals kept); with neither, the
-  table's action applies. PatientBirthDate is always emptied.
+  table's action applies. PatientBirthDate is always emptied and PatientBirthTime removed.
 - Private tags: removed at every depth, except the configured safe ones (Retain Safe Private Option).
 - Burned-in annotation: refused (BurnedInAnnotation YES, or absent on a kind of image that often
   has it): pixel data is not cleaned.
@@ -53,7 +53,7 @@ DUMMY = {"PN": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000", "TM": "00
          "DS": "0", "IS": "0", "UR": "http://anonymized.invalid"}
 
 _PATIENT_ID, _PATIENT_NAME = Tag("PatientID"), Tag("PatientName")
-_ACCESSION, _BIRTH_DATE = Tag("AccessionNumber"), Tag("PatientBirthDate")
+_ACCESSION, _BIRTH_DATE, _BIRTH_TIME = Tag("AccessionNumber"), Tag("PatientBirthDate"), Tag("PatientBirthTime")
 
 
 class Deidentifier:
@@ -169,6 +169,9 @@ class _Run:
             return
         if tag == _BIRTH_DATE:
             elem.value = None
+            return
+        if tag == _BIRTH_TIME:
+            del ds[tag]
             return
         if s.retain_patient_characteristics and tag in table.PATIENT_CHARACTERISTICS:
             return
