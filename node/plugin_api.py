@@ -66,6 +66,7 @@ class StudyInput:
     batch_scale: float = 1.0
     # The patient's prior studies when the rule asks for them (`priors:`), newest study first; empty when it
     # does not or none could be fetched. Each volume's headers give its StudyInstanceUID and StudyDate.
+    # `prepare` may run before they are fetched (while the previous job runs) and then sees none.
     priors: Sequence[SeriesVolume] = ()
 
 
