@@ -176,6 +176,12 @@ class Destination(Strict):
     backoff_max_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
     tls: TlsSettings | None = Field(None, description="C-STORE to this PACS over DICOM TLS. Default: plain TCP.")
+    storage_commitment: bool = Field(
+        False, description="Ask this PACS (N-ACTION) to commit what was sent; a job is dispatched only once it "
+        "reports the objects committed. The PACS must know the node's AE title as a modality to report back.")
+    commitment_timeout_s: float = Field(
+        600.0, gt=0, description="No commitment report after this long: ask again (a new transaction), "
+        "up to max_attempts, then dead-letter.")
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

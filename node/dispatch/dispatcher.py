@@ -12,9 +12,11 @@ from typing import Mapping
 
 from node.audit import AuditLog
 from node.config.schema import Destination
+from node.dispatch.commitment import CommitmentError, new_transaction_uid, record_report, request_commitment
 from node.dispatch.cstore import Outgoing, SendError, send_files
 from node.ris import FhirDestination, RisDestination, RisSendError, send_fhir, send_oru
 from node.store import Store
+from node.store.models import CommitmentState
 
 log = logging.getLogger("ainode.dispatch")
 
@@ -56,12 +58,14 @@ class Dispatcher:
             self._stop.wait(self.poll_interval_s)
 
     def tick(self, now: float | None = None) -> int:
-        due = self.store.due_dispatches(time.time() if now is None else now)
+        now = time.time() if now is None else now
+        self._commitment_tick(now)
+        due = self.store.due_dispatches(now)
         by_dest = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)
         for name, rows in by_dest.items():
-            self._send_batch(name, rows)
+            self._send_batch(name, rows, now)
         return len(due)
 
     def _send_reports(self, name: str, dest: RisDestination | FhirDestination, rows: list) -> None:  # type: ignore[type-arg]
@@ -86,7 +90,7 @@ class Dispatcher:
                               sop_instance_uid=d.sop_instance_uid, attempt=d.attempts + 1, ack=ack, **where)
             log.info("report sent kind=%s dest=%s job_id=%d", d.kind, name, d.job_id)
 
-    def _send_batch(self, name: str, rows: list) -> None:  # type: ignore[type-arg]
+    def _send_batch(self, name: str, rows: list, now: float | None = None) -> None:  # type: ignore[type-arg]
         report_dest = self.ris.get(name) or self.fhir.get(name)
         if report_dest is not None:
             self._send_reports(name, report_dest, rows)
@@ -103,19 +107,114 @@ class Dispatcher:
             for d in rows:
                 self._failed(d, dest, str(exc))
             return
-        sent = []
+        sent, sent_rows = [], []
         for d in rows:
             error = results.get(d.sop_instance_uid, "not attempted")
             if error is None:
                 sent.append(d.id)
+                sent_rows.append(d)
                 self.audit.append("object-sent", study_uid=d.study_uid, job_id=d.job_id, destination=name,
                                   dest_ae=dest.ae_title, dest_host=dest.host, dest_port=dest.port,
                                   kind=d.kind, sop_instance_uid=d.sop_instance_uid, attempt=d.attempts + 1)
                 log.info("sent kind=%s dest=%s job_id=%d", d.kind, name, d.job_id)
             else:
                 self._failed(d, dest, error)
-        if sent:
+        if sent and dest.storage_commitment:
+            # Not "sent" until the PACS reports the objects committed; the transaction is recorded first,
+            # so a report that races the N-ACTION's response still finds it.
+            now = time.time() if now is None else now
+            txn = new_transaction_uid()
+            self.store.dispatch_sent_uncommitted(sent, txn, name, now + dest.commitment_timeout_s, now)
+            self._request_commitment(name, dest, txn, sent_rows, attempt=1, now=now)
+        elif sent:
             self.store.dispatch_sent(sent)
+
+    # ---- storage commitment --------------------------------------------
+
+    def _commitment_tick(self, now: float) -> None:
+        """Apply the reports the SCP recorded; ask again where none came in time, or give up."""
+        self._apply_reports(now)
+        for c in self.store.overdue_commitments(now):
+            dest = self.destinations.get(c.destination)
+            if dest is None:
+                self._give_up(c, f"destination '{c.destination}' is no longer in the config")
+                continue
+            where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+            if c.attempt >= dest.max_attempts:
+                why = (f"the storage commitment request failed: {c.error}" if c.error else
+                       f"no storage commitment report from {where} within {dest.commitment_timeout_s:g}s")
+                self._give_up(c, f"{why} ({c.attempt} requests, last transaction {c.transaction_uid}); check that "
+                              f"{where} knows this node (AE '{dest.calling_ae_title or self.calling_ae}') as a "
+                              "modality and can connect to its DICOM port, and that node.allowed_calling_aes "
+                              "(if set) lists the PACS")
+                continue
+            txn = new_transaction_uid()
+            rows = self.store.commitment_renew(c.transaction_uid, txn, now + dest.commitment_timeout_s, now)
+            if rows:
+                log.warning("storage commitment not reported, asking again dest=%s transaction=%s attempt=%d",
+                            c.destination, txn, c.attempt + 1)
+                self._request_commitment(c.destination, dest, txn, rows, attempt=c.attempt + 1, now=now,
+                                         previous=c.transaction_uid)
+
+    def _request_commitment(self, name: str, dest: Destination, txn: str, rows: list, *,  # type: ignore[type-arg]
+                            attempt: int, now: float, previous: str | None = None) -> None:
+        objects = self._objects(rows)
+        self.audit.append("commitment-requested", destination=name, dest_ae=dest.ae_title, dest_host=dest.host,
+                          dest_port=dest.port, transaction_uid=txn, attempt=attempt, replaces=previous, **objects)
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        try:
+            request_commitment(dest, self.calling_ae, txn, [(d.sop_class_uid, d.sop_instance_uid) for d in rows],
+                               on_report=lambda e: record_report(self.store, e, f"{where} (same association)"),
+                               answered=lambda: self.store.commitment_state(txn) != CommitmentState.WAITING)
+        except CommitmentError as exc:
+            delay = backoff_s(dest, attempt)
+            self.store.commitment_request_failed(txn, str(exc), now + delay)
+            self.audit.append("commitment-failed", "failure", destination=name, transaction_uid=txn,
+                              attempt=attempt, error=str(exc), final=False, retry_in_s=round(delay, 1), **objects)
+            log.warning("storage commitment request failed dest=%s transaction=%s attempt=%d error=%s",
+                        name, txn, attempt, exc)
+            return
+        log.info("storage commitment requested dest=%s transaction=%s objects=%d", name, txn, len(rows))
+        self._apply_reports(now)  # a report on the N-ACTION's own association is applied at once
+
+    def _apply_reports(self, now: float) -> None:
+        for c in self.store.reported_commitments():
+            dest = self.destinations.get(c.destination)
+            where = f"{dest.ae_title}@{dest.host}:{dest.port}" if dest else c.destination
+            out = self.store.commitment_apply(
+                c.transaction_uid, error_prefix=f"{where} reported the object not committed",
+                max_attempts=dest.max_attempts if dest else 1,
+                retry_at=lambda attempts, dest=dest: now + (backoff_s(dest, attempts) if dest else 0.0))
+            if out is None:
+                continue
+            base = dict(destination=c.destination, transaction_uid=c.transaction_uid, attempt=c.attempt,
+                        reported_by=c.reported_by)
+            if out.committed:
+                self.audit.append("commitment-confirmed", **base, **self._objects(out.committed))
+                log.info("storage commitment confirmed dest=%s transaction=%s objects=%d", c.destination,
+                         c.transaction_uid, len(out.committed))
+            if out.failed:
+                self.audit.append("commitment-failed", "failure", **base, failed=out.failed, late=out.late or None,
+                                  resent=[d.sop_instance_uid for d in out.resent] or None,
+                                  dead_letter=[d.sop_instance_uid for d in out.dead] or None)
+                log.warning("storage commitment failures dest=%s transaction=%s failed=%d resend=%d dead_letter=%d",
+                            c.destination, c.transaction_uid, len(out.failed), len(out.resent), len(out.dead))
+
+    def _give_up(self, c, error: str) -> None:  # type: ignore[no-untyped-def]
+        rows = self.store.commitment_give_up(c.transaction_uid, error)
+        self.audit.append("commitment-failed", "failure", destination=c.destination,
+                          transaction_uid=c.transaction_uid, attempt=c.attempt, error=error, final=True,
+                          **self._objects(rows))
+        log.error("storage commitment gave up dest=%s transaction=%s objects=%d error=%s", c.destination,
+                  c.transaction_uid, len(rows), error)
+
+    @staticmethod
+    def _objects(rows: list) -> dict:  # type: ignore[type-arg]
+        """Audit fields naming a transaction's objects, their jobs and studies."""
+        studies = sorted({d.study_uid for d in rows})
+        return dict(sop_instance_uids=[d.sop_instance_uid for d in rows], job_ids=sorted({d.job_id for d in rows}),
+                    study_uid=studies[0] if len(studies) == 1 else None,
+                    study_uids=studies if len(studies) > 1 else None)
 
     def _failed(self, d, dest: Destination | RisDestination | FhirDestination | None, error: str,  # type: ignore[no-untyped-def]
                 give_up: bool = False) -> None:

@@ -40,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
 from node.config.schema import NodeSection
+from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
 from node.receive import checks
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
@@ -165,6 +166,10 @@ class StoreSCP:
         ae.add_supported_context(sc.Verification)
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        # Storage commitment reports (N-EVENT-REPORT) from a PACS the node asked; the PACS proposes the
+        # SCP role for itself (role selection), which leaves the node its SCU.
+        ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=False, scp_role=True)
         return ae
 
     # ---- lifecycle -----------------------------------------------------
@@ -176,6 +181,7 @@ class StoreSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
         if self.ssl_context is None:
             self._server = self.ae.start_server(
@@ -296,6 +302,11 @@ class StoreSCP:
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
+
+    def _on_event_report(self, event: evt.Event) -> tuple[int, None]:
+        """A storage commitment report: recorded in the store; the dispatcher applies it and audits."""
+        calling, ip, _ = self._peer(event)
+        return record_report(self.store, event, f"{calling}@{ip}")
 
     # ---- C-STORE -------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from node.store.models import (
     PRIORITY,
     Base,
+    Commitment,
+    CommitmentState,
     CompletionReason,
     Dispatch,
     DispatchState,
@@ -89,6 +91,20 @@ class DispatchItem:
     sop_class_uid: str
     sop_instance_uid: str
     path: str
+
+
+@dataclass
+class CommitmentOutcome:
+    """What applying a storage commitment report did (for the dispatcher's audit records)."""
+
+    transaction_uid: str
+    destination: str
+    attempt: int
+    failed: list[dict]  # as reported, plus objects the report left out
+    late: bool  # the transaction had been superseded or given up before the report came
+    committed: list[Dispatch] = field(default_factory=list)
+    resent: list[Dispatch] = field(default_factory=list)
+    dead: list[Dispatch] = field(default_factory=list)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -395,12 +411,144 @@ class Store:
             if all(st == DispatchState.SENT for st in states):
                 job.state = JobState.DISPATCHED
                 job.finished_at = time.time()
-            elif DispatchState.DEAD_LETTER in states and DispatchState.PENDING not in states:
+            elif DispatchState.DEAD_LETTER in states and not {DispatchState.PENDING,
+                                                               DispatchState.SENT_UNCOMMITTED} & set(states):
                 job.state = JobState.DEAD_LETTER
                 job.error = "dispatch gave up: " + "; ".join(
                     sorted(set(filter(None, s.scalars(select(Dispatch.last_error).where(
                         Dispatch.job_id == job_id, Dispatch.state == DispatchState.DEAD_LETTER))))))
                 job.finished_at = time.time()
+
+    # ---- storage commitment --------------------------------------------
+
+    def dispatch_sent_uncommitted(self, dispatch_ids: Sequence[int], transaction_uid: str, destination: str,
+                                  next_check_at: float, now: float | None = None) -> None:
+        """Sent, but the PACS has not yet taken responsibility: the objects wait under a new transaction.
+
+        Recorded before the N-ACTION goes out, so a report that comes back at once finds its transaction.
+        """
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            s.execute(update(Dispatch).where(Dispatch.id.in_(dispatch_ids))
+                      .values(state=DispatchState.SENT_UNCOMMITTED, sent_at=now, attempts=Dispatch.attempts + 1))
+            s.add(Commitment(transaction_uid=transaction_uid, destination=destination,
+                             dispatch_ids=list(dispatch_ids), attempt=1, requested_at=now,
+                             next_check_at=next_check_at, state=CommitmentState.WAITING))
+
+    def commitment_renew(self, old_uid: str, new_uid: str, next_check_at: float,
+                         now: float | None = None) -> list[Dispatch]:
+        """No report for `old_uid` in time: its objects still uncommitted move to a new transaction
+        (one more attempt). Returns them; [] if there are none (the old one is then simply expired)."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            old = s.get(Commitment, old_uid)
+            if old is None or old.state != CommitmentState.WAITING:
+                return []
+            old.state, old.expired_at = CommitmentState.EXPIRED, now
+            rows = list(s.scalars(select(Dispatch).where(Dispatch.id.in_(old.dispatch_ids),
+                                                         Dispatch.state == DispatchState.SENT_UNCOMMITTED)
+                                  .order_by(Dispatch.id)))
+            if rows:
+                s.add(Commitment(transaction_uid=new_uid, destination=old.destination,
+                                 dispatch_ids=[d.id for d in rows], attempt=old.attempt + 1, requested_at=now,
+                                 next_check_at=next_check_at, state=CommitmentState.WAITING))
+            return rows
+
+    def commitment_request_failed(self, transaction_uid: str, error: str, next_check_at: float) -> None:
+        """The N-ACTION did not get through: keep waiting, but only until `next_check_at` (the retry)."""
+        with self._write, self.session() as s, s.begin():
+            c = s.get(Commitment, transaction_uid)
+            if c is not None and c.state == CommitmentState.WAITING:
+                c.error, c.next_check_at = error, next_check_at
+
+    def commitment_give_up(self, transaction_uid: str, error: str, now: float | None = None) -> list[Dispatch]:
+        """Out of attempts: the objects still uncommitted become dead-letter. Returns them."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            c = s.get(Commitment, transaction_uid)
+            if c is None or c.state != CommitmentState.WAITING:
+                return []
+            c.state, c.expired_at, c.error = CommitmentState.EXPIRED, now, error
+            rows = list(s.scalars(select(Dispatch).where(Dispatch.id.in_(c.dispatch_ids),
+                                                         Dispatch.state == DispatchState.SENT_UNCOMMITTED)))
+            for d in rows:
+                d.state, d.last_error = DispatchState.DEAD_LETTER, error
+            self._roll_up_jobs(s, [d.id for d in rows])
+            return rows
+
+    def commitment_reported(self, transaction_uid: str, committed: Sequence[str], failed: Sequence[dict],
+                            reported_by: str, now: float | None = None) -> str | None:
+        """Record a PACS's N-EVENT-REPORT (the dispatcher applies it). Returns the transaction's state
+        before the report, or None for a transaction this node never asked for. A repeat is ignored."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            c = s.get(Commitment, transaction_uid)
+            if c is None:
+                return None
+            before = c.state
+            if before in (CommitmentState.WAITING, CommitmentState.EXPIRED):
+                c.state, c.reported_at, c.reported_by = CommitmentState.REPORTED, now, reported_by
+                c.committed, c.failed = list(committed), [dict(f) for f in failed]
+            return before
+
+    def commitment_state(self, transaction_uid: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(Commitment.state).where(Commitment.transaction_uid == transaction_uid))
+
+    def get_commitment(self, transaction_uid: str) -> Commitment | None:
+        with self.session() as s:
+            return s.get(Commitment, transaction_uid)
+
+    def reported_commitments(self) -> list[Commitment]:
+        with self.session() as s:
+            return list(s.scalars(select(Commitment).where(Commitment.state == CommitmentState.REPORTED)
+                                  .order_by(Commitment.reported_at)))
+
+    def overdue_commitments(self, now: float) -> list[Commitment]:
+        """Transactions still waiting for a report at `now`: to be requested again, or given up."""
+        with self.session() as s:
+            return list(s.scalars(select(Commitment).where(Commitment.state == CommitmentState.WAITING,
+                                                           Commitment.next_check_at <= now)
+                                  .order_by(Commitment.requested_at)))
+
+    def commitment_apply(self, transaction_uid: str, *, error_prefix: str, max_attempts: int,
+                         retry_at: Callable[[int], float]) -> CommitmentOutcome | None:
+        """Apply a recorded report: committed objects are sent (their jobs roll up to dispatched); the others
+        go back to pending (attempts made → `retry_at`) or, out of attempts, dead-letter.
+
+        An object the report leaves out counts as failed. For a transaction already superseded (expired),
+        only its confirmations count: the newer request decides about the rest.
+        """
+        with self._write, self.session() as s, s.begin():
+            c = s.get(Commitment, transaction_uid)
+            if c is None or c.state != CommitmentState.REPORTED:
+                return None
+            committed = set(c.committed or [])
+            reasons = {f["sop_instance_uid"]: f.get("reason", "") for f in c.failed or []}
+            out = CommitmentOutcome(transaction_uid=transaction_uid, destination=c.destination, attempt=c.attempt,
+                                    failed=list(c.failed or []), late=c.expired_at is not None)
+            rows = list(s.scalars(select(Dispatch).where(Dispatch.id.in_(c.dispatch_ids)).order_by(Dispatch.id)))
+            for d in rows:
+                uid = d.sop_instance_uid
+                if uid in committed and uid not in reasons:
+                    if d.state == DispatchState.SENT_UNCOMMITTED:
+                        d.state = DispatchState.SENT
+                    out.committed.append(d)
+                    continue
+                if uid not in reasons:
+                    out.failed.append({"sop_instance_uid": uid, "reason": "not in the report"})
+                if d.state != DispatchState.SENT_UNCOMMITTED or out.late:
+                    continue
+                d.last_error = f"{error_prefix}: {reasons.get(uid) or 'not in the report'}"
+                if d.attempts >= max_attempts:
+                    d.state = DispatchState.DEAD_LETTER
+                    out.dead.append(d)
+                else:
+                    d.state, d.next_attempt_at = DispatchState.PENDING, retry_at(d.attempts)
+                    out.resent.append(d)
+            c.state = CommitmentState.FAILED if out.failed else CommitmentState.COMMITTED
+            self._roll_up_jobs(s, [d.id for d in rows])
+            return out
 
     # ---- operator requests ---------------------------------------------
 
@@ -512,10 +660,11 @@ class Store:
             return dict(s.execute(select(Job.id, Job.state)).all())
 
     def unsent_dispatch_paths(self) -> list[tuple[int, str]]:
-        """(id, path) of dispatches still to send: pending and dead-letter."""
+        """(id, path) of dispatches that may still be sent: pending, dead-letter, sent but uncommitted."""
         with self.session() as s:
             return list(s.execute(select(Dispatch.id, Dispatch.path)
-                                  .where(Dispatch.state.in_((DispatchState.PENDING, DispatchState.DEAD_LETTER))))
+                                  .where(Dispatch.state.in_((DispatchState.PENDING, DispatchState.DEAD_LETTER,
+                                                             DispatchState.SENT_UNCOMMITTED))))
                         .all())
 
     # ---- model versions ------------------------------------------------

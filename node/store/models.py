@@ -43,6 +43,18 @@ class DispatchState:
     PENDING = "pending"
     SENT = "sent"
     DEAD_LETTER = "dead-letter"  # gave up after the destination's max_attempts
+    # C-STOREd to a destination with storage_commitment: the PACS has not yet said it took responsibility
+    SENT_UNCOMMITTED = "sent-uncommitted"
+
+
+class CommitmentState:
+    """A Storage Commitment transaction (one N-ACTION) toward a destination."""
+
+    WAITING = "waiting"  # N-ACTION sent (or being sent); no N-EVENT-REPORT yet
+    REPORTED = "reported"  # the PACS's N-EVENT-REPORT is recorded; the dispatcher has not applied it yet
+    COMMITTED = "committed"  # applied: every instance committed
+    FAILED = "failed"  # applied: some instances failed (sent again or dead-letter)
+    EXPIRED = "expired"  # no report in time: a new transaction took its instances, or they gave up
 
 
 PRIORITY = {"stat": 0, "routine": 1}
@@ -128,6 +140,31 @@ class Dispatch(Base):
     sent_at: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("ix_dispatch_due", "state", "next_attempt_at"),)
+
+
+class Commitment(Base):
+    """One Storage Commitment request (PS3.4 Annex J) and the PACS's answer.
+
+    A table of its own (not columns on dispatches): create_all adds new tables to an existing SQLite
+    file but never new columns. The SCP records a report here; the dispatcher applies it.
+    """
+
+    __tablename__ = "commitments"
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    dispatch_ids: Mapped[list] = mapped_column(JSON)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)  # N-ACTIONs so far for these objects
+    requested_at: Mapped[float] = mapped_column(Float)
+    next_check_at: Mapped[float] = mapped_column(Float)  # no report by then: request again or give up
+    state: Mapped[str] = mapped_column(String(16), default=CommitmentState.WAITING)
+    error: Mapped[str | None] = mapped_column(Text)  # why the N-ACTION itself failed
+    expired_at: Mapped[float | None] = mapped_column(Float)  # superseded or given up: a late report only commits
+    reported_at: Mapped[float | None] = mapped_column(Float)
+    reported_by: Mapped[str | None] = mapped_column(String(64))  # calling AE and address of the report
+    committed: Mapped[list | None] = mapped_column(JSON)  # SOP Instance UIDs the PACS committed
+    failed: Mapped[list | None] = mapped_column(JSON)  # [{"sop_instance_uid", "sop_class_uid", "reason"}] not committed
+
+    __table_args__ = (Index("ix_commitments_state", "state", "next_check_at"),)
 
 
 class Request(Base):
