@@ -51,8 +51,10 @@ class Prefetcher:
     def take(self, spec: JobSpec) -> LoadedInput | None:
         """The prefetched input of `spec`, if that is the job that was prefetched; else None."""
         with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is None or not pending.is_for(spec):
-            return None
+            pending = self._pending
+            if pending is None or not pending.is_for(spec):
+                # Keep a prefetch for another job: its hint can arrive before this job is taken.
+                return None
+            self._pending = None
         pending.thread.join()
         return pending.result
