@@ -107,6 +107,9 @@ def _overlays(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], st
             if tuple(s.mask.shape) != expected:
                 raise ValueError(f"segment '{s.label}' mask has shape {tuple(s.mask.shape)} but series "
                                  f"{segmentation.source_series_uid} is {expected} (slices, rows, columns)")
+            if any(o.label == s.label for o in out):
+                raise ValueError(f"segment label '{s.label}' is used twice in the result; findings link to "
+                                 f"segments by label, so labels must be unique")
             f = by_label.get(s.label)
             n = len(out) + 1
             out.append(Overlay(
@@ -139,8 +142,12 @@ def _slice_pixels(volumes: Mapping[str, Any] | None, sources: Mapping[str, Seque
                   k: int) -> np.ndarray:
     """Slice k of the series in modality units (HU for CT)."""
     if volumes is not None and series_uid in volumes:
-        vol = volumes[series_uid]
-        return np.asarray(getattr(vol, "pixels", vol)[k])
+        pixels = np.asarray(getattr(volumes[series_uid], "pixels", volumes[series_uid])[k])
+        ds = sources[series_uid][k]
+        if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+            raise ValueError(f"volumes[{series_uid}] slice {k} is {pixels.shape}, but the series' images are "
+                             f"{int(ds.Rows)}x{int(ds.Columns)}: pass the job's own volume")
+        return pixels
     ds = sources[series_uid][k]
     if "PixelData" not in ds:
         raise ValueError(f"key images (SC) need the pixels of series {series_uid}, but its datasets carry no "
