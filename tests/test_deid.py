@@ -145,10 +145,17 @@ def deid(ct) -> tuple[Deidentifier, list[Dataset]]:
     return d, [d.deidentify(ds) for ds in ct["datasets"]]
 
 
-def test_no_original_identity_anywhere(ct, deid):
+def test_no_original_identity_anywhere(ct, deid, tmp_path):
     _, out = deid
-    for ds in out:
-        assert_no_identity(ds, forbidden_values(ct))
+    forbidden = forbidden_values(ct)
+    for k, ds in enumerate(out):
+        assert_no_identity(ds, forbidden)
+        # and as it would be sent: the file's bytes, read back and walked again
+        path = tmp_path / f"deid{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        raw = path.read_bytes()
+        assert not [f for f in forbidden if f.encode() in raw]  # UTF-8 (ISO_IR 192), and ASCII
+        assert_no_identity(pydicom.dcmread(path), forbidden)
         assert not [e for _, e in every_element(ds) if e.tag.is_private], "private tags left"
         assert ds.PatientIdentityRemoved == "YES"
         assert [i.CodeValue for i in ds.DeidentificationMethodCodeSequence] == ["113100", "113107"]
