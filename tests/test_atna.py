@@ -249,6 +249,13 @@ def append_all(log: AuditLog) -> list[dict]:
           skipped=[]),
         a("study-purged", study_uid=STUDY, instances=1, files_removed=1, result_files_removed=2,
           retention_hours=168),
+        a("report-sent", study_uid=STUDY, job_id=1, destination="ris", kind="ORU", sop_instance_uid="2.25.1",
+          attempt=1, ack="AA AIN1", dest_host="127.0.0.1", dest_port=2575),
+        a("prior-fetched", study_uid=STUDY, job_id=1, prior_study_uid=STUDY + ".0", series_uids=[STUDY + ".0.1"],
+          instances=12, source="pacs", source_ae="PACS"),
+        a("prior-fetched", "failure", study_uid=STUDY, job_id=2, source="pacs", source_ae="PACS",
+          error="cannot connect to PACS@127.0.0.1:104"),
+        a("tls-handshake-failed", "failure", peer_ip="127.0.0.1", peer_port=50000, reason="certificate unknown"),
         a("node-stop", clean=False),
     ]
 
@@ -259,6 +266,7 @@ EXPECTED = {  # event -> (EventID, action, outcome) as documented in node/audit/
     "instance-duplicate": ("110104", "R", "0"), "instance-refused": ("110104", "C", "8"),
     "job-start": ("110103", "R", "0"), "object-sent": ("110104", "R", "0"),
     "requeue": ("110103", "R", "0"), "study-purged": ("110105", "D", "0"), "node-stop": ("110100", "E", "4"),
+    "report-sent": ("110104", "R", "0"), "tls-handshake-failed": ("110113", "E", "4"),
 }
 
 
@@ -267,6 +275,8 @@ def expected_for(rec: dict) -> tuple[str, str, str]:
         return "110103", "C", {"success": "0", "interrupted": "4", "failure": "8"}[rec["outcome"]]
     if rec["event"] == "send-failed":
         return "110104", "R", "8" if rec["final"] else "4"
+    if rec["event"] == "prior-fetched":
+        return "110104", "C", "0" if rec["outcome"] == "success" else "8"
     return EXPECTED[rec["event"]]
 
 

@@ -16,6 +16,7 @@ instance-refused              110104 DICOM Instances Transferred             C  
 object-sent                   110104 DICOM Instances Transferred             R       0
 send-failed                   110104 DICOM Instances Transferred             R       4, 8 final
 report-sent                   110104 DICOM Instances Transferred             R       0
+prior-fetched                 110104 DICOM Instances Transferred             C       0, 8 failed
 job-start                     110103 DICOM Instances Accessed                R       0
 job-end                       110103 DICOM Instances Accessed                C       0/4/8
 requeue                       110103 DICOM Instances Accessed                R       0
@@ -220,6 +221,7 @@ class AtnaMapper:
             "tls-handshake-failed": self._node_authentication,
             "job-start": self._job, "job-end": self._job,
             "requeue": self._requeue,
+            "prior-fetched": self._prior,
             "study-purged": self._purged,
         }
 
@@ -390,6 +392,24 @@ class AtnaMapper:
             outputs = r.get("outputs")
             m.studies.append(StudyRef(str(r["study_uid"]), count=len(outputs) if isinstance(outputs, list) else None))
         m.patient_id = self._patient(r)
+        return m
+
+    def _prior(self, r: dict[str, Any]) -> Message:
+        """A.5.3.7 DICOM Instances Transferred: the node retrieved (C-GET) a prior study of the patient from
+        a PACS, for a plugin. The node is the requestor and the destination; the prior study is the object
+        (the current study is named in the description). Failure: outcome 8 with the error."""
+        failed = r.get("outcome") not in (None, "success")
+        description = str(r.get("error"))[:500] if failed and r.get("error") else (
+            f"prior for study {r.get('study_uid')} (job {r.get('job_id')})")
+        m = self._base(r, INSTANCES_TRANSFERRED, "C", OUTCOME_SERIOUS if failed else _outcome(r),
+                       description=description)
+        m.participants.append(self._peer(r.get("source_ae"), None, requestor=False, role=SOURCE))
+        m.participants.append(self._node(r, requestor=True, role=DESTINATION))
+        study = r.get("prior_study_uid") or r.get("study_uid")
+        if study:
+            m.studies.append(StudyRef(str(study), count=r.get("instances") if isinstance(r.get("instances"), int)
+                                      else None))
+        m.patient_id = self._patient({"study_uid": r.get("study_uid"), "patient_id": r.get("patient_id")})
         return m
 
     def _requeue(self, r: dict[str, Any]) -> Message:
