@@ -59,12 +59,15 @@ class NodeService:
                                   routine_max_wait_s=cfg.run.routine_max_wait_s,
                                   report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}},
                                   rule_priors={r.name: r.priors for r in cfg.rules if r.priors},
-                                  sources=cfg.sources, node_ae=cfg.node.ae_title)
+                                  sources=cfg.sources, node_ae=cfg.node.ae_title,
+                                  accepts={n: frozenset(d.accepts) for n, d in cfg.destinations.items()},
+                                  max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1))
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
                                      cfg.node.ae_title,
                                      ris={n: resolve_paths(d, tls_base) for n, d in cfg.ris.items()},
-                                     fhir={n: resolve_paths(d, tls_base) for n, d in cfg.fhir.items()})
+                                     fhir={n: resolve_paths(d, tls_base) for n, d in cfg.fhir.items()},
+                                     dicomweb={n: d.with_resolved_paths(tls_base) for n, d in cfg.dicomweb.items()})
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)

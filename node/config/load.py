@@ -80,17 +80,17 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
         if rule.priors is not None and rule.priors.source not in cfg.sources:
             errors.append(f"rules.{i}.priors.source: unknown source '{rule.priors.source}' "
                           f"(defined under sources: {', '.join(sorted(cfg.sources)) or 'none'})")
-        known = {*cfg.destinations, *cfg.ris, *cfg.fhir}
+        known = {*cfg.destinations, *cfg.dicomweb, *cfg.ris, *cfg.fhir}
         for j, dest in enumerate(rule.destinations):
             if dest not in known:
                 errors.append(
                     f"rules.{i}.destinations.{j}: unknown destination '{dest}' "
-                    f"(defined under destinations, ris or fhir: {', '.join(sorted(known)) or 'none'})"
+                    f"(defined under destinations, dicomweb, ris or fhir: {', '.join(sorted(known)) or 'none'})"
                 )
-    for section, names in (("ris", cfg.ris), ("fhir", cfg.fhir)):
+    sections = (("destinations", cfg.destinations), ("dicomweb", cfg.dicomweb), ("ris", cfg.ris), ("fhir", cfg.fhir))
+    for section, names in sections[1:]:
         for name in names:
-            other = [o for o, m in (("destinations", cfg.destinations), ("ris", cfg.ris), ("fhir", cfg.fhir))
-                     if o != section and name in m]
+            other = [o for o, m in sections if o != section and name in m]
             if other:
                 errors.append(f"{section}.{name}: the name is also used under {other[0]}; rules name "
                               "destinations by name, so give each a name of its own")

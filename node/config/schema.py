@@ -22,6 +22,7 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 from node.audit.atna_config import AtnaSection  # noqa: E402
 from node.config.base import Strict  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
+from node.config.dicomweb import DicomWebDestination  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 
@@ -176,6 +177,11 @@ class Destination(Strict):
     backoff_max_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
     tls: TlsSettings | None = Field(None, description="C-STORE to this PACS over DICOM TLS. Default: plain TCP.")
+    accepts: list[Literal["SEG", "SR", "GSPS", "SC"]] = Field(
+        default_factory=lambda: ["SEG", "SR"], min_length=1,
+        description="What this PACS and its viewers take. Without SEG, list GSPS (an overlay of the outlines on "
+        "the CT) and/or SC (key images with the outlines burned in, marked 'AI RESULT - NOT FOR DIAGNOSIS').")
+    max_key_images: int = Field(1, ge=1, le=20, description="SC key images per finding (its largest cross-sections).")
     storage_commitment: bool = Field(
         False, description="Ask this PACS (N-ACTION) to commit what was sent; a job is dispatched only once it "
         "reports the objects committed. The PACS must know the node's AE title as a modality to report back.")
@@ -311,6 +317,9 @@ class NodeConfig(Strict):
     run: RunSection = Field(default_factory=RunSection)
     destinations: dict[str, Destination] = Field(default_factory=dict)
     sources: Sources = Field(default_factory=dict, description="Sending PACS the node may query (C-FIND).")
+    dicomweb: dict[str, DicomWebDestination] = Field(
+        default_factory=dict, description="PACS reached by DICOMweb STOW-RS instead of C-STORE; rules name them in "
+        "`destinations` like a PACS.")
     ris: dict[str, RisDestination] = Field(
         default_factory=dict, description="RIS receiving an HL7 ORU^R01 per finished job (MLLP); rules name them "
         "in `destinations` like a PACS.")

@@ -14,6 +14,8 @@ from node.audit import AuditLog
 from node.config.schema import Destination
 from node.dispatch.commitment import CommitmentError, new_transaction_uid, record_report, request_commitment
 from node.dispatch.cstore import Outgoing, SendError, send_files
+from node.config.dicomweb import DicomWebDestination
+from node.dispatch.stow import StowError, send_stow
 from node.ris import FhirDestination, RisDestination, RisSendError, send_fhir, send_oru
 from node.store import Store
 from node.store.models import CommitmentState
@@ -21,7 +23,7 @@ from node.store.models import CommitmentState
 log = logging.getLogger("ainode.dispatch")
 
 
-def backoff_s(dest: Destination | RisDestination | FhirDestination, attempts_made: int) -> float:
+def backoff_s(dest: Destination | RisDestination | FhirDestination | DicomWebDestination, attempts_made: int) -> float:
     return min(dest.backoff_initial_s * (2 ** max(0, attempts_made - 1)), dest.backoff_max_s)
 
 
@@ -29,12 +31,14 @@ class Dispatcher:
     def __init__(self, store: Store, audit: AuditLog, destinations: Mapping[str, Destination],
                  calling_ae: str, poll_interval_s: float = 0.5, *,
                  ris: Mapping[str, RisDestination] | None = None,
-                 fhir: Mapping[str, FhirDestination] | None = None) -> None:
+                 fhir: Mapping[str, FhirDestination] | None = None,
+                 dicomweb: Mapping[str, DicomWebDestination] | None = None) -> None:
         self.store = store
         self.audit = audit
         self.destinations = destinations
         self.ris = dict(ris or {})
         self.fhir = dict(fhir or {})
+        self.dicomweb = dict(dicomweb or {})
         self.calling_ae = calling_ae
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
@@ -95,6 +99,10 @@ class Dispatcher:
         if report_dest is not None:
             self._send_reports(name, report_dest, rows)
             return
+        web = self.dicomweb.get(name)
+        if web is not None:
+            self._send_stow(name, web, rows)
+            return
         dest = self.destinations.get(name)
         if dest is None:
             for d in rows:
@@ -127,6 +135,29 @@ class Dispatcher:
             self.store.dispatch_sent_uncommitted(sent, txn, name, now + dest.commitment_timeout_s, now)
             self._request_commitment(name, dest, txn, sent_rows, attempt=1, now=now)
         elif sent:
+            self.store.dispatch_sent(sent)
+
+    def _send_stow(self, name: str, dest: DicomWebDestination, rows: list) -> None:  # type: ignore[type-arg]
+        """STOW-RS to a DICOMweb destination; a failure a retry cannot fix (4xx, refused instance) gives up."""
+        files = [Outgoing(d.sop_instance_uid, d.sop_class_uid, Path(d.path)) for d in rows]
+        try:
+            results = send_stow(dest, files)
+        except StowError as exc:
+            for d in rows:
+                self._failed(d, dest, str(exc), give_up=not exc.retryable)
+            return
+        sent = []
+        for d in rows:
+            error = results.get(d.sop_instance_uid, "not attempted")
+            if error is None:
+                sent.append(d.id)
+                self.audit.append("object-sent", study_uid=d.study_uid, job_id=d.job_id, destination=name,
+                                  dest_url=dest.url, kind=d.kind, sop_instance_uid=d.sop_instance_uid,
+                                  attempt=d.attempts + 1)
+                log.info("sent kind=%s dest=%s job_id=%d via=stow-rs", d.kind, name, d.job_id)
+            else:
+                self._failed(d, dest, str(error), give_up=not getattr(error, "retryable", True))
+        if sent:
             self.store.dispatch_sent(sent)
 
     # ---- storage commitment --------------------------------------------
@@ -216,7 +247,7 @@ class Dispatcher:
                     study_uid=studies[0] if len(studies) == 1 else None,
                     study_uids=studies if len(studies) > 1 else None)
 
-    def _failed(self, d, dest: Destination | RisDestination | FhirDestination | None, error: str,  # type: ignore[no-untyped-def]
+    def _failed(self, d, dest: Destination | RisDestination | FhirDestination | DicomWebDestination | None, error: str,  # type: ignore[no-untyped-def]
                 give_up: bool = False) -> None:
         attempts = d.attempts + 1
         give_up = give_up or dest is None or attempts >= dest.max_attempts

@@ -21,6 +21,7 @@ from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
 from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
 from node.results.build import AlgorithmInfo, build_results
+from node.results.fallback import build_fallbacks
 from node.results.validate import validate_with_dciodvfy
 from node.run.series_loader import load_series
 
@@ -43,6 +44,10 @@ class JobSpec:
     temp_dir: str  # where result temp files go (the spool's temp folder, reaped after a crash)
     validate: bool
     priors: dict[str, list[str]] = field(default_factory=dict)  # prior series UID -> files (rule's `priors:`)
+    # Viewer fallbacks some destination of the job needs instead of SEG ("GSPS", "SC"), and how many key
+    # images per finding.
+    fallbacks: frozenset[str] = frozenset()
+    max_key_images: int = 1
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
         result = _run_plugin(plugin, StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options,
                                                 prepared=loaded.prepared, priors=loaded.priors), timings)
     timings["plugin_s"] = round(time.perf_counter() - t, 3)
+    keep = {v.series_uid: v for v in volumes} if "SC" in spec.fallbacks else None  # pixels for key images
     del volumes, loaded
 
     stage("build")
@@ -221,6 +227,10 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     if result.gpu_memory_peak_mb is not None:
         timings["gpu_memory_peak_mb"] = round(result.gpu_memory_peak_mb, 1)
     objects = build_results(result, sources, algorithm)
+    if spec.fallbacks:
+        objects += build_fallbacks(result, sources, algorithm, spec.fallbacks, volumes=keep,
+                                   max_key_images=spec.max_key_images)
+        del keep
     files = []
     try:
         for o in objects:

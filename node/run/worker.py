@@ -21,11 +21,14 @@ from node.priors.retrieve import PriorRetriever
 from node.receive.spool import Spool
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
+from node.results.fallback import FALLBACK_KINDS
 from node.run.slots import WorkerSlot
 from node.store import DispatchItem, Store
 from node.store.models import Job
 
 log = logging.getLogger("ainode.run")
+
+DEFAULT_ACCEPTS = frozenset({"SEG", "SR"})
 
 
 class WorkerPool:
@@ -53,14 +56,19 @@ class WorkerPool:
         rule_priors: Mapping[str, PriorsSpec] | None = None,
         sources: Mapping[str, Source] | None = None,
         node_ae: str = "AINODE",
+        accepts: Mapping[str, frozenset[str]] | None = None,
+        max_key_images: int = 1,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
         `report_kinds` maps RIS destination names to their kind ("ORU" or "FHIR"). `rule_priors`: the rules
-        whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`."""
+        whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`. `accepts` says which
+        objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead)."""
         self.rule_priors = dict(rule_priors or {})
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
         self.report_kinds = dict(report_kinds or {})
+        self.accepts = dict(accepts or {})  # destination -> what it takes (SEG, SR, GSPS, SC)
+        self.max_key_images = max_key_images
         self.routine_max_wait_s = routine_max_wait_s
         self.store = store
         self.audit = audit
@@ -170,9 +178,11 @@ class WorkerPool:
         return None
 
     def _spec(self, job: Job) -> JobSpec:
+        fallbacks = frozenset(k for d in job.destinations for k in self.accepts.get(d, ()) if k in FALLBACK_KINDS)
         return JobSpec(job_id=job.id, study_uid=job.study_uid, plugin=job.plugin,
                        series={uid: [i.path for i in self.store.instances_of(uid)] for uid in job.series_uids},
-                       temp_dir=str(self.spool.tmp), validate=self.validate)
+                       temp_dir=str(self.spool.tmp), validate=self.validate, fallbacks=fallbacks,
+                       max_key_images=self.max_key_images)
 
     def execute(self, job: Job, proc: PluginProcess, upcoming: Callable[[], Job | None] | None = None) -> None:
         t0 = time.time()
@@ -221,7 +231,7 @@ class WorkerPool:
         for dest in job.destinations:
             report = self.report_kinds.get(dest)  # a RIS gets one message per job, made from the SR
             for f, p in zip(out.files, paths):
-                if report is None or f.kind == "SR":
+                if (f.kind == "SR") if report else (f.kind in self.accepts.get(dest, DEFAULT_ACCEPTS)):
                     items.append(DispatchItem(destination=dest, kind=report or f.kind, sop_class_uid=f.sop_class_uid,
                                               sop_instance_uid=f.sop_instance_uid, path=str(p)))
         timings["total_s"] = round(time.time() - t0, 3)

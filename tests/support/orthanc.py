@@ -13,6 +13,7 @@ picking and binding is re-picked).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -55,6 +56,9 @@ class OrthancServer:
         self.dicomweb = dicomweb
         self.tcp_nodelay = tcp_nodelay
         self.extra_config = dict(extra_config or {})  # top-level keys added or replaced (DicomTls*, ...)
+        # With "AuthenticationEnabled" and "RegisteredUsers" given, the helpers log in as the first user.
+        users = self.extra_config.get("RegisteredUsers") if self.extra_config.get("AuthenticationEnabled") else None
+        self.credentials: tuple[str, str] | None = next(iter(users.items())) if users else None
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
         self.proc: subprocess.Popen | None = None
@@ -69,7 +73,7 @@ class OrthancServer:
         while self.http_port == self.dicom_port:
             self.http_port = free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
-        self.client = OrthancApiClient(self.http_url)
+        self.client = OrthancApiClient(self.http_url, *(self.credentials or ()))
         self.config = self._config()
         self.config_path.write_text(json.dumps(self.config, indent=2))
 
@@ -133,8 +137,12 @@ class OrthancServer:
 
     def _http_alive(self) -> bool:
         # Plain urllib: the api client retries refused connections with back-off, too slow to poll with.
+        request = urllib.request.Request(f"{self.http_url}/system")
+        if self.credentials:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(f"{self.http_url}/system", timeout=1) as r:
+            with urllib.request.urlopen(request, timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
