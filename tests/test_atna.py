@@ -256,6 +256,13 @@ def append_all(log: AuditLog) -> list[dict]:
         a("prior-fetched", "failure", study_uid=STUDY, job_id=2, source="pacs", source_ae="PACS",
           error="cannot connect to PACS@127.0.0.1:104"),
         a("tls-handshake-failed", "failure", peer_ip="127.0.0.1", peer_port=50000, reason="certificate unknown"),
+        a("commitment-requested", destination="pacs", dest_ae="PACS", dest_host="127.0.0.1", dest_port=4242,
+          transaction_uid="2.25.9", attempt=1, replaces=None, sop_instance_uids=["2.25.1"], job_ids=[1],
+          study_uid=STUDY),
+        a("commitment-confirmed", destination="pacs", transaction_uid="2.25.9", reported_by="PACS",
+          sop_instance_uids=["2.25.1"], job_ids=[1], study_uid=STUDY),
+        a("commitment-failed", "failure", destination="pacs", transaction_uid="2.25.9", attempt=5,
+          error="no report", final=True, sop_instance_uids=["2.25.1"], job_ids=[1], study_uid=STUDY),
         a("node-stop", clean=False),
     ]
 
@@ -275,6 +282,10 @@ def expected_for(rec: dict) -> tuple[str, str, str]:
         return "110103", "C", {"success": "0", "interrupted": "4", "failure": "8"}[rec["outcome"]]
     if rec["event"] == "send-failed":
         return "110104", "R", "8" if rec["final"] else "4"
+    if rec["event"] == "commitment-confirmed":
+        return "110104", "R", "0"
+    if rec["event"] == "commitment-failed":
+        return "110104", "R", "8" if rec.get("final") else "4"
     if rec["event"] == "prior-fetched":
         return "110104", "C", "0" if rec["outcome"] == "success" else "8"
     return EXPECTED[rec["event"]]

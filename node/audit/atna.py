@@ -17,13 +17,14 @@ object-sent                   110104 DICOM Instances Transferred             R  
 send-failed                   110104 DICOM Instances Transferred             R       4, 8 final
 report-sent                   110104 DICOM Instances Transferred             R       0
 prior-fetched                 110104 DICOM Instances Transferred             C       0, 8 failed
+commitment-confirmed/-failed  110104 DICOM Instances Transferred             R       0 / 4, 8 final
 job-start                     110103 DICOM Instances Accessed                R       0
 job-end                       110103 DICOM Instances Accessed                C       0/4/8
 requeue                       110103 DICOM Instances Accessed                R       0
 study-purged                  110105 DICOM Study Deleted                     D       0
 ============================  =============================================  ======  ========
 
-Not sent (`NOT_FORWARDED`): presentation-context-refused, study-complete, rule-matched and
+Not sent (`NOT_FORWARDED`): commitment-requested (the transfer is already reported), presentation-context-refused, study-complete, rule-matched and
 no-rule-matched. They are internal bookkeeping or negotiation results, not an access to patient
 data by a participant, and A.5.3 has no message for them (A.5.3 does not require a message for
 every activity); the local audit log keeps them.
@@ -88,7 +89,8 @@ AUDIT_SOURCE_APPLICATION_SERVER = "4"  # A.5.1.2.1: application server process t
 
 OUTCOME_SUCCESS, OUTCOME_MINOR, OUTCOME_SERIOUS, OUTCOME_MAJOR = "0", "4", "8", "12"
 
-NOT_FORWARDED = frozenset({"presentation-context-refused", "study-complete", "rule-matched", "no-rule-matched"})
+NOT_FORWARDED = frozenset({"presentation-context-refused", "study-complete", "rule-matched", "no-rule-matched",
+                           "commitment-requested"})
 
 
 def _outcome(record: dict[str, Any], failure: str = OUTCOME_SERIOUS) -> str:
@@ -222,6 +224,7 @@ class AtnaMapper:
             "job-start": self._job, "job-end": self._job,
             "requeue": self._requeue,
             "prior-fetched": self._prior,
+            "commitment-confirmed": self._commitment, "commitment-failed": self._commitment,
             "study-purged": self._purged,
         }
 
@@ -410,6 +413,27 @@ class AtnaMapper:
             m.studies.append(StudyRef(str(study), count=r.get("instances") if isinstance(r.get("instances"), int)
                                       else None))
         m.patient_id = self._patient({"study_uid": r.get("study_uid"), "patient_id": r.get("patient_id")})
+        return m
+
+    def _commitment(self, r: dict[str, Any]) -> Message:
+        """A.5.3.7 DICOM Instances Transferred (action R, the node the source): the PACS's storage commitment
+        report on objects the node sent. Confirmed: 0; failed while the node resends: 4; given up: 8.
+        (commitment-requested is not sent: the transfer itself was already reported as object-sent.)"""
+        failed = r["event"] == "commitment-failed"
+        outcome = (OUTCOME_SERIOUS if r.get("final") or r.get("dead_letter") else OUTCOME_MINOR) if failed \
+            else _outcome(r)
+        description = f"storage commitment {'failed' if failed else 'confirmed'}, transaction {r.get('transaction_uid')}"
+        if failed and r.get("error"):
+            description += f": {str(r['error'])[:400]}"
+        m = self._base(r, INSTANCES_TRANSFERRED, "R", outcome, description=description)
+        m.participants.append(self._node(r, requestor=True, role=SOURCE))
+        m.participants.append(self._peer(r.get("reported_by") or r.get("destination"), None, requestor=False,
+                                         role=DESTINATION))
+        studies = r.get("study_uids") or ([r["study_uid"]] if r.get("study_uid") else [])
+        for study in studies:
+            m.studies.append(StudyRef(str(study), count=len(r.get("sop_instance_uids") or []) or None))
+        if len(studies) == 1:
+            m.patient_id = self._patient({"study_uid": studies[0]})
         return m
 
     def _requeue(self, r: dict[str, Any]) -> Message:
