@@ -17,11 +17,21 @@ from node.models.lock import verify_models
 from node.receive import Spool, StoreSCP
 from node.ris.config import resolve_paths
 from node.route import Router
+from node.deid import Deidentifier, PseudonymMap, load_key
+from node.deid.returns import ReturnedResults
+from node.run.forward import FORWARD, Forwarder
 from node.run.slots import plan_slots, plugin_needs
 from node.run.worker import WorkerPool
 from node.store import Store
 
 log = logging.getLogger("ainode.service")
+
+
+def _with_base(deid, base):  # type: ignore[no-untyped-def]
+    """DeidSettings with a relative key_file made relative to the config file's folder."""
+    if deid.key_file is None or deid.key_file.is_absolute():
+        return deid
+    return deid.model_copy(update={"key_file": base / deid.key_file})
 
 
 class NodeService:
@@ -39,14 +49,23 @@ class NodeService:
                 self.audit.add_listener(self.atna)
         self.spool = Spool(paths.spool_dir)
         tls_base = config_dir(loaded.source)  # relative TLS file paths are relative to the config file
+        deidentifier, returns = None, None
+        if cfg.deid is not None:  # external destinations: de-identified copies out, re-identified results in
+            pseudonyms = PseudonymMap(self.store.engine)
+            settings = _with_base(cfg.deid, tls_base)
+            deidentifier = Deidentifier(settings, load_key(settings), pseudonyms)
+            returns = ReturnedResults(self.store, self.audit, self.spool, paths.results_dir, cfg.destinations,
+                                      pseudonyms)
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
-                            ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None)
+                            ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None,
+                            returns=returns)
+        self.forwarder = Forwarder(self.store, self.spool, paths.results_dir, cfg.destinations, deidentifier)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
                                    node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
                                    evidence_min_interval_s=cfg.assemble.evidence_min_interval_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
-        rule_plugins = sorted({r.plugin for r in cfg.rules})
+        rule_plugins = sorted({r.plugin for r in cfg.rules} - {FORWARD})
         needs = plugin_needs(rule_plugins, cfg.plugins)
         slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,
@@ -59,7 +78,7 @@ class NodeService:
                                   routine_max_wait_s=cfg.run.routine_max_wait_s,
                                   report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}},
                                   rule_priors={r.name: r.priors for r in cfg.rules if r.priors},
-                                  sources=cfg.sources, node_ae=cfg.node.ae_title,
+                                  sources=cfg.sources, node_ae=cfg.node.ae_title, forwarder=self.forwarder,
                                   accepts={n: frozenset(d.accepts) for n, d in cfg.destinations.items()},
                                   max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1))
         self.models_dir = paths.models_dir

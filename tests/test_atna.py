@@ -263,6 +263,9 @@ def append_all(log: AuditLog) -> list[dict]:
           sop_instance_uids=["2.25.1"], job_ids=[1], study_uid=STUDY),
         a("commitment-failed", "failure", destination="pacs", transaction_uid="2.25.9", attempt=5,
           error="no report", final=True, sop_instance_uids=["2.25.1"], job_ids=[1], study_uid=STUDY),
+        a("result-returned", calling_ae="CLOUD", peer_ip="127.0.0.1", destination="cloud", study_uid=STUDY,
+          patient_id=PATIENT, sop_instance_uid="2.25.7", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", job_id=1,
+          forwarded_to=["pacs"]),
         a("node-stop", clean=False),
     ]
 
@@ -273,7 +276,7 @@ EXPECTED = {  # event -> (EventID, action, outcome) as documented in node/audit/
     "instance-duplicate": ("110104", "R", "0"), "instance-refused": ("110104", "C", "8"),
     "job-start": ("110103", "R", "0"), "object-sent": ("110104", "R", "0"),
     "requeue": ("110103", "R", "0"), "study-purged": ("110105", "D", "0"), "node-stop": ("110100", "E", "4"),
-    "report-sent": ("110104", "R", "0"), "tls-handshake-failed": ("110113", "E", "4"),
+    "report-sent": ("110104", "R", "0"), "result-returned": ("110104", "C", "0"), "tls-handshake-failed": ("110113", "E", "4"),
 }
 
 

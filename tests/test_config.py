@@ -41,6 +41,14 @@ def test_embedded_defaults_are_valid():
         ("rules:\n  - {name: r1, plugin: no_such_plugin}\n", "rules.0.plugin: plugin 'no_such_plugin' is not configured"),
         ("rules:\n  - {name: r1, plugin: ct_lung, series: {series_description: '(['}}\n",
          "rules.0.series.series_description: invalid regular expression"),
+        ("destinations:\n  cloud: {ae_title: C, host: h, port: 1, external: true}\n",
+         "destinations.cloud.external: an external destination gets de-identified copies; add a deid: section"),
+        ("deid: {key_env: K}\ndestinations:\n  cloud: {ae_title: C, host: h, port: 1, external: true, "
+         "return_to: [cloud]}\n", "destinations.cloud.return_to.0: 'cloud' must be a hospital (not external)"),
+        ("dicomweb:\n  web: {url: 'http://h/dicom-web'}\nrules:\n  - {name: r1, plugin: forward, destinations: [web]}\n",
+         "rules.0.destinations.0: 'plugin: forward' sends by C-STORE, so 'web' must be under destinations"),
+        ("destinations:\n  pacs: {ae_title: P, host: h, port: 1}\nris:\n  pacs: {host: h, port: 2}\n",
+         "ris.pacs: the name is also used under destinations"),
     ],
 )
 def test_each_error_is_one_line_with_key_path(tmp_path, yaml_text, expected):

@@ -162,7 +162,7 @@ def test_no_original_identity_anywhere(ct, deid, tmp_path):
         assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
         assert "OtherPatientIDsSequence" not in ds and "ImageComments" not in ds and "ReferencedStudySequence" not in ds
         assert not ds.PatientBirthDate and "PatientBirthTime" not in ds
-        assert ds.PatientID.startswith("AINODE-") and ds.PatientName == ds.PatientID
+        assert ds.PatientID.startswith("AINODE-") and ds.PatientName == ds.PatientID + "^"  # family name only
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     # the originals are untouched
     assert ct["datasets"][0].PatientID == PID

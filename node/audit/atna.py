@@ -13,6 +13,7 @@ tls-handshake-failed          110113 Security Alert (110126 Node Auth.)      E  
 instance-stored               110104 DICOM Instances Transferred             C       0
 instance-duplicate            110104 DICOM Instances Transferred             R       0
 instance-refused              110104 DICOM Instances Transferred             C       8
+result-returned               110104 DICOM Instances Transferred             C       0, 8 refused
 object-sent                   110104 DICOM Instances Transferred             R       0
 send-failed                   110104 DICOM Instances Transferred             R       4, 8 final
 report-sent                   110104 DICOM Instances Transferred             R       0
@@ -218,7 +219,7 @@ class AtnaMapper:
             "association-accepted": self._node_authentication,
             "association-rejected": self._node_authentication,
             "instance-stored": self._received, "instance-duplicate": self._received,
-            "instance-refused": self._received,
+            "instance-refused": self._received, "result-returned": self._received,
             "object-sent": self._sent, "send-failed": self._sent, "report-sent": self._sent,
             "tls-handshake-failed": self._node_authentication,
             "job-start": self._job, "job-end": self._job,

@@ -47,6 +47,9 @@ def _pydantic_errors(source: str, exc: ValidationError) -> list[str]:
     return lines
 
 
+FORWARD = "forward"  # node.run.forward.FORWARD (not imported: that module needs the whole node)
+
+
 def reference_errors(cfg: NodeConfig) -> list[str]:
     """Errors between sections: rules naming plugins or destinations that do not exist."""
     errors: list[str] = []
@@ -70,7 +73,14 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
         if rule.name in seen:
             errors.append(f"rules.{i}.name: duplicate rule name '{rule.name}'")
         seen.add(rule.name)
-        if rule.plugin not in cfg.plugins:
+        if rule.plugin == FORWARD:  # built in: send the matched series itself
+            if "forward" in cfg.plugins:
+                errors.append(f"plugins.forward: 'forward' is the built-in rule action; rename the plugin")
+            for j, dest in enumerate(rule.destinations):
+                if dest not in cfg.destinations:
+                    errors.append(f"rules.{i}.destinations.{j}: 'plugin: forward' sends by C-STORE, so '{dest}' "
+                                  "must be under destinations")
+        elif rule.plugin not in cfg.plugins:
             errors.append(
                 f"rules.{i}.plugin: plugin '{rule.plugin}' is not configured under 'plugins' "
                 f"(configured: {', '.join(sorted(cfg.plugins)) or 'none'})"
@@ -87,6 +97,16 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
                     f"rules.{i}.destinations.{j}: unknown destination '{dest}' "
                     f"(defined under destinations, dicomweb, ris or fhir: {', '.join(sorted(known)) or 'none'})"
                 )
+    for name, d in cfg.destinations.items():
+        if d.external and cfg.deid is None:
+            errors.append(f"destinations.{name}.external: an external destination gets de-identified copies; "
+                          "add a deid: section with its key (key_file or key_env)")
+        if (d.return_ae_titles or d.return_to) and not d.external:
+            errors.append(f"destinations.{name}: return_ae_titles/return_to apply to external destinations only")
+        for j, to in enumerate(d.return_to):
+            if to not in cfg.destinations or cfg.destinations[to].external:
+                errors.append(f"destinations.{name}.return_to.{j}: '{to}' must be a hospital (not external) "
+                              "destination under destinations")
     sections = (("destinations", cfg.destinations), ("dicomweb", cfg.dicomweb), ("ris", cfg.ris), ("fhir", cfg.fhir))
     for section, names in sections[1:]:
         for name in names:

@@ -22,6 +22,7 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 from node.audit.atna_config import AtnaSection  # noqa: E402
 from node.config.base import Strict  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
+from node.deid.config import DeidSettings  # noqa: E402
 from node.config.dicomweb import DicomWebDestination  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
@@ -182,6 +183,13 @@ class Destination(Strict):
         description="What this PACS and its viewers take. Without SEG, list GSPS (an overlay of the outlines on "
         "the CT) and/or SC (key images with the outlines burned in, marked 'AI RESULT - NOT FOR DIAGNOSIS').")
     max_key_images: int = Field(1, ge=1, le=20, description="SC key images per finding (its largest cross-sections).")
+    external: bool = Field(
+        False, description="Outside the hospital (e.g. a cloud second-read service): a rule with `plugin: forward` "
+        "sends it de-identified copies (the deid: section), never the originals.")
+    return_ae_titles: list[str] = Field(
+        default_factory=list, description="External only: calling AE titles the service sends its results back "
+        "from; those are re-identified and sent to `return_to`, not processed as new studies.")
+    return_to: list[str] = Field(default_factory=list, description="Destinations that get the re-identified results.")
     storage_commitment: bool = Field(
         False, description="Ask this PACS (N-ACTION) to commit what was sent; a job is dispatched only once it "
         "reports the objects committed. The PACS must know the node's AE title as a modality to report back.")
@@ -193,6 +201,11 @@ class Destination(Strict):
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return None if value is None else _ae_title(value)
+
+    @field_validator("return_ae_titles")
+    @classmethod
+    def _check_aes(cls, values: list[str]) -> list[str]:
+        return [_ae_title(v) for v in values]
 
 
 class Source(Strict):
@@ -325,6 +338,8 @@ class NodeConfig(Strict):
         "in `destinations` like a PACS.")
     fhir: dict[str, FhirDestination] = Field(
         default_factory=dict, description="FHIR R4 servers receiving a DiagnosticReport Bundle per finished job.")
+    deid: DeidSettings | None = Field(None, description="De-identification for external destinations: keyed "
+                                      "pseudonyms, PS3.15 Basic Profile with the options set here.")
     atna: AtnaSection | None = Field(None, description="Audit records also sent as DICOM PS3.15 A.5 messages "
                                      "to this syslog receiver (IHE ATNA).")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})

@@ -243,8 +243,10 @@ class _Run:
 
     def _patient_name(self, name: str) -> str:
         # The patient's name becomes the patient's pseudonymous ID: one token per patient, nothing to guess.
-        pseudo = self.pseudo_pid if name == self.name else (
-            self.s.patient_id_prefix + keyed_token(self.key, "patient_name", name, 16))
+        # The trailing caret makes it an explicit family-name-only person name (viewers and highdicom expect
+        # name components).
+        pseudo = (self.pseudo_pid if name == self.name else (
+            self.s.patient_id_prefix + keyed_token(self.key, "patient_name", name, 16))) + "^"
         self._pair("patient_name", name, pseudo)
         return pseudo
 

@@ -140,8 +140,9 @@ class ReceiveCounters:
 
 class StoreSCP:
     def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, returns=None) -> None:  # type: ignore[no-untyped-def]
         self.cfg = cfg
+        self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.spool = spool
@@ -357,6 +358,17 @@ class StoreSCP:
         except Exception as exc:  # noqa: BLE001 - any other decode failure is the sender's data too
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
                                 calling, ip, sop_uid or rq_uid or None)
+
+        if self.returns is not None and self.returns.handles(calling):
+            try:
+                back = self.returns.receive(encoded, calling, ip)
+            except Exception as exc:  # noqa: BLE001 - never Success for a result not queued
+                log.error("returned result not handled calling_ae=%s error=%s", calling, type(exc).__name__)
+                return self._refuse(OUT_OF_RESOURCES, f"returned result not stored: {type(exc).__name__}",
+                                    calling, ip, sop_uid)
+            if back.status != SUCCESS:
+                return self._refuse(back.status, back.reason, calling, ip, sop_uid)
+            return SUCCESS
 
         if self.store.has_instance(sop_uid):
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)

@@ -22,6 +22,7 @@ from node.receive.spool import Spool
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
 from node.results.fallback import FALLBACK_KINDS
+from node.run.forward import FORWARD, Forwarder, ForwardError
 from node.run.slots import WorkerSlot
 from node.store import DispatchItem, Store
 from node.store.models import Job
@@ -56,6 +57,7 @@ class WorkerPool:
         rule_priors: Mapping[str, PriorsSpec] | None = None,
         sources: Mapping[str, Source] | None = None,
         node_ae: str = "AINODE",
+        forwarder: Forwarder | None = None,
         accepts: Mapping[str, frozenset[str]] | None = None,
         max_key_images: int = 1,
     ) -> None:
@@ -67,6 +69,7 @@ class WorkerPool:
         self.rule_priors = dict(rule_priors or {})
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
         self.report_kinds = dict(report_kinds or {})
+        self.forwarder = forwarder  # the built-in `plugin: forward` action
         self.accepts = dict(accepts or {})  # destination -> what it takes (SEG, SR, GSPS, SC)
         self.max_key_images = max_key_images
         self.routine_max_wait_s = routine_max_wait_s
@@ -187,6 +190,9 @@ class WorkerPool:
     def execute(self, job: Job, proc: PluginProcess, upcoming: Callable[[], Job | None] | None = None) -> None:
         t0 = time.time()
         timings: dict[str, float] = {"queue_wait_s": round(t0 - job.created_at, 3)}
+        if job.plugin == FORWARD:
+            self._forward(job, timings, t0)
+            return
         spec, wanted = self._spec(job), self.rule_priors.get(job.rule)
         first = next((paths[0] for paths in spec.series.values() if paths), None)
         priors = (self.priors.retrieve(job.id, job.study_uid, first, wanted, self._abandon.is_set)
@@ -244,6 +250,28 @@ class WorkerPool:
             model=out.model, summary=out.summary, timings=timings,
         )
         log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(out.files), timings)
+
+    def _forward(self, job: Job, timings: dict, t0: float) -> None:
+        """The built-in forward action (node/run/forward.py): no plugin, no worker process."""
+        self.audit.append("job-start", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin, rule=job.rule,
+                          attempt=job.attempts, series_uids=job.series_uids, worker="node")
+        if self.forwarder is None:
+            self._failed(job, "forward is not available in this node", timings, t0)
+            return
+        try:
+            items, summary, extra = self.forwarder.build(job)
+        except (ForwardError, OSError) as exc:
+            self._failed(job, str(exc), timings, t0)
+            return
+        timings.update(extra)
+        timings["total_s"] = round(time.time() - t0, 3)
+        self.store.job_results_built(job.id, "builtin", summary, timings, items)
+        by_dest: dict[str, int] = {}
+        for i in items:
+            by_dest[i.destination] = by_dest.get(i.destination, 0) + 1
+        self.audit.append("job-end", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin, summary=summary,
+                          forwarded=by_dest, timings=timings)
+        log.info("forward job built job_id=%d objects=%d", job.id, len(items))
 
     def _failed(self, job: Job, error: str, timings: dict, t0: float) -> None:
         log.error("job failed job_id=%d plugin=%s error=%s", job.id, job.plugin, error)

@@ -372,6 +372,26 @@ class Store:
                 for i in items
             )
 
+    def add_dispatches(self, job_id: int, items: Iterable[DispatchItem]) -> None:
+        """More objects for a job that already has results (a result returned by an external service)."""
+        now = time.time()
+        with self._write, self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            s.add_all(
+                Dispatch(job_id=job_id, study_uid=job.study_uid, destination=i.destination, kind=i.kind,
+                         sop_class_uid=i.sop_class_uid, sop_instance_uid=i.sop_instance_uid, path=i.path,
+                         state=DispatchState.PENDING, attempts=0, next_attempt_at=now)
+                for i in items
+            )
+
+    def forward_job_for(self, study_uid: str, destination: str) -> int | None:
+        """The newest job of `study_uid` that sent copies to `destination` (what a returned result belongs to)."""
+        with self.session() as s:
+            return s.scalar(select(Dispatch.job_id).where(Dispatch.study_uid == study_uid,
+                                                          Dispatch.destination == destination,
+                                                          Dispatch.kind == "FWD")
+                            .order_by(Dispatch.job_id.desc()).limit(1))
+
     def get_job(self, job_id: int) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
