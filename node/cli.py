@@ -65,7 +65,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     print(f"{loaded.source}: OK — AE {cfg.node.ae_title} port {cfg.node.port}, "
-          f"{len(cfg.rules)} rule(s), {len(cfg.destinations)} destination(s), plugins: {', '.join(cfg.plugins)}")
+          f"{len(cfg.rules)} rule(s), {len(cfg.destinations)} DICOM destination(s)"
+          + "".join(f", {len(m)} {k}" for k, m in (("DICOMweb", cfg.dicomweb), ("RIS", cfg.ris), ("FHIR", cfg.fhir))
+                    if m)
+          + f", plugins: {', '.join(cfg.plugins)}")
     return 0
 
 
