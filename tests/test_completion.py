@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from node.assemble import Assembler
-from node.assemble.evidence import EvidenceChecker
 from node.assemble.find import ExpectedCounts, QueryError
 from node.audit import AuditLog
 from node.config.schema import NodeConfig, Rule, Source

@@ -276,18 +276,22 @@ def test_key_is_loaded_from_env_or_file_and_never_shown(tmp_path, monkeypatch):
         DeidSettings(key_file=tmp_path / "k", key_env="X")
 
 
-def test_result_from_the_external_service_is_reidentified_into_the_original_study(ct, deid, tmp_path):
-    require("dciodvfy", "dicom3tools")
-    d, out = deid
+def service_sr(series: list[Dataset]) -> Dataset:
+    """The external service's own SR on the (de-identified) series it got, built with the node's builder."""
     headers = []
-    for ds in out:
+    for ds in series:
         h = Dataset(ds)
         del h.PixelData
         headers.append(h)
-    # The external service's own SR on the de-identified series (built here with the node's builder).
     result = PluginResult(findings=[Finding("nodule-1", NODULE, [Measurement(DIAMETER, 7.5, MM)], confidence=0.8)])
-    (sr_obj,) = build_results(result, {out[0].SeriesInstanceUID: headers}, AlgorithmInfo("second_read", "1.0"))
-    sr = sr_obj.dataset
+    (sr_obj,) = build_results(result, {series[0].SeriesInstanceUID: headers}, AlgorithmInfo("second_read", "1.0"))
+    return sr_obj.dataset
+
+
+def test_result_from_the_external_service_is_reidentified_into_the_original_study(ct, deid, tmp_path):
+    require("dciodvfy", "dicom3tools")
+    d, out = deid
+    sr = service_sr(out)
     assert sr.StudyInstanceUID == out[0].StudyInstanceUID and sr.PatientID == out[0].PatientID
 
     back = d.reidentify(sr)

@@ -8,13 +8,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pydicom.dataset import Dataset
 
-from node.plugin_api import Finding, Measurement, PluginResult
-from node.results import AlgorithmInfo, build_results
 from node.synth import write_chest_ct
 from tests.support.orthanc import OrthancServer
 from tests.support.pipeline import events, send
 from tests.support.wait import wait_until
-from tests.test_deid import DIAMETER, MM, NODULE, assert_no_identity
+from tests.test_deid import assert_no_identity, service_sr
 
 
 def _instances(orthanc) -> list[Dataset]:
@@ -78,16 +76,7 @@ def test_external_destination_gets_no_identity_and_the_returned_result_lands_in_
             assert_no_identity(ds, forbidden)  # every element, sequences and private tags included
 
         # The service answers with its own SR on the pseudonymous series.
-        headers = []
-        for ds in copies:
-            h = Dataset(ds)
-            del h.PixelData
-            headers.append(h)
-        result = PluginResult(findings=[Finding("nodule-1", NODULE, [Measurement(DIAMETER, 7.5, MM)], confidence=0.8)])
-        (sr,) = build_results(result, {copies[0].SeriesInstanceUID: headers}, AlgorithmInfo("second_read", "1.0"))
-        sr_path = tmp_path / "returned-sr.dcm"
-        sr.dataset.save_as(sr_path, enforce_file_format=True)
-        assert _store(node, sr.dataset, "CLOUD") == 0x0000
+        assert _store(node, service_sr(copies), "CLOUD") == 0x0000
         wait_until(lambda: any(r.get("kind") == "RET" for r in events(node, "object-sent")), 60,
                    "the re-identified result to reach the PACS")
 

@@ -75,7 +75,7 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
         seen.add(rule.name)
         if rule.plugin == FORWARD:  # built in: send the matched series itself
             if "forward" in cfg.plugins:
-                errors.append(f"plugins.forward: 'forward' is the built-in rule action; rename the plugin")
+                errors.append("plugins.forward: 'forward' is the built-in rule action; rename the plugin")
             for j, dest in enumerate(rule.destinations):
                 if dest not in cfg.destinations:
                     errors.append(f"rules.{i}.destinations.{j}: 'plugin: forward' sends by C-STORE, so '{dest}' "

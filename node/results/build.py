@@ -33,6 +33,16 @@ class AlgorithmInfo:
     not_for_clinical_use: bool = False  # from the model manifest; the RIS message and viewers show it
 
 
+def source_study(sources: Mapping[str, Sequence[Dataset]]) -> str:
+    """The one study all source series belong to: every result object goes into it."""
+    if not sources or not all(sources.values()):
+        raise ValueError("no source series (or an empty one) given")
+    studies = {str(ds.StudyInstanceUID) for series in sources.values() for ds in series}
+    if len(studies) != 1:
+        raise ValueError(f"source series span {len(studies)} studies; results go into exactly one")
+    return studies.pop()
+
+
 def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
     """Model identity, recorded as algorithm parameters in the SEG and in every SR measurement."""
     fields = {"model_name": algorithm.model_name, "model_version": algorithm.model_version,
@@ -53,12 +63,7 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
     on the same series re-creates the same UIDs and the PACS replaces the earlier objects; a new plugin
     version gives new objects beside the old ones.
     """
-    if not sources or not all(sources.values()):
-        raise ValueError("no source series (or an empty one) given")
-    studies = {str(ds.StudyInstanceUID) for series in sources.values() for ds in series}
-    if len(studies) != 1:
-        raise ValueError(f"source series span {len(studies)} studies; results go into exactly one")
-    study_uid = studies.pop()
+    study_uid = source_study(sources)
     base = (study_uid, *sorted(sources), algorithm.name, algorithm.version)
     params = algorithm_parameters(algorithm)
     out: list[BuiltObject] = []

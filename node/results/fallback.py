@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from node.plugin_api import PluginResult
 
-from .build import AlgorithmInfo, BuiltObject
+from .build import AlgorithmInfo, BuiltObject, source_study
 from .gsps import build_gsps
 from .keyimage import build_key_image
 from .overlay import BANNER, PALETTE, Overlay, algorithm_line, finding_text, key_slices
@@ -44,12 +44,7 @@ def build_fallbacks(result: PluginResult, sources: Mapping[str, Sequence[Dataset
         raise ValueError(f"unknown fallback kind(s) {sorted(unknown)}; choose from {sorted(FALLBACK_KINDS)}")
     if max_key_images < 1:
         raise ValueError(f"max_key_images must be at least 1, got {max_key_images}")
-    if not sources or not all(sources.values()):
-        raise ValueError("no source series (or an empty one) given")
-    studies = {str(ds.StudyInstanceUID) for series in sources.values() for ds in series}
-    if len(studies) != 1:
-        raise ValueError(f"source series span {len(studies)} studies; results go into exactly one")
-    study_uid = studies.pop()
+    study_uid = source_study(sources)
     if not kinds or not (result.findings or result.segmentations):
         return []
     overlays = _overlays(result, sources, study_uid, algorithm)
