@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+
+# Libraries quote the offending value in their warnings ("The string 'DOE' is unlikely to represent the
+# intended person name", "Invalid value for VR PN: 'DOE^JOHN...'"): a patient name or ID can be that value.
+_LIBRARIES = ("pydicom", "highdicom", "pynetdicom", "py.warnings")
+_QUOTED = re.compile(r"""(['"])(?:(?!\1).){1,512}?\1""")
+
+
+class RedactLibraryValues(logging.Filter):
+    """Replaces quoted values in library log records (and warnings) with <value>."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in _LIBRARIES or record.name == "py.warnings":
+            record.msg = _QUOTED.sub(r"\1<value>\1", record.getMessage())
+            record.args = None
+        return True
 
 
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(RedactLibraryValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings go through the handler above, redacted
     # pynetdicom logs dataset summaries at INFO/DEBUG, which may hold patient data.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

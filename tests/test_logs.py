@@ -1,0 +1,26 @@
+"""Library warnings and log lines that quote a data set's value do not put patient data into the logs."""
+
+import logging
+import warnings
+
+import highdicom as hd
+
+from node.logs import setup_logging
+
+
+def test_library_warnings_and_log_lines_are_redacted(capsys):
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging("INFO")
+    try:
+        hd.valuerep.check_person_name("DOEJOHN")  # warns quoting the name
+        logging.getLogger("pydicom").warning("Invalid value for VR PN: 'SMITH^ANNA' in %s", "PatientName")
+        logging.getLogger("ainode.receive").info("stored sop_instance_uid=%s", "1.2.3")
+    finally:
+        logging.captureWarnings(False)
+        warnings.resetwarnings()
+        root.handlers[:], root.level = saved
+    err = capsys.readouterr().err
+    assert "DOEJOHN" not in err and "SMITH" not in err
+    assert "unlikely to represent the intended person name" in err and "'<value>' in PatientName" in err
+    assert "sop_instance_uid=1.2.3" in err  # the node's own lines are untouched
