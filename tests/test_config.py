@@ -49,6 +49,9 @@ def test_embedded_defaults_are_valid():
          "rules.0.destinations.0: 'plugin: forward' sends by C-STORE, so 'web' must be under destinations"),
         ("destinations:\n  pacs: {ae_title: P, host: h, port: 1}\nris:\n  pacs: {host: h, port: 2}\n",
          "ris.pacs: the name is also used under destinations"),
+        ("node: {allowed_calling_aes: [CT1]}\ndestinations:\n  pacs: {ae_title: PACS, host: h, port: 1, "
+         "storage_commitment: true}\n", "destinations.pacs.storage_commitment: the PACS reports commitments from "
+         "AE 'PACS', which node.allowed_calling_aes rejects"),
     ],
 )
 def test_each_error_is_one_line_with_key_path(tmp_path, yaml_text, expected):

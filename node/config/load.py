@@ -97,7 +97,15 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
                     f"rules.{i}.destinations.{j}: unknown destination '{dest}' "
                     f"(defined under destinations, dicomweb, ris or fhir: {', '.join(sorted(known)) or 'none'})"
                 )
+    allowed = {a.upper() for a in cfg.node.allowed_calling_aes}
     for name, d in cfg.destinations.items():
+        if allowed and d.storage_commitment and d.ae_title.upper() not in allowed:
+            errors.append(f"destinations.{name}.storage_commitment: the PACS reports commitments from AE "
+                          f"'{d.ae_title}', which node.allowed_calling_aes rejects; add it there")
+        for ae in d.return_ae_titles:
+            if allowed and ae.upper() not in allowed:
+                errors.append(f"destinations.{name}.return_ae_titles: '{ae}' is not in node.allowed_calling_aes, "
+                              "so its returned results would be rejected; add it there")
         if d.external and cfg.deid is None:
             errors.append(f"destinations.{name}.external: an external destination gets de-identified copies; "
                           "add a deid: section with its key (key_file or key_env)")
