@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from node.store import Store
@@ -24,7 +24,9 @@ class FeedbackError(ValueError):
 
 
 def add_output_rows(s: Session, job: Job, output: dict, shadow: bool, now: float) -> None:
-    """The job's output statistics (node/monitor/stats.py), inside the caller's transaction."""
+    """The job's output statistics (node/monitor/stats.py), inside the caller's transaction; a job run again
+    (`ainode requeue`) replaces its earlier findings."""
+    s.execute(delete(FindingStats).where(FindingStats.job_id == job.id))
     s.merge(JobOutputStats(job_id=job.id, study_uid=job.study_uid, rule=job.rule, plugin=job.plugin,
                            model=output["model"], scanner=output["scanner"], shadow=int(shadow),
                            finding_count=output["finding_count"], recorded_at=now))
