@@ -1,4 +1,4 @@
-"""`ainode` command line: serve, check-config, status, requeue, audit verify, synth."""
+"""`ainode` command line: serve, check-config, status, requeue, monitor, feedback, audit verify, synth."""
 
 from __future__ import annotations
 
@@ -219,6 +219,22 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from node.monitor.cli import print_monitor
+    from node.store import Store
+
+    loaded = _load(args.config)
+    return print_monitor(Store(loaded.storage.database_url), loaded.config.monitoring, args.json, args.job)
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from node.monitor.cli import feedback
+    from node.store import Store
+
+    loaded = _load(args.config)
+    return feedback(Store(loaded.storage.database_url), args.job, args.finding, args.verdict, args.value, args.by)
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from node.audit import verify_log
 
@@ -264,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", required=True, help="Study Instance UID")
     s.add_argument("--wait", type=float, default=15, help="seconds to wait for the node to confirm")
     s.set_defaults(func=cmd_complete)
+
+    s = sub.add_parser("monitor", help="model drift per model version and scanner, shadow agreement, feedback")
+    s.add_argument("--config")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--job", type=int, help="list one job's findings (their numbers are what `feedback` takes)")
+    s.set_defaults(func=cmd_monitor)
+
+    s = sub.add_parser("feedback", help="record a radiologist's accept/reject/correct of one finding")
+    s.add_argument("--config")
+    s.add_argument("--job", type=int, required=True)
+    s.add_argument("--finding", type=int, required=True, help="finding number (1-based; `monitor --job N`)")
+    s.add_argument("--verdict", required=True, choices=["accept", "reject", "correct"])
+    s.add_argument("--value", type=float, help="the corrected value (with --verdict correct)")
+    s.add_argument("--by", help="reviewer")
+    s.set_defaults(func=cmd_feedback)
 
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_command", required=True)

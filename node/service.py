@@ -14,6 +14,7 @@ from node.config.tls import config_dir, server_context, with_resolved_tls
 from node.dispatch import Dispatcher
 from node.maintain import Purger, RequestHandler, reconcile
 from node.models.lock import verify_models
+from node.monitor.watch import DriftWatch
 from node.receive import Spool, StoreSCP
 from node.ris.config import resolve_paths
 from node.route import Router
@@ -80,7 +81,8 @@ class NodeService:
                                   rule_priors={r.name: r.priors for r in cfg.rules if r.priors},
                                   sources=cfg.sources, node_ae=cfg.node.ae_title, forwarder=self.forwarder,
                                   accepts={n: frozenset(d.accepts) for n, d in cfg.destinations.items()},
-                                  max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1))
+                                  max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1),
+                                  shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of})
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
                                      cfg.node.ae_title,
@@ -90,6 +92,7 @@ class NodeService:
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)
+        self.drift = DriftWatch(self.store, self.audit, cfg.monitoring)
         self._stop = threading.Event()
         self._pipeline: threading.Thread | None = None
         self._maintenance: threading.Thread | None = None
@@ -123,7 +126,7 @@ class NodeService:
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
-            for task in (self.requests.tick, self.purger.tick):
+            for task in (self.requests.tick, self.purger.tick, self.drift.tick):
                 try:
                     task()
                 except Exception:  # noqa: BLE001 - keep the node serving; the task runs again next tick

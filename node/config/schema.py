@@ -24,6 +24,7 @@ from node.config.base import Strict  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
 from node.deid.config import DeidSettings  # noqa: E402
 from node.config.dicomweb import DicomWebDestination  # noqa: E402
+from node.monitor.config import MonitoringSection  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 
@@ -321,6 +322,9 @@ class Rule(Strict):
     destinations: list[str] = Field(default_factory=list)
     priors: PriorsSpec | None = Field(None, description="Also hand the plugin the patient's prior studies, "
                                       "fetched (C-GET) from a PACS under `sources`.")
+    shadow_of: str | None = Field(None, description="Shadow mode: the name of the primary rule this rule runs "
+                                  "beside. Its jobs build results but dispatch nothing; their agreement with the "
+                                  "primary rule's job on the same study is recorded (`ainode monitor`).")
 
 
 class NodeConfig(Strict):
@@ -342,6 +346,8 @@ class NodeConfig(Strict):
                                       "pseudonyms, PS3.15 Basic Profile with the options set here.")
     atna: AtnaSection | None = Field(None, description="Audit records also sent as DICOM PS3.15 A.5 messages "
                                      "to this syslog receiver (IHE ATNA).")
+    monitoring: MonitoringSection = Field(default_factory=MonitoringSection,
+                                          description="Model output drift per model version and scanner.")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [
@@ -352,3 +358,19 @@ class NodeConfig(Strict):
             )
         ]
     )
+
+    @field_validator("rules")
+    @classmethod
+    def _shadow_targets(cls, rules: list[Rule]) -> list[Rule]:
+        by_name = {r.name: r for r in rules}
+        for r in rules:
+            if r.shadow_of is None:
+                continue
+            primary = by_name.get(r.shadow_of)
+            if primary is None or primary.shadow_of is not None or primary is r:
+                raise ValueError(f"rule {r.name!r}: shadow_of {r.shadow_of!r} must name another, non-shadow rule "
+                                 f"(rules: {', '.join(by_name)})")
+            if r.destinations:
+                raise ValueError(f"rule {r.name!r} is a shadow rule (shadow_of) and dispatches nothing: remove "
+                                 f"its destinations")
+        return rules

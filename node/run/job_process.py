@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
+from node.monitor.stats import output_stats
 from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
 from node.results.build import AlgorithmInfo, build_results
 from node.results.fallback import build_fallbacks
@@ -67,6 +68,7 @@ class JobOutput:
     files: list[BuiltFile]
     timings: dict[str, float] = field(default_factory=dict)
     model: dict | None = None  # name, version, weights sha256 and package digest of the model used
+    stats: dict | None = None  # structured outputs for model monitoring (node/monitor/stats.py)
 
 
 class PluginCache:
@@ -249,4 +251,5 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     timings["build_s"] = round(time.perf_counter() - t, 3)
     provenance = {"model": model.name, "model_version": model.version, "weights_sha256": model.weights_sha256,
                   "package_digest": model.digest} if model else None
-    return JobOutput(plugin.name, plugin.version, result.summary, files, timings, provenance)
+    stats = output_stats(result, sources, spec.plugin, plugin.version, provenance)  # config name: a shadow copy differs
+    return JobOutput(plugin.name, plugin.version, result.summary, files, timings, provenance, stats)

@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 
 from node.audit import AuditLog
 from node.config.schema import PluginSection, Source
+from node.monitor.records import record_agreements
 from node.priors.config import PriorsSpec
 from node.priors.retrieve import PriorRetriever
 from node.receive.spool import Spool
@@ -60,6 +61,7 @@ class WorkerPool:
         forwarder: Forwarder | None = None,
         accepts: Mapping[str, frozenset[str]] | None = None,
         max_key_images: int = 1,
+        shadow_of: Mapping[str, str] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
@@ -67,6 +69,7 @@ class WorkerPool:
         whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`. `accepts` says which
         objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead)."""
         self.rule_priors = dict(rule_priors or {})
+        self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
         self.report_kinds = dict(report_kinds or {})
         self.forwarder = forwarder  # the built-in `plugin: forward` action
@@ -234,22 +237,43 @@ class WorkerPool:
                 self.priors.release(job.id)
 
         items = []
-        for dest in job.destinations:
+        shadow = job.rule in self.shadow_of
+        for dest in [] if shadow else job.destinations:
             report = self.report_kinds.get(dest)  # a RIS gets one message per job, made from the SR
             for f, p in zip(out.files, paths):
                 if (f.kind == "SR") if report else (f.kind in self.accepts.get(dest, DEFAULT_ACCEPTS)):
                     items.append(DispatchItem(destination=dest, kind=report or f.kind, sop_class_uid=f.sop_class_uid,
                                               sop_instance_uid=f.sop_instance_uid, path=str(p)))
         timings["total_s"] = round(time.time() - t0, 3)
-        self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items)
+        self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items, output=out.stats,
+                                     shadow=shadow)
         self.audit.append(
             "job-end", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
-            plugin_version=out.plugin_version,
+            plugin_version=out.plugin_version, **({"shadow_of": self.shadow_of[job.rule]} if shadow else {}),
+            output_stats=out.stats and {"model": out.stats["model"], "scanner": out.stats["scanner"],
+                                        "finding_count": out.stats["finding_count"]},
             outputs=[{"kind": f.kind, "sop_instance_uid": f.sop_instance_uid, "series_uid": f.series_uid}
                      for f in out.files],
             model=out.model, summary=out.summary, timings=timings,
         )
         log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(out.files), timings)
+        if self.shadow_of and out.stats is not None:
+            self._agreement(job)
+
+    def _agreement(self, job: Job) -> None:
+        """Shadow mode: once both the shadow and the primary job of a study have outputs, record agreement."""
+        try:
+            made = record_agreements(self.store, job.id, self.shadow_of)
+        except Exception:  # noqa: BLE001 - monitoring must not fail the job
+            log.exception("shadow agreement not recorded job_id=%d", job.id)
+            return
+        for a in made:
+            self.audit.append("shadow-agreement", study_uid=a.study_uid, shadow_job_id=a.shadow_job_id,
+                              primary_job_id=a.primary_job_id, shadow_model=a.shadow_model,
+                              primary_model=a.primary_model, counts_equal=bool(a.counts_equal),
+                              max_rel_diff=a.max_rel_diff)
+            log.info("shadow agreement shadow_job_id=%d primary_job_id=%d counts_equal=%s max_rel_diff=%s",
+                     a.shadow_job_id, a.primary_job_id, bool(a.counts_equal), a.max_rel_diff)
 
     def _forward(self, job: Job, timings: dict, t0: float) -> None:
         """The built-in forward action (node/run/forward.py): no plugin, no worker process."""

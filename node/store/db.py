@@ -352,9 +352,11 @@ class Store:
                 job.timings = timings
 
     def job_results_built(
-        self, job_id: int, plugin_version: str, summary: str, timings: dict, items: Iterable[DispatchItem]
+        self, job_id: int, plugin_version: str, summary: str, timings: dict, items: Iterable[DispatchItem],
+        output: dict | None = None, shadow: bool = False,
     ) -> None:
-        """Running → results-built, with one pending dispatch per object and destination."""
+        """Running → results-built, with one pending dispatch per object and destination, and the job's
+        output statistics (node/monitor/stats.py) in the same transaction."""
         now = time.time()
         with self._write, self.session() as s, s.begin():
             job = s.get(Job, job_id)
@@ -371,6 +373,10 @@ class Store:
                          state=DispatchState.PENDING, attempts=0, next_attempt_at=now)
                 for i in items
             )
+            if output is not None:
+                from node.monitor.records import add_output_rows
+
+                add_output_rows(s, job, output, shadow, now)
 
     def add_dispatches(self, job_id: int, items: Iterable[DispatchItem]) -> None:
         """More objects for a job that already has results (a result returned by an external service)."""

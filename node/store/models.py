@@ -192,3 +192,60 @@ class ModelVersion(Base):
     version: Mapped[str] = mapped_column(String(32), primary_key=True)
     digest: Mapped[str] = mapped_column(String(64))
     first_used_at: Mapped[float] = mapped_column(Float)
+
+
+class JobOutputStats(Base):
+    """Structured outputs of one job (node/monitor/stats.py): what drift and shadow agreement are computed from."""
+
+    __tablename__ = "job_outputs"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    plugin: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(100), index=True)  # "model:version", or "plugin:version"
+    scanner: Mapped[str] = mapped_column(String(200))  # Manufacturer / ManufacturerModelName / StationName
+    shadow: Mapped[int] = mapped_column(Integer, default=0)  # 1: a shadow rule's job (never dispatched)
+    finding_count: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[float] = mapped_column(Float)
+
+
+class FindingStats(Base):
+    """One finding of a job: confidence and measurements [{concept, value, unit}]. `number` is 1-based."""
+
+    __tablename__ = "findings"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tracking_id: Mapped[str] = mapped_column(String(64))
+    finding_type: Mapped[str] = mapped_column(String(64))
+    confidence: Mapped[float | None] = mapped_column(Float)
+    measurements: Mapped[list] = mapped_column(JSON)
+
+
+class ShadowAgreement(Base):
+    """How a shadow rule's job agreed with the primary rule's job on the same study."""
+
+    __tablename__ = "shadow_agreements"
+    shadow_job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    primary_job_id: Mapped[int] = mapped_column(Integer, index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    shadow_model: Mapped[str] = mapped_column(String(100))
+    primary_model: Mapped[str] = mapped_column(String(100))
+    counts_equal: Mapped[int] = mapped_column(Integer)
+    max_abs_diff: Mapped[float | None] = mapped_column(Float)
+    max_rel_diff: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[list] = mapped_column(JSON)
+    recorded_at: Mapped[float] = mapped_column(Float)
+
+
+class FindingFeedback(Base):
+    """A radiologist's verdict on one finding: accept, reject, or correct (with the corrected value)."""
+
+    __tablename__ = "finding_feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    finding_number: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(16))
+    value: Mapped[float | None] = mapped_column(Float)
+    reviewer: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[float] = mapped_column(Float)
+    audited_at: Mapped[float | None] = mapped_column(Float, index=True)  # the node wrote its audit record

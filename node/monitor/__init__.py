@@ -1,0 +1,1 @@
+"""Model monitoring: per-job output statistics, drift alerts, shadow agreement and radiologist feedback."""
