@@ -88,8 +88,12 @@ def test_usage_of_an_empty_month_is_zero_and_says_so(run, tmp_path):
 
 
 def _fingerprint(node) -> dict[str, str]:
-    files = [*sorted(node.var.glob("ainode.db*")), node.audit_path]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    """The store's data (the database file and its write-ahead log) and the audit log, byte for byte.
+
+    Not ainode.db-shm: SQLite's shared-memory lock index, which any reader (even mode=ro) may touch.
+    """
+    files = [node.var / "ainode.db", node.var / "ainode.db-wal", node.audit_path, node.var / "audit.jsonl.head"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "absent" for p in files}
 
 
 def _replay(node, tmp_path, rules, name):

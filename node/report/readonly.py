@@ -18,8 +18,9 @@ class ReadOnlyStore:
     """The Store's query methods over a read-only connection.
 
     A SQLite file is opened with mode=ro, so neither a table nor a row can be written, and no
-    create_all runs (the Store's constructor would create missing tables). Other databases are
-    only ever queried with SELECT.
+    create_all runs (the Store's constructor would create missing tables). SQLite may still create
+    the -wal/-shm companion files of a WAL database (its lock index; no data is written to them).
+    Other databases are only ever queried with SELECT.
     """
 
     def __init__(self, url: str) -> None:

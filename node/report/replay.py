@@ -16,7 +16,7 @@ from typing import Sequence
 from sqlalchemy import select
 
 from node.config.schema import Rule
-from node.report.progress import progress
+from node.progress import progress
 from node.report.readonly import ReadOnlyStore
 from node.route.router import Router
 from node.route.rules import evaluate_all

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from node.report.config import DepartmentsSection
 from node.report.headers import institutional_department
-from node.report.progress import progress
+from node.progress import progress
 from node.report.readonly import ReadOnlyStore
 from node.store.models import Job, JobState, Study
 
