@@ -135,3 +135,20 @@ def test_replay_lists_exactly_the_studies_a_changed_rule_reroutes_and_writes_not
     assert all(c == ["~ rule lung: priority routine → stat"] for c in changed.values()), r.stdout
 
     assert _fingerprint(node) == before, "replay changed the store or the audit log"
+
+
+def test_departments_section_order_and_errors(tmp_path):
+    from node.config import ConfigError, load_config
+    from node.report.config import DepartmentsSection
+
+    d = DepartmentsSection.model_validate(DEPARTMENTS)
+    assert d.department("ct3", "EMERGENCY RADIOLOGY ") == "ER"  # the header wins over the sender
+    assert d.department("CT2", "Cardiology") == "Radiology"
+    assert d.department("XRAY9", None) == d.department(None, None) == "unassigned"
+    for section, message in (({"by_ae": {"CT1": "R"}}, "departments.by_ae: unknown key"),
+                             ({"by_calling_ae": {"CT1": " "}}, "departments.by_calling_ae: blank name or department")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"departments": section}))
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert any(e.startswith(f"{path}: {message}") for e in exc.value.errors), exc.value.errors
