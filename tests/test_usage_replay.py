@@ -24,7 +24,10 @@ RULES_A = [{"name": "lung", "series": {"modality": "CT"}, "plugin": "ct_lung"}]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Four studies from four senders through ct_lung (no destination); the node is stopped afterwards."""
+    """Four studies from four senders through ct_lung (no destination); the node is stopped afterwards.
+
+    One test uses it (checking usage, then replay), so that pytest-xdist never runs it twice.
+    """
     tmp = tmp_path_factory.mktemp("usage")
     node = NodeProcess(tmp / "node", {"departments": DEPARTMENTS, "rules": RULES_A})
     studies = {}
@@ -53,7 +56,7 @@ def usage(node, *args):
     return node.cli("report", "usage", "--config", str(node.config_path), *args)
 
 
-def test_usage_report_matches_the_known_run(run, tmp_path):
+def check_usage_report_matches_the_known_run(run, tmp_path):
     node, _ = run
     out = tmp_path / "usage.csv"
     month = datetime.now().strftime("%Y-%m")
@@ -74,7 +77,7 @@ def test_usage_report_matches_the_known_run(run, tmp_path):
         assert any(line.split()[:4] == ["│", ae, "│", "1"] for line in by_ae.stdout.splitlines()), by_ae.stdout
 
 
-def test_usage_of_an_empty_month_is_zero_and_says_so(run, tmp_path):
+def check_usage_of_an_empty_month_is_zero_and_says_so(run, tmp_path):
     node, _ = run
     out = tmp_path / "empty.csv"
     r = usage(node, "--month", "2020-02", "--csv", str(out))
@@ -112,7 +115,7 @@ def _replay(node, tmp_path, rules, name):
     return r, changed
 
 
-def test_replay_lists_exactly_the_studies_a_changed_rule_reroutes_and_writes_nothing(run, tmp_path):
+def check_replay_lists_exactly_the_studies_a_changed_rule_reroutes_and_writes_nothing(run, tmp_path):
     node, uids = run
     before = _fingerprint(node)
     same, changed = _replay(node, tmp_path, RULES_A, "same")
@@ -135,6 +138,12 @@ def test_replay_lists_exactly_the_studies_a_changed_rule_reroutes_and_writes_not
     assert all(c == ["~ rule lung: priority routine → stat"] for c in changed.values()), r.stdout
 
     assert _fingerprint(node) == before, "replay changed the store or the audit log"
+
+
+def test_usage_report_and_replay_of_a_known_run(run, tmp_path):
+    check_usage_report_matches_the_known_run(run, tmp_path)
+    check_usage_of_an_empty_month_is_zero_and_says_so(run, tmp_path)
+    check_replay_lists_exactly_the_studies_a_changed_rule_reroutes_and_writes_nothing(run, tmp_path)
 
 
 def test_departments_section_order_and_errors(tmp_path):
