@@ -1,4 +1,5 @@
-"""`ainode` command line: serve, check-config, status, requeue, monitor, feedback, audit verify, synth."""
+"""`ainode` command line: serve, check-config, status, requeue, complete, monitor, feedback, audit verify,
+report usage, replay, synth."""
 
 from __future__ import annotations
 
@@ -303,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--log", help="audit log path (default: from the config)")
     v.set_defaults(func=cmd_audit_verify)
 
+    from node.report.cli import add_parsers as add_report_parsers
+
+    add_report_parsers(sub)
     sub.add_parser("synth", help="write a synthetic chest CT series (ainode synth --help)")
     return p
 

@@ -27,6 +27,7 @@ from node.config.dicomweb import DicomWebDestination  # noqa: E402
 from node.monitor.config import MonitoringSection  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
+from node.report.config import DepartmentsSection  # noqa: E402
 
 
 def _ae_title(value: str) -> str:
@@ -348,6 +349,8 @@ class NodeConfig(Strict):
                                      "to this syslog receiver (IHE ATNA).")
     monitoring: MonitoringSection = Field(default_factory=MonitoringSection,
                                           description="Model output drift per model version and scanner.")
+    departments: DepartmentsSection = Field(default_factory=DepartmentsSection, description="Department of each "
+                                            "study for `ainode report usage` (calling AE / InstitutionalDepartmentName).")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [

@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-uid", default=None)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    r = write_chest_ct(a.out, slices=a.slices, slice_thickness=a.thickness, seed=a.seed,
-                       transfer_syntax=a.transfer_syntax, patient_id=a.patient_id, study_uid=a.study_uid)
+    from node.progress import progress
+
+    with progress("synth", a.slices) as advance:
+        r = write_chest_ct(a.out, slices=a.slices, slice_thickness=a.thickness, seed=a.seed,
+                           transfer_syntax=a.transfer_syntax, patient_id=a.patient_id, study_uid=a.study_uid,
+                           on_slice=advance)
     print(f"wrote {len(r.files)} CT slices to {r.out_dir} in {time.perf_counter() - t0:.1f}s: "
           f"left lung {r.truth['left_lung_ml']:.1f} mL, right lung {r.truth['right_lung_ml']:.1f} mL "
           f"(truth: {r.truth_path})")

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -158,8 +159,12 @@ def write_chest_ct(
     study_uid: str | None = None,
     body_part: str = "CHEST",
     series_description: str = "Synthetic chest CT",
+    on_slice: Callable[[], None] | None = None,
 ) -> SynthResult:
-    """Write one CT series (one Part-10 file per slice) and `truth.json` into `out_dir`."""
+    """Write one CT series (one Part-10 file per slice) and `truth.json` into `out_dir`.
+
+    `on_slice` is called after each file is written (the CLI's progress bar).
+    """
     ts = UID(SUPPORTED_SYNTAXES.get(transfer_syntax, transfer_syntax))
     if ts not in SUPPORTED_SYNTAXES.values():
         raise ValueError(f"transfer syntax {transfer_syntax!r} is not supported; "
@@ -261,6 +266,8 @@ def write_chest_ct(
         path = out_dir / f"CT{k + 1:06d}.dcm"
         _save(tmpl, stored, ts, path)
         files.append(path)
+        if on_slice is not None:
+            on_slice()
 
     voxel_ml = pixel_spacing * pixel_spacing * slice_thickness / 1000.0
     truth = {
