@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.plugin_api import PluginNotFound
     from node.audit.forward import AtnaConfigError
     from node.run.slots import SlotConfigError
+    from node.api.server import ApiConfigError, ApiStartError
     from node.service import NodeService
 
     setup_logging(args.log_level)
@@ -86,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         node = NodeService(loaded)
-    except (SlotConfigError, PluginNotFound, AtnaConfigError) as exc:
+    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -101,6 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
+    except ApiStartError as exc:
+        print(f"refusing to start: {exc.strerror} ({loaded.source})", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"cannot listen on {loaded.config.node.host}:{loaded.config.node.port} "
               f"(node.port in {loaded.source}): {exc.strerror}", file=sys.stderr)

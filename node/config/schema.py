@@ -26,6 +26,7 @@ from node.deid.config import DeidSettings  # noqa: E402
 from node.config.dicomweb import DicomWebDestination  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
+from node.api.config import ApiSection  # noqa: E402
 
 
 def _ae_title(value: str) -> str:
@@ -342,6 +343,7 @@ class NodeConfig(Strict):
                                       "pseudonyms, PS3.15 Basic Profile with the options set here.")
     atna: AtnaSection | None = Field(None, description="Audit records also sent as DICOM PS3.15 A.5 messages "
                                      "to this syslog receiver (IHE ATNA).")
+    api: ApiSection | None = Field(None, description="HTTP API, IT page and /metrics (node/api). Default: off.")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [
