@@ -22,7 +22,10 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_api_auth_audit_filters_timeline_metrics(tmp_path, orthanc, node_factory, monkeypatch):
     ct = write_chest_ct(tmp_path / "ct", slices=40, slice_thickness=5.0)
-    node = node_factory({**lung_config(orthanc), "api": api_config(monkeypatch)})
+    cfg = lung_config(orthanc)
+    cfg["rules"].append({"name": "nodule-mr", "series": {"modality": "MR"}, "plugin": "ct_nodule"})  # locks a model
+    cfg["plugins"] = {"ct_lung": {}, "ct_nodule": {}}
+    node = node_factory({**cfg, "api": api_config(monkeypatch)})
     url = base_url(node)
     send(node, ct.files)
     wait_until(lambda: "state=dispatched" in status(node), 120, "the study to be dispatched")
@@ -75,7 +78,9 @@ def test_api_auth_audit_filters_timeline_metrics(tmp_path, orthanc, node_factory
     [lung] = [p for p in plugins if p["name"] == "ct_lung"]
     assert lung["jobs"] == {"dispatched": 1} and lung["finished"] == 1 and lung["latency_mean_s"] > 0
     s, models, _ = call(f"{url}/api/models", viewer)
-    assert s == 200 and all(m["locked"] and m["health"] == "ok" for m in models if m["plugin"] == "ct_lung")
+    [nodule] = models
+    assert nodule["model"] == "ct_nodule" and nodule["version"] == "0.1.0" and nodule["plugin"] == "ct_nodule"
+    assert nodule["locked"] and len(nodule["digest"]) == 64 and nodule["health"] == "unused"
     s, body, _ = call(f"{url}/api/jobs/{job['id']}/requeue", admin, method="POST")
     assert s == 409 and "dispatched" in body["detail"]
 
