@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         node = NodeService(loaded)
-    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError) as exc:
+    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError, ApiStartError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -102,9 +102,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 2
-    except ApiStartError as exc:
-        print(f"refusing to start: {exc.strerror} ({loaded.source})", file=sys.stderr)
-        return 1
     except OSError as exc:
         print(f"cannot listen on {loaded.config.node.host}:{loaded.config.node.port} "
               f"(node.port in {loaded.source}): {exc.strerror}", file=sys.stderr)

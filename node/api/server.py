@@ -36,9 +36,9 @@ class ApiServer:
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                      timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
+        self._sock = self._bind()  # now: a taken port refuses the start before anything runs
 
-    def start(self) -> None:
+    def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -49,25 +49,26 @@ class ApiServer:
             raise ApiStartError(exc.errno, f"api: cannot listen on {self.host}:{self.port} ({exc.strerror}); "
                                            "change api.port or stop what uses it") from exc
         sock.listen(64)
-        self._sock = sock
         self.port = sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="api",
+        return sock
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="api",
                                         daemon=True)
         self._thread.start()
         log.info("api listening host=%s port=%d", self.host, self.port)
 
     def stop(self, timeout: float = 10) -> None:
         """Stop taking requests and let running ones finish (they may still append audit records)."""
-        if self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout)
-        if self._sock is not None:
-            self._sock.close()
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout)
+        self._sock.close()
 
 
 def build_api(cfg: NodeConfig, store: Store, audit: AuditLog, base: Path) -> ApiServer | None:
-    """The API server when the config has an api: section; secrets are read here (ApiConfigError)."""
+    """The API server when the config has an api: section. Secrets are read and the port is bound here:
+    ApiConfigError or ApiStartError refuse the node's start with a message naming the key."""
     return None if cfg.api is None else ApiServer(cfg, store, audit, base)
 
 
