@@ -10,7 +10,6 @@ from node.synth import write_chest_ct
 from tests.conftest import require
 from tests.support.api import IT_PASSWORD, api_config, base_url
 from tests.support.pipeline import events, lung_config, result_instances, send, status
-from tests.support.wait import wait_until
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
