@@ -51,7 +51,8 @@ def test_api_auth_audit_filters_timeline_metrics(tmp_path, orthanc, node_factory
     assert job["state"] == "dispatched" and job["plugin"] == "ct_lung" and job["dispatch_counts"] == {"sent": 2}
     assert job["stages_s"]["plugin_s"] > 0 and job["queue_wait_s"] is not None
     for query, expected in [("state=routed", 1), ("state=receiving", 0), ("modality=CT", 1), ("modality=MR", 0),
-                            ("rule=lung", 1), ("rule=other", 0), ("since=2000-01-01T00:00:00", 1),
+                            ("rule=lung", 1), ("rule=other", 0),
+                            ("job_state=dispatched", 1), ("job_state=dead-letter", 0), ("state=routed&modality=CT", 1), ("since=2000-01-01T00:00:00", 1),
                             ("since=2999-01-01T00:00:00", 0), ("until=2000-01-01T00:00:00", 0)]:
         s, rows, _ = call(f"{url}/api/studies?{query}", viewer)
         assert s == 200 and len(rows) == expected, query

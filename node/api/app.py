@@ -89,11 +89,12 @@ def create_app(cfg: NodeConfig, store: Store, audit: AuditLog, auth: Authenticat
     @app.get("/api/studies", tags=["studies"])
     def studies(state: str | None = None, since: datetime | None = Query(None, description="first arrival from"),
                 until: datetime | None = Query(None, description="first arrival until"),
-                modality: str | None = None, rule: str | None = None, limit: int = Query(100, ge=1, le=1000),
-                _: Principal = Depends(viewer)) -> list[dict]:
+                modality: str | None = None, rule: str | None = None,
+                job_state: str | None = Query(None, description="with a job in this state, e.g. dead-letter"),
+                limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(viewer)) -> list[dict]:
         """Studies, newest first, with their jobs and per-stage times; filters combine."""
         return views.studies(state=state, since=_epoch(since), until=_epoch(until), modality=modality,
-                             rule=rule, limit=limit)
+                             rule=rule, job_state=job_state, limit=limit)
 
     @app.get("/api/studies/{study_uid}", tags=["studies"])
     def study(study_uid: str, _: Principal = Depends(viewer)) -> dict:

@@ -99,7 +99,8 @@ class Views:
         return out
 
     def studies(self, *, state: str | None = None, since: float | None = None, until: float | None = None,
-                modality: str | None = None, rule: str | None = None, limit: int = 100) -> list[dict]:
+                modality: str | None = None, rule: str | None = None, job_state: str | None = None,
+                limit: int = 100) -> list[dict]:
         """Newest first. `since`/`until` bound the first instance's arrival (epoch seconds)."""
         with self.store.session() as s:
             q = select(Study)
@@ -113,6 +114,8 @@ class Views:
                 q = q.where(Study.study_uid.in_(select(Series.study_uid).where(Series.modality == modality.upper())))
             if rule:
                 q = q.where(Study.study_uid.in_(select(Job.study_uid).where(Job.rule == rule)))
+            if job_state:
+                q = q.where(Study.study_uid.in_(select(Job.study_uid).where(Job.state == job_state)))
             studies = list(s.scalars(q.order_by(Study.first_received_at.desc()).limit(limit)))
             uids = [st.study_uid for st in studies]
             mods: dict[str, set[str]] = defaultdict(set)
