@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.plugin_api import PluginNotFound
     from node.audit.forward import AtnaConfigError
     from node.run.slots import SlotConfigError
+    from node.api.server import ApiConfigError, ApiStartError
     from node.service import NodeService
 
     setup_logging(args.log_level)
@@ -87,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         node = NodeService(loaded)
-    except (SlotConfigError, PluginNotFound, AtnaConfigError) as exc:
+    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError, ApiStartError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
     stop = threading.Event()

@@ -7,6 +7,7 @@ import threading
 import time
 
 from node.assemble import Assembler
+from node.api.server import build_api
 from node.audit import AuditLog
 from node.audit.forward import build_atna_forwarder
 from node.config import LoadedConfig
@@ -97,6 +98,7 @@ class NodeService:
         self._pipeline: threading.Thread | None = None
         self._maintenance: threading.Thread | None = None
         self.source = loaded.source
+        self.api = build_api(cfg, self.store, self.audit, tls_base)  # None without an api: section
 
     def start(self) -> None:
         models = verify_models(self.cfg, self.models_dir, self.store)  # raises ModelError: refuse to start
@@ -123,6 +125,8 @@ class NodeService:
         self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
         self._maintenance.start()
         self.scp.start()
+        if self.api is not None:
+            self.api.start()
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
@@ -145,6 +149,8 @@ class NodeService:
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop taking associations, let in-flight ones and running jobs finish, persist the rest."""
         log.info("shutting down")
+        if self.api is not None:
+            self.api.stop()
         self.scp.stop_accepting()
         self.scp.wait_for_associations(timeout)
         self._stop.set()

@@ -28,6 +28,7 @@ from node.monitor.config import MonitoringSection  # noqa: E402
 from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 from node.report.config import DepartmentsSection  # noqa: E402
+from node.api.config import ApiSection  # noqa: E402
 
 
 def _ae_title(value: str) -> str:
@@ -351,6 +352,7 @@ class NodeConfig(Strict):
                                           description="Model output drift per model version and scanner.")
     departments: DepartmentsSection = Field(default_factory=DepartmentsSection, description="Department of each "
                                             "study for `ainode report usage` (calling AE / InstitutionalDepartmentName).")
+    api: ApiSection | None = Field(None, description="HTTP API, IT page and /metrics (node/api). Default: off.")
     plugins: dict[str, PluginSection] = Field(default_factory=lambda: {"ct_lung": PluginSection()})
     rules: list[Rule] = Field(
         default_factory=lambda: [
