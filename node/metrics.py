@@ -58,7 +58,15 @@ class NodeMetrics:
                             ["destination"], registry=r)
         self.failed = Counter("ainode_dispatch_failures", "Failed send attempts, per destination (final: gave up)",
                               ["destination", "final"], registry=r)
+        self.drift = Gauge("ainode_model_drift_alert", "1 while a model's output on a scanner drifts from its "
+                           "baseline (node/monitor/drift.py)", ["model", "scanner", "metric"], registry=r)
         r.register(_QueueCollector(queue))
+
+    def set_drift_alerts(self, alerts: list[dict]) -> None:
+        """Called at scrape time with node.monitor.drift.current_alerts: only current alerts are exported."""
+        self.drift.clear()
+        for a in alerts:
+            self.drift.labels(a["model"], a["scanner"], a["metric"]).set(1)
 
     def on_record(self, rec: dict[str, Any]) -> None:
         """AuditLog listener: called after each record is written; must be quick and never raise far."""

@@ -114,6 +114,17 @@ def test_api_auth_audit_filters_timeline_metrics(tmp_path, orthanc, node_factory
     assert all("?" not in r["path"] and set(r) <= fields for r in recs)  # no query values
     assert sum(1 for b in by if b[3] == "/api/studies" and b[4] == 200) >= 10
 
+    # radiologist feedback on a finding, and drift alerts (none: one study, no baseline yet)
+    s, found, _ = call(f"{url}/api/jobs/1/findings", viewer)
+    assert s == 200 and [f["number"] for f in found][:1] == [1] and found[0]["measurements"]
+    s, fb, _ = call(f"{url}/api/jobs/1/findings/1/feedback", viewer, "POST", {"verdict": "correct", "value": 2.5})
+    assert s == 201 and fb["verdict"] == "correct" and fb["model"] == "ct_lung:1.0.0"
+    s, err, _ = call(f"{url}/api/jobs/1/findings/99/feedback", viewer, "POST", {"verdict": "accept"})
+    assert s == 422 and "there is no finding 99" in err["detail"]
+    assert call(f"{url}/api/jobs/1/findings/1/feedback", viewer, "POST", {"verdict": "maybe"})[0] == 422
+    assert call(f"{url}/api/alerts", viewer)[:2] == (200, [])
+    assert "# HELP ainode_model_drift_alert " in call(f"{url}/metrics", viewer)[1]
+
     # schemathesis over the OpenAPI schema, authenticated as admin: no server errors
     s, schema, _ = call(f"{url}/openapi.json")
     assert s == 200 and "/api/studies/{study_uid}/timeline" in schema["paths"]

@@ -2,6 +2,7 @@
 the PACS is down, the page shows it, requeue is clicked there, and the page sees the study dispatched.
 The screenshot is kept under test-artifacts/ (gitignored; CI keeps it as an artifact)."""
 
+import json
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
@@ -45,6 +46,14 @@ def test_it_page_requeue_dead_letter_then_dispatched(tmp_path, orthanc, node_fac
             expect(page.locator("tr.problem")).to_have_count(0)
             expect(page.locator("tr.plugin[data-name=ct_lung]")).to_contain_text("dispatched=1")
             page.screenshot(path=str(ARTIFACTS / "it-page-dispatched.png"), full_page=True)
+
+            # A radiologist's verdict on a finding, from the page.
+            expect(page.locator("#alerts")).to_contain_text("none")
+            study.locator("button.review").click()
+            finding = page.locator('#review tr.finding[data-number="1"]')
+            expect(finding).to_be_visible(timeout=10_000)
+            finding.locator("button.accept").click()
+            expect(page.locator("#msg")).to_contain_text("job 1 finding 1: accept recorded", timeout=10_000)
         finally:
             browser.close()
     assert result_instances(orthanc, ct.study_uid) == {"SEG": 1, "SR": 1}
@@ -54,3 +63,5 @@ def test_it_page_requeue_dead_letter_then_dispatched(tmp_path, orthanc, node_fac
     assert any(r["path"] == "/api/jobs/1/requeue" and r["user"] == "it" and r["status"] == 202
                for r in events(node, "api-access"))
     assert (ARTIFACTS / "it-page-dispatched.png").stat().st_size > 10_000
+    monitor = json.loads(node.cli("monitor", "--config", str(node.config_path), "--json").stdout)
+    assert [(f["model"], f["accept"]) for f in monitor["feedback"]] == [("ct_lung:1.0.0", 1)]

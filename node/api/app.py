@@ -11,17 +11,20 @@ import logging
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPBasic, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
 from node.api.auth import Authenticator, Principal
 from node.api.queries import Views, day_ago
 from node.audit import AuditLog
 from node.config.schema import NodeConfig
 from node.metrics import NodeMetrics
+from node.monitor.drift import current_alerts
+from node.monitor.records import FeedbackError, job_findings, record_feedback
 from node.store import JobState, Store
 
 log = logging.getLogger("ainode.api")
@@ -45,6 +48,12 @@ def _models_in_use(cfg: NodeConfig) -> list[Any]:
     except Exception as exc:  # noqa: BLE001 - the node verified them at start; the list is informative
         log.warning("models in use not listed: %s", exc)
         return []
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    verdict: Literal["accept", "reject", "correct"]
+    value: float | None = Field(None, description="The corrected value (verdict correct)")
 
 
 def create_app(cfg: NodeConfig, store: Store, audit: AuditLog, auth: Authenticator,
@@ -186,15 +195,40 @@ def create_app(cfg: NodeConfig, store: Store, audit: AuditLog, auth: Authenticat
         """Audit records (admin only), oldest first; the last `limit` that match."""
         return views.audit_records(event=event, study_uid=study_uid, since_seq=since_seq, limit=limit)
 
+    def drift_alerts() -> list[dict]:
+        return [a.as_dict() for a in current_alerts(store, cfg.monitoring)]
+
+    @app.get("/api/alerts", tags=["models"])
+    def alerts(_: Principal = Depends(viewer)) -> list[dict]:
+        """Model outputs drifting from their baseline, per model version, scanner and metric."""
+        return drift_alerts()
+
+    @app.get("/api/jobs/{job_id}/findings", tags=["feedback"])
+    def findings(job_id: int = PathParam(ge=1, le=MAX_ID), _: Principal = Depends(viewer)) -> list[dict]:
+        """A job's findings, numbered from 1 as feedback refers to them."""
+        return [{"number": f.number, "tracking_id": f.tracking_id, "finding_type": f.finding_type,
+                 "confidence": f.confidence, "measurements": f.measurements} for f in job_findings(store, job_id)]
+
+    @app.post("/api/jobs/{job_id}/findings/{number}/feedback", tags=["feedback"], status_code=201)
+    def feedback(body: FeedbackIn, job_id: int = PathParam(ge=1, le=MAX_ID),
+                 number: int = PathParam(ge=1, le=MAX_ID), p: Principal = Depends(viewer)) -> dict:
+        """A radiologist's verdict on one finding: accept, reject, or correct (with the corrected value)."""
+        try:
+            rec = record_feedback(store, job_id, number, body.verdict, body.value, reviewer=f"api:{p.user}")
+        except FeedbackError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"id": rec.id, "job_id": job_id, "finding": number, "verdict": rec.verdict, "model": rec.model}
+
     @app.get("/api/overview", tags=["page"])
     def overview(p: Principal = Depends(viewer)) -> dict:
         """Everything the IT page shows, in one request (one audit record per refresh)."""
         return {"user": p.user, "role": p.role, "queue": views.queue(), "studies": views.studies(limit=50),
                 "problems": views.problems(), "destinations": views.destinations(destination_names),
-                "plugins": plugin_rows(), "models": model_rows()}
+                "plugins": plugin_rows(), "models": model_rows(), "alerts": drift_alerts()}
 
     @app.get("/metrics", tags=["metrics"], response_class=Response)
     def prometheus(_: Principal = Depends(viewer)) -> Response:
+        metrics.set_drift_alerts(drift_alerts())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/", include_in_schema=False)

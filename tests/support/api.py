@@ -40,9 +40,12 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def call(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, Any, dict]:
+def call(url: str, headers: dict[str, str] | None = None, method: str = "GET",
+         body: dict | None = None) -> tuple[int, Any, dict]:
     """(status, body as JSON or text, response headers); HTTP errors are returned, not raised."""
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    data = None if body is None else json.dumps(body).encode()
+    hdrs_in = {**(headers or {}), **({"Content-Type": "application/json"} if data else {})}
+    req = urllib.request.Request(url, data=data, headers=hdrs_in, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             status, raw, hdrs = r.status, r.read(), dict(r.headers)
