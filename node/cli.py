@@ -151,11 +151,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_requeue(args: argparse.Namespace) -> int:
-    """Leave the request in the store for the node: it is the audit log's only writer."""
+def _ask_node(store, action: str, wait_s: float, **target):  # type: ignore[no-untyped-def]
+    """Leave a request in the store for the node (the audit log's only writer) and wait up to `wait_s` for
+    its outcome. Returns (request id, outcome dict or None if the node did not answer in time)."""
     import getpass
     import socket
 
+    request_id = store.add_request(action, requested_by=f"{getpass.getuser()}@{socket.gethostname()}", **target)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        req = store.get_request(request_id)
+        if req.handled_at is not None:
+            return request_id, req.outcome or {}
+        time.sleep(0.2)
+    print(f"{action} request {request_id} recorded; the node carries it out when it runs "
+          f"(it did not answer within {wait_s:g} s)")
+    return request_id, None
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
     from node.store import JobState, Store
 
     loaded = _load(args.config)
@@ -169,33 +183,22 @@ def cmd_requeue(args: argparse.Namespace) -> int:
             print(f"job {args.job} is {job.state}; only failed and dead-letter jobs can be requeued",
                   file=sys.stderr)
             return 1
-    request_id = store.add_request("requeue", job_id=args.job, study_uid=args.study,
-                                   requested_by=f"{getpass.getuser()}@{socket.gethostname()}")
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        req = store.get_request(request_id)
-        if req.handled_at is not None:
-            out = req.outcome
-            for r in out["resent"]:
-                print(f"job {r['job_id']}: {r['objects']} dead-letter object(s) queued for sending again")
-            for r in out["rerun"]:
-                print(f"job {r['job_id']}: queued to run again")
-            for r in out["skipped"]:
-                print(f"job {r['job_id']}: not requeued, it is {r['state']}")
-            if not (out["resent"] or out["rerun"] or out["skipped"]):
-                print("nothing to requeue: no failed or dead-letter jobs matched")
-            return 0
-        time.sleep(0.2)
-    print(f"requeue request {request_id} recorded; the node carries it out when it runs "
-          f"(it did not answer within {args.wait:g} s)")
+    _, out = _ask_node(store, "requeue", args.wait, job_id=args.job, study_uid=args.study)
+    if out is None:
+        return 0
+    for r in out["resent"]:
+        print(f"job {r['job_id']}: {r['objects']} dead-letter object(s) queued for sending again")
+    for r in out["rerun"]:
+        print(f"job {r['job_id']}: queued to run again")
+    for r in out["skipped"]:
+        print(f"job {r['job_id']}: not requeued, it is {r['state']}")
+    if not (out["resent"] or out["rerun"] or out["skipped"]):
+        print("nothing to requeue: no failed or dead-letter jobs matched")
     return 0
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
     """Declare a study complete now (an operator who knows the send has ended); the node carries it out."""
-    import getpass
-    import socket
-
     from node.store import Store
 
     loaded = _load(args.config)
@@ -203,22 +206,14 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if store.get_study(args.study) is None:
         print(f"no study {args.study} in {loaded.storage.database_url} (see `ainode status`)", file=sys.stderr)
         return 1
-    request_id = store.add_request("complete", study_uid=args.study,
-                                   requested_by=f"{getpass.getuser()}@{socket.gethostname()}")
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        req = store.get_request(request_id)
-        if req.handled_at is not None:
-            out = req.outcome or {}
-            if out.get("completed"):
-                print(f"study {args.study}: complete (forced), {out.get('instances')} instance(s); routing follows")
-                return 0
-            print(f"study {args.study}: not completed: {out.get('why')}", file=sys.stderr)
-            return 1
-        time.sleep(0.2)
-    print(f"complete request {request_id} recorded; the node carries it out when it runs "
-          f"(it did not answer within {args.wait:g} s)")
-    return 0
+    _, out = _ask_node(store, "complete", args.wait, study_uid=args.study)
+    if out is None:
+        return 0
+    if out.get("completed"):
+        print(f"study {args.study}: complete (forced), {out.get('instances')} instance(s); routing follows")
+        return 0
+    print(f"study {args.study}: not completed: {out.get('why')}", file=sys.stderr)
+    return 1
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
