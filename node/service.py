@@ -21,7 +21,7 @@ from node.ris.config import resolve_paths
 from node.route import Router
 from node.deid import Deidentifier, PseudonymMap, load_key
 from node.deid.returns import ReturnedResults
-from node.run.forward import FORWARD, Forwarder
+from node.run.forward import Forwarder
 from node.run.slots import plan_slots, plugin_needs
 from node.run.worker import WorkerPool
 from node.store import Store
@@ -67,7 +67,7 @@ class NodeService:
                                    evidence_min_interval_s=cfg.assemble.evidence_min_interval_s)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
-        rule_plugins = sorted({r.plugin for r in cfg.rules} - {FORWARD})
+        rule_plugins = cfg.rule_plugins()
         needs = plugin_needs(rule_plugins, cfg.plugins)
         slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,

@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from node.config.base import Strict
+from node.config.base import RetryPolicy
 
 
-class DicomWebDestination(Strict):
+class DicomWebDestination(RetryPolicy):
     """A DICOMweb origin server; each batch of result files is one POST to {url}/studies."""
 
     url: str = Field(description="DICOMweb base URL (service root), e.g. https://pacs.example.org/dicom-web; "
@@ -28,9 +28,6 @@ class DicomWebDestination(Strict):
     token_file: Path | None = Field(None, description="File holding a bearer token; read at each send.")
     ca_file: Path | None = Field(None, description="PEM CA bundle for an https url. Default: the system CAs.")
     timeout_s: float = Field(30.0, gt=0, description="For connecting, and again for each read of the answer.")
-    max_attempts: int = Field(5, ge=1)
-    backoff_initial_s: float = Field(2.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
     max_batch_mb: float = Field(50.0, gt=0, description="Most file data in one POST; more files make more POSTs "
                                                         "(a single larger file goes alone).")
 

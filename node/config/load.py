@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from node.config.schema import NodeConfig, ResolvedStorage
+from node.config.schema import FORWARD, NodeConfig, ResolvedStorage
 import importlib.util
 
 from node.plugin_api import available_plugins
@@ -47,9 +47,6 @@ def _pydantic_errors(source: str, exc: ValidationError) -> list[str]:
     return lines
 
 
-FORWARD = "forward"  # node.run.forward.FORWARD (not imported: that module needs the whole node)
-
-
 def reference_errors(cfg: NodeConfig) -> list[str]:
     """Errors between sections: rules naming plugins or destinations that do not exist."""
     errors: list[str] = []
@@ -74,7 +71,7 @@ def reference_errors(cfg: NodeConfig) -> list[str]:
             errors.append(f"rules.{i}.name: duplicate rule name '{rule.name}'")
         seen.add(rule.name)
         if rule.plugin == FORWARD:  # built in: send the matched series itself
-            if "forward" in cfg.plugins:
+            if FORWARD in cfg.plugins:
                 errors.append("plugins.forward: 'forward' is the built-in rule action; rename the plugin")
             for j, dest in enumerate(rule.destinations):
                 if dest not in cfg.destinations:

@@ -20,7 +20,7 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 from node.audit.atna_config import AtnaSection  # noqa: E402
-from node.config.base import Strict  # noqa: E402
+from node.config.base import RetryPolicy, Strict  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
 from node.deid.config import DeidSettings  # noqa: E402
 from node.config.dicomweb import DicomWebDestination  # noqa: E402
@@ -171,14 +171,11 @@ class RunSection(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class Destination(Strict):
+class Destination(RetryPolicy):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = Field(None, description="Our AE title toward this PACS. Default: node.ae_title")
-    max_attempts: int = Field(5, ge=1)
-    backoff_initial_s: float = Field(2.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(30.0, gt=0)
     tls: TlsSettings | None = Field(None, description="C-STORE to this PACS over DICOM TLS. Default: plain TCP.")
     accepts: list[Literal["SEG", "SR", "GSPS", "SC"]] = Field(
@@ -329,6 +326,9 @@ class Rule(Strict):
                                   "primary rule's job on the same study is recorded (`ainode monitor`).")
 
 
+FORWARD = "forward"  # the built-in rule action (`plugin: forward`): no plugin, run by node/run/forward.py
+
+
 class NodeConfig(Strict):
     node: NodeSection = Field(default_factory=NodeSection)
     storage: StorageSection = Field(default_factory=StorageSection)
@@ -379,3 +379,8 @@ class NodeConfig(Strict):
                 raise ValueError(f"rule {r.name!r} is a shadow rule (shadow_of) and dispatches nothing: remove "
                                  f"its destinations")
         return rules
+
+    def rule_plugins(self) -> list[str]:
+        """The plugins the rules run (not the built-in forward action), sorted: what the node preloads,
+        verifies the models of, and plans worker slots for."""
+        return sorted({r.plugin for r in self.rules} - {FORWARD})

@@ -14,6 +14,7 @@ from node.audit import AuditLog
 from node.config.schema import Destination
 from node.dispatch.commitment import CommitmentError, new_transaction_uid, record_report, request_commitment
 from node.dispatch.cstore import Outgoing, SendError, send_files
+from node.config.base import RetryPolicy
 from node.config.dicomweb import DicomWebDestination
 from node.dispatch.stow import StowError, send_stow
 from node.ris import FhirDestination, RisDestination, RisSendError, send_fhir, send_oru
@@ -23,7 +24,7 @@ from node.store.models import CommitmentState
 log = logging.getLogger("ainode.dispatch")
 
 
-def backoff_s(dest: Destination | RisDestination | FhirDestination | DicomWebDestination, attempts_made: int) -> float:
+def backoff_s(dest: RetryPolicy, attempts_made: int) -> float:
     return min(dest.backoff_initial_s * (2 ** max(0, attempts_made - 1)), dest.backoff_max_s)
 
 
@@ -247,7 +248,7 @@ class Dispatcher:
                     study_uid=studies[0] if len(studies) == 1 else None,
                     study_uids=studies if len(studies) > 1 else None)
 
-    def _failed(self, d, dest: Destination | RisDestination | FhirDestination | DicomWebDestination | None, error: str,  # type: ignore[no-untyped-def]
+    def _failed(self, d, dest: RetryPolicy | None, error: str,  # type: ignore[no-untyped-def]
                 give_up: bool = False) -> None:
         attempts = d.attempts + 1
         give_up = give_up or dest is None or attempts >= dest.max_attempts

@@ -21,7 +21,7 @@ class ModelUse:
 def models_in_use(cfg: NodeConfig) -> list[ModelUse]:
     """Model packages of the plugins that rules use: the plugin's declared version unless the config pins one."""
     out = []
-    for name in sorted({r.plugin for r in cfg.rules} - {"forward"}):  # forward: built in, no plugin
+    for name in cfg.rule_plugins():
         section = cfg.plugins.get(name)
         cls = plugin_class(name, section.entry if section else None)
         if cls.model_name:

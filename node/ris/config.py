@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from node.config.base import Strict
+from node.config.base import RetryPolicy, Strict
 
 # MSH-3..6 namespace ids: HL7 delimiters would have to be escaped there, which receivers rarely expect.
 HL7_NAME = r"^[^|^~\\&\r\n]{0,180}$"
@@ -30,7 +30,7 @@ class MllpTls(Strict):
         return self
 
 
-class RisDestination(Strict):
+class RisDestination(RetryPolicy):
     """A RIS (or interface engine) that takes HL7 v2.5 ORU^R01 over MLLP."""
 
     host: str = Field(min_length=1)
@@ -40,13 +40,10 @@ class RisDestination(Strict):
     receiving_application: str = Field("", pattern=HL7_NAME, description="MSH-5")
     receiving_facility: str = Field("", pattern=HL7_NAME, description="MSH-6")
     timeout_s: float = Field(30.0, gt=0, description="For connecting, and again for the ACK after sending.")
-    max_attempts: int = Field(5, ge=1)
-    backoff_initial_s: float = Field(2.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
     tls: MllpTls | None = Field(None, description="Absent: plain TCP.")
 
 
-class FhirDestination(Strict):
+class FhirDestination(RetryPolicy):
     """A FHIR R4 server that takes a transaction Bundle (DiagnosticReport + Observations) at its base URL."""
 
     base_url: str = Field(description="e.g. https://fhir.example.org/fhir (the Bundle is POSTed here)")
@@ -54,9 +51,6 @@ class FhirDestination(Strict):
     token_file: Path | None = Field(None, description="File holding the bearer token; read at each send.")
     token_env: str | None = Field(None, description="Environment variable holding the bearer token.")
     timeout_s: float = Field(30.0, gt=0)
-    max_attempts: int = Field(5, ge=1)
-    backoff_initial_s: float = Field(2.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
     ca_file: Path | None = Field(None, description="PEM CA bundle for an https base_url. Default: system CAs.")
 
     @field_validator("base_url")

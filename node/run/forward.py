@@ -1,4 +1,5 @@
-"""The built-in `forward` rule action: send the matched series itself to the rule's destinations.
+"""The built-in `forward` rule action (node.config.schema.FORWARD): send the matched series itself to the
+rule's destinations.
 
 A destination marked `external` (e.g. a cloud second-read service) gets de-identified copies (node/deid:
 PS3.15 Basic Profile, keyed pseudonyms, the map committed before any copy exists); the others get the
@@ -26,7 +27,6 @@ from node.store.models import Job
 
 log = logging.getLogger("ainode.run")
 
-FORWARD = "forward"  # the reserved plugin name of this action (`plugin: forward` in a rule)
 
 
 class ForwardError(Exception):

@@ -156,7 +156,7 @@ def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, Plugin
 
 def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
     """One line per worker and per rule plugin, for `ainode check-config`."""
-    names = sorted({r.plugin for r in cfg.rules} - {"forward"})  # forward: built in, runs on CPU workers
+    names = cfg.rule_plugins()  # the built-in forward action runs on CPU workers
     needs = plugin_needs(names, cfg.plugins)
     slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
     lines = []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from node.audit import AuditLog
-from node.config.schema import PluginSection, Source
+from node.config.schema import FORWARD, PluginSection, Source
 from node.monitor.records import record_agreements
 from node.priors.config import PriorsSpec
 from node.priors.retrieve import PriorRetriever
@@ -23,7 +23,7 @@ from node.receive.spool import Spool
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
 from node.results.fallback import FALLBACK_KINDS
-from node.run.forward import FORWARD, Forwarder, ForwardError
+from node.run.forward import Forwarder, ForwardError
 from node.run.slots import WorkerSlot
 from node.store import DispatchItem, Store
 from node.store.models import Job
