@@ -48,3 +48,18 @@ def test_plugins(monkeypatch):
     """Lets node subprocesses import tests.plugins (plugins configured with `entry: tests.plugins...`)."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("PYTHONPATH", f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL per test process (xdist worker), stopped and removed at the end."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """A fresh PostgreSQL database for this test (postgresql:// URL)."""
+    return postgres_server.new_database()

@@ -8,6 +8,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.store.db import Store
+from node.store.engine import engine_url
 
 
 class StoreMissing(Exception):
@@ -33,7 +34,7 @@ class ReadOnlyStore:
             self.engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true",
                                         connect_args={"check_same_thread": False, "timeout": 30})
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            self.engine = create_engine(engine_url(url), pool_pre_ping=True)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:
