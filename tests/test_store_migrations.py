@@ -159,6 +159,8 @@ def test_the_read_only_store_reads_postgresql_and_writes_nothing(pg_url):
     try:
         assert ro.get_study("1.7").instance_count == 1
         assert [s.series_uid for s in ro.series_of("1.7")] == ["1.8"]
+        with pytest.raises(Exception, match="read-only transaction"), ro.session() as s, s.begin():
+            s.execute(text("DELETE FROM studies"))
     finally:
         ro.close()
 
@@ -178,3 +180,22 @@ def test_postgresql_without_psycopg_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
     with pytest.raises(StoreError, match=r"storage\.database .*pip install 'ainode\[postgresql\]'"):
         engine_url("postgresql://u@h/db")
+
+
+def test_serve_refuses_to_start_when_postgresql_is_unreachable(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.support.net import free_port
+
+    port = free_port()
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": free_port()},
+                                   "storage": {"root": str(tmp_path / "var"),
+                                               "database": f"postgresql://ainode@127.0.0.1:{port}/ainode"}}))
+    r = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot connect to the PostgreSQL store at 127.0.0.1:{port}/ainode (storage.database)" in r.stderr

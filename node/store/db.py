@@ -336,6 +336,7 @@ class Store:
                                     .where(Series.study_uid == study_uid)).all())
             return HeldCounts(study_uid, st.instance_count, series, st.last_received_at)
 
+    @_retrying()
     def force_complete(self, request_id: int) -> dict | None:
         """Carry out an operator's 'complete' request: receiving → complete (reason 'forced') now.
         None if the request was handled already (by another node sharing the store)."""
@@ -374,6 +375,7 @@ class Store:
 
     # ---- route ---------------------------------------------------------
 
+    @_retrying()
     def route(self, study_uid: str, jobs: Sequence[NewJob]) -> list[int]:
         """Complete → routed (with queued jobs) or no-rule-matched."""
         now = time.time()
@@ -571,6 +573,7 @@ class Store:
                 job.timings = timings
             return True
 
+    @_retrying()
     def job_results_built(
         self, job_id: int, plugin_version: str, summary: str, timings: dict, items: Iterable[DispatchItem],
         output: dict | None = None, shadow: bool = False,
@@ -635,6 +638,7 @@ class Store:
                  .order_by(Dispatch.id))
             return list(s.scalars(q))
 
+    @_retrying()
     def claim_dispatches(self, now: float, lease_s: float) -> list[Dispatch]:
         """Due pending dispatches, leased to this instance for `lease_s`: their next_attempt_at moves
         forward, so another node's dispatcher does not send them at the same time (SKIP LOCKED skips those
@@ -656,6 +660,7 @@ class Store:
                                              Dispatch.claimed_by == self.instance_id)
                       .values(next_attempt_at=now, claimed_by=None))
 
+    @_retrying()
     def dispatch_sent(self, dispatch_ids: Sequence[int]) -> None:
         now = time.time()
         with self._write, self.session() as s, s.begin():
@@ -663,6 +668,7 @@ class Store:
                       .values(state=DispatchState.SENT, sent_at=now, attempts=Dispatch.attempts + 1))
             self._roll_up_jobs(s, dispatch_ids)
 
+    @_retrying()
     def dispatch_retry(self, dispatch_id: int, error: str, next_attempt_at: float, give_up: bool) -> None:
         with self._write, self.session() as s, s.begin():
             d = s.get(Dispatch, dispatch_id, with_for_update=True)
@@ -694,6 +700,7 @@ class Store:
 
     # ---- storage commitment --------------------------------------------
 
+    @_retrying()
     def dispatch_sent_uncommitted(self, dispatch_ids: Sequence[int], transaction_uid: str, destination: str,
                                   next_check_at: float, now: float | None = None) -> None:
         """Sent, but the PACS has not yet taken responsibility: the objects wait under a new transaction.
@@ -708,6 +715,7 @@ class Store:
                              dispatch_ids=list(dispatch_ids), attempt=1, requested_at=now,
                              next_check_at=next_check_at, state=CommitmentState.WAITING))
 
+    @_retrying()
     def commitment_renew(self, old_uid: str, new_uid: str, next_check_at: float,
                          now: float | None = None) -> list[Dispatch]:
         """No report for `old_uid` in time: its objects still uncommitted move to a new transaction
@@ -734,6 +742,7 @@ class Store:
             if c is not None and c.state == CommitmentState.WAITING:
                 c.error, c.next_check_at = error, next_check_at
 
+    @_retrying()
     def commitment_give_up(self, transaction_uid: str, error: str, now: float | None = None) -> list[Dispatch]:
         """Out of attempts: the objects still uncommitted become dead-letter. Returns them."""
         now = time.time() if now is None else now
@@ -784,6 +793,7 @@ class Store:
                                                            Commitment.next_check_at <= now)
                                   .order_by(Commitment.requested_at)))
 
+    @_retrying()
     def commitment_apply(self, transaction_uid: str, *, error_prefix: str, max_attempts: int,
                          retry_at: Callable[[int], float]) -> CommitmentOutcome | None:
         """Apply a recorded report: committed objects are sent (their jobs roll up to dispatched); the others
@@ -842,6 +852,7 @@ class Store:
         with self.session() as s:
             return s.get(Request, request_id)
 
+    @_retrying()
     def requeue(self, request_id: int) -> dict | None:
         """Carry out a requeue request: dead-letter sends go out again, failed jobs run again.
 
@@ -897,6 +908,7 @@ class Store:
         with self.session() as s:
             return list(s.scalars(self._purgeable(cutoff)))
 
+    @_retrying()
     def purge_study(self, study_uid: str, cutoff: float) -> list[str]:
         """Delete the study's instance rows (state → purged) and return the files to delete.
 
