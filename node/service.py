@@ -121,7 +121,7 @@ class NodeService:
         workers = [{"name": s.name, "gpu": s.gpu.index if s.gpu else None,
                     "gpu_budget_mb": s.gpu.budget_mb if s.gpu else None} for s in self.workers.slots]
         self.audit.append("node-start", config=self.source, workers=workers,
-                          reconciled=fixed.as_dict() or None if fixed else None,
+                          reconciled=(fixed.as_dict() or None) if fixed is not None else None,
                           reconcile_skipped_for=[p.id for p in peers] or None, instance=self.store.instance_id,
                           reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None,
                           models=[{"model": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
