@@ -63,3 +63,29 @@ def postgres_server():
 def pg_url(postgres_server) -> str:
     """A fresh PostgreSQL database for this test (postgresql:// URL)."""
     return postgres_server.new_database()
+
+
+@pytest.fixture(autouse=True)
+def _store_on_postgresql(request):
+    """AINODE_TEST_STORE=postgresql: every Store a test opens in-process on a SQLite file opens a fresh
+    PostgreSQL database instead (one per file), so the Store-level unit tests run against both back ends.
+    Node subprocesses and tests that read the SQLite file themselves are not redirected."""
+    if os.environ.get("AINODE_TEST_STORE") != "postgresql":
+        yield
+        return
+    from node.store.db import Store
+
+    server = request.getfixturevalue("postgres_server")
+    databases: dict[str, str] = {}
+    original = Store.__init__
+
+    def init(self, url, **kw):  # type: ignore[no-untyped-def]
+        if url.startswith("sqlite:///"):
+            url = databases.setdefault(url, server.new_database())
+        original(self, url, **kw)
+
+    Store.__init__ = init
+    try:
+        yield
+    finally:
+        Store.__init__ = original

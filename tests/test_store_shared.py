@@ -212,3 +212,29 @@ def test_two_dispatchers_roll_a_job_up_once_all_its_objects_are_sent(stores):
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(send, [a, b], [d1[0], d2[0]]))
     assert a.get_job(job_id).state == JobState.DISPATCHED
+
+
+CLAIMER = """
+import sys, time
+from node.store import Store
+store = Store(sys.argv[1])
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start claiming together
+while (job := store.claim_job(900)) is not None:
+    print(job.id, flush=True)
+    time.sleep(0.005)  # a worker does something with its job before it claims the next
+store.close()
+"""
+
+
+def test_claiming_processes_never_share_a_job(pg_url):
+    """Node processes (not threads) claiming from one PostgreSQL queue: each job goes to exactly one."""
+    store = Store(pg_url)
+    ids = routed_jobs(store, 60)
+    store.close()
+    go = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, pg_url, go], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    got = [list(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(j for g in got for j in g) == sorted(ids)
+    assert sum(1 for g in got if g) == 4  # the processes really competed
