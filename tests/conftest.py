@@ -69,7 +69,7 @@ def pg_url(postgres_server) -> str:
 def _store_on_postgresql(request):
     """AINODE_TEST_STORE=postgresql: every Store a test opens in-process on a SQLite file opens a fresh
     PostgreSQL database instead (one per file), so the Store-level unit tests run against both back ends.
-    Node subprocesses and tests that read the SQLite file themselves are not redirected."""
+    Node subprocesses, and a Store a test opens on a node subprocess's existing file, are not redirected."""
     if os.environ.get("AINODE_TEST_STORE") != "postgresql":
         yield
         return
@@ -80,7 +80,8 @@ def _store_on_postgresql(request):
     original = Store.__init__
 
     def init(self, url, **kw):  # type: ignore[no-untyped-def]
-        if url.startswith("sqlite:///"):
+        # A file that exists already was made by a node subprocess: the test reads what that node stored.
+        if url.startswith("sqlite:///") and (url in databases or not Path(url.removeprefix("sqlite:///")).exists()):
             url = databases.setdefault(url, server.new_database())
         original(self, url, **kw)
 
