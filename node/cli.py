@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.run.slots import SlotConfigError
     from node.api.server import ApiConfigError, ApiStartError
     from node.service import NodeService
+    from node.store.engine import StoreError
 
     setup_logging(args.log_level)
     loaded = _load(args.config)
@@ -88,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         node = NodeService(loaded)
-    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError, ApiStartError) as exc:
+    except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError, ApiStartError, StoreError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
     stop = threading.Event()

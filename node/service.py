@@ -14,6 +14,7 @@ from node.config import LoadedConfig
 from node.config.tls import config_dir, server_context, with_resolved_tls
 from node.dispatch import Dispatcher
 from node.maintain import Purger, RequestHandler, reconcile
+from node.maintain.instances import Liveness
 from node.models.lock import verify_models
 from node.monitor.watch import DriftWatch
 from node.receive import Spool, StoreSCP
@@ -94,6 +95,8 @@ class NodeService:
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)
         self.drift = DriftWatch(self.store, self.audit, cfg.monitoring)
+        self.liveness = Liveness(self.store, self.audit, cfg.node.ae_title, cfg.run.takeover_after_s,
+                                 cfg.run.max_attempts)
         self._stop = threading.Event()
         self._pipeline: threading.Thread | None = None
         self._maintenance: threading.Thread | None = None
@@ -102,23 +105,31 @@ class NodeService:
 
     def start(self) -> None:
         models = verify_models(self.cfg, self.models_dir, self.store)  # raises ModelError: refuse to start
-        t = time.perf_counter()
-        fixed = reconcile(self.store, self.spool, self.results_dir)
-        reconcile_s = round(time.perf_counter() - t, 3)
-        requeued, failed = self.store.requeue_interrupted(self.cfg.run.max_attempts)
+        with self.store.startup_lock():  # one node at a time: a starting peer waits for these repairs
+            self.liveness.register()
+            peers = self.liveness.live_peers()
+            t = time.perf_counter()
+            if peers:  # their in-flight temp, result and priors files would look like a crash's leftovers
+                fixed = None
+                log.info("start-up file reconciliation skipped: live nodes share the store %s",
+                         [f"{p.name}@{p.host}:{p.pid}" for p in peers])
+            else:
+                fixed = reconcile(self.store, self.spool, self.results_dir)
+            reconcile_s = round(time.perf_counter() - t, 3)
+            taken = self.liveness.take_over()  # jobs of dead instances only, never a live peer's
+        requeued = [t.job for t in taken if t.outcome == "requeued"]
         workers = [{"name": s.name, "gpu": s.gpu.index if s.gpu else None,
                     "gpu_budget_mb": s.gpu.budget_mb if s.gpu else None} for s in self.workers.slots]
-        self.audit.append("node-start", config=self.source, workers=workers, reconciled=fixed.as_dict() or None,
+        self.audit.append("node-start", config=self.source, workers=workers,
+                          reconciled=(fixed.as_dict() or None) if fixed is not None else None,
+                          reconcile_skipped_for=[p.id for p in peers] or None, instance=self.store.instance_id,
                           reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None,
                           models=[{"model": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
                                    "package_digest": m.digest, "not_for_clinical_use": m.manifest.not_for_clinical_use}
                                   for m in models] or None)
-        for job in failed:
-            self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
-                              error=job.error)
-            log.error("job failed job_id=%d error=%s", job.id, job.error)
         self.router.route_pending()  # studies left complete by an earlier stop
-        self.workers.start()
+        self.liveness.start()
+        self.workers.start(clear_priors=not peers)
         self.dispatcher.start()
         self._pipeline = threading.Thread(target=self._pipeline_loop, name="assemble-route", daemon=True)
         self._pipeline.start()
@@ -160,6 +171,7 @@ class NodeService:
         self.assembler.close()
         clean = self.workers.stop(self.cfg.run.shutdown_grace_s)
         self.dispatcher.stop()
+        self.liveness.stop()
         self.scp.stop()
         self.audit.append("node-stop", clean=clean)
         if self.atna is not None:

@@ -48,3 +48,45 @@ def test_plugins(monkeypatch):
     """Lets node subprocesses import tests.plugins (plugins configured with `entry: tests.plugins...`)."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("PYTHONPATH", f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL per test process (xdist worker), stopped and removed at the end."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """A fresh PostgreSQL database for this test (postgresql:// URL)."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(autouse=True)
+def _store_on_postgresql(request):
+    """AINODE_TEST_STORE=postgresql: every Store a test opens in-process on a SQLite file opens a fresh
+    PostgreSQL database instead (one per file), so the Store-level unit tests run against both back ends.
+    Node subprocesses, and a Store a test opens on a node subprocess's existing file, are not redirected."""
+    if os.environ.get("AINODE_TEST_STORE") != "postgresql":
+        yield
+        return
+    from node.store.db import Store
+
+    server = request.getfixturevalue("postgres_server")
+    databases: dict[str, str] = {}
+    original = Store.__init__
+
+    def init(self, url, **kw):  # type: ignore[no-untyped-def]
+        # A file that exists already was made by a node subprocess: the test reads what that node stored.
+        if url.startswith("sqlite:///") and (url in databases or not Path(url.removeprefix("sqlite:///")).exists()):
+            url = databases.setdefault(url, server.new_database())
+        original(self, url, **kw)
+
+    Store.__init__ = init
+    try:
+        yield
+    finally:
+        Store.__init__ = original

@@ -69,6 +69,8 @@ class Assembler:
             if req.action != FORCE_ACTION:
                 continue
             outcome = self.store.force_complete(req.id)
+            if outcome is None:  # another node sharing the store handled it first
+                continue
             if not outcome["completed"]:
                 self.audit.append("study-complete", "failure", study_uid=req.study_uid, request_id=req.id,
                                   requested_by=req.requested_by, reason=CompletionReason.FORCED,

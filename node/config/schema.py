@@ -162,6 +162,9 @@ class RunSection(Strict):
     timeout_s: float = Field(1800, gt=0, description="A job running longer is stopped and failed.")
     routine_max_wait_s: float = Field(
         900, gt=0, description="A routine job queued this long goes ahead as if it were stat (no starvation).")
+    takeover_after_s: float = Field(
+        30, gt=0, description="Several nodes on one PostgreSQL store: a node whose heartbeat is older than this "
+        "is dead, and another takes over its running jobs (on the same host, a node whose process is gone at once).")
     shutdown_grace_s: float = Field(
         30, ge=0, description="On SIGTERM, how long running jobs may finish; then they are queued again.")
     memory_limit_mb: int | None = Field(

@@ -30,7 +30,7 @@ def backoff_s(dest: RetryPolicy, attempts_made: int) -> float:
 
 class Dispatcher:
     def __init__(self, store: Store, audit: AuditLog, destinations: Mapping[str, Destination],
-                 calling_ae: str, poll_interval_s: float = 0.5, *,
+                 calling_ae: str, poll_interval_s: float = 0.5, *, lease_s: float = 600.0,
                  ris: Mapping[str, RisDestination] | None = None,
                  fhir: Mapping[str, FhirDestination] | None = None,
                  dicomweb: Mapping[str, DicomWebDestination] | None = None) -> None:
@@ -42,6 +42,7 @@ class Dispatcher:
         self.dicomweb = dict(dicomweb or {})
         self.calling_ae = calling_ae
         self.poll_interval_s = poll_interval_s
+        self.lease_s = lease_s  # how long a claimed row is this dispatcher's (node/store/db.py claim_dispatches)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,12 +66,16 @@ class Dispatcher:
     def tick(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         self._commitment_tick(now)
-        due = self.store.due_dispatches(now)
+        due = self.store.claim_dispatches(now, self.lease_s)
         by_dest = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)
         for name, rows in by_dest.items():
-            self._send_batch(name, rows, now)
+            try:
+                self._send_batch(name, rows, now)
+            except Exception:
+                self.store.release_dispatches([d.id for d in rows])  # due again at the next tick
+                raise
         return len(due)
 
     def _send_reports(self, name: str, dest: RisDestination | FhirDestination, rows: list) -> None:  # type: ignore[type-arg]

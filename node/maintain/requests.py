@@ -21,6 +21,8 @@ class RequestHandler:
             if req.action != "requeue":
                 continue
             outcome = self.store.requeue(req.id)
+            if outcome is None:  # another node sharing the store handled it first
+                continue
             self.audit.append("requeue", request_id=req.id, requested_by=req.requested_by,
                               job_id=req.job_id, study_uid=req.study_uid, **outcome)
             log.info("requeue request_id=%d resent=%d rerun=%d skipped=%d", req.id, len(outcome["resent"]),

@@ -8,6 +8,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.store.db import Store
+from node.store.engine import engine_url
 
 
 class StoreMissing(Exception):
@@ -20,7 +21,8 @@ class ReadOnlyStore:
     A SQLite file is opened with mode=ro, so neither a table nor a row can be written, and no
     create_all runs (the Store's constructor would create missing tables). SQLite may still create
     the -wal/-shm companion files of a WAL database (its lock index; no data is written to them).
-    Other databases are only ever queried with SELECT.
+    On PostgreSQL the connection's transactions are read-only (default_transaction_read_only), and no
+    migration runs either.
     """
 
     def __init__(self, url: str) -> None:
@@ -33,7 +35,11 @@ class ReadOnlyStore:
             self.engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true",
                                         connect_args={"check_same_thread": False, "timeout": 30})
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            full = engine_url(url)
+            # PostgreSQL enforces it too: every transaction of this engine is READ ONLY.
+            args = ({"options": "-c default_transaction_read_only=on"} if full.startswith("postgresql+psycopg://")
+                    else {})
+            self.engine = create_engine(full, pool_pre_ping=True, connect_args=args)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

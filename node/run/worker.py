@@ -100,8 +100,10 @@ class WorkerPool:
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        self.priors.clear()  # a crash's leftovers: no job runs yet
+    def start(self, clear_priors: bool = True) -> None:
+        """`clear_priors`: False when a live peer shares the spool (its jobs' priors are in use)."""
+        if clear_priors:
+            self.priors.clear()  # a crash's leftovers: no job runs yet
         for i, (slot, proc) in enumerate(zip(self.slots, self._processes)):
             proc.start()
             t = threading.Thread(target=self._loop, args=(i, slot, proc), name=slot.name, daemon=True)
@@ -245,8 +247,10 @@ class WorkerPool:
                     items.append(DispatchItem(destination=dest, kind=report or f.kind, sop_class_uid=f.sop_class_uid,
                                               sop_instance_uid=f.sop_instance_uid, path=str(p)))
         timings["total_s"] = round(time.time() - t0, 3)
-        self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items, output=out.stats,
-                                     shadow=shadow)
+        if not self.store.job_results_built(job.id, out.plugin_version, out.summary, timings, items,
+                                            output=out.stats, shadow=shadow):
+            self._lost(job)
+            return
         self.audit.append(
             "job-end", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
             plugin_version=out.plugin_version, **({"shadow_of": self.shadow_of[job.rule]} if shadow else {}),
@@ -289,7 +293,9 @@ class WorkerPool:
             return
         timings.update(extra)
         timings["total_s"] = round(time.time() - t0, 3)
-        self.store.job_results_built(job.id, "builtin", summary, timings, items)
+        if not self.store.job_results_built(job.id, "builtin", summary, timings, items):
+            self._lost(job)
+            return
         by_dest: dict[str, int] = {}
         for i in items:
             by_dest[i.destination] = by_dest.get(i.destination, 0) + 1
@@ -297,10 +303,19 @@ class WorkerPool:
                           forwarded=by_dest, timings=timings)
         log.info("forward job built job_id=%d objects=%d", job.id, len(items))
 
+    def _lost(self, job: Job) -> None:
+        """The job was taken over by another node (this one stalled past run.takeover_after_s): its run
+        there counts, this one's results are not recorded (their UIDs are the same, so nothing duplicates)."""
+        self.audit.append("job-end", "interrupted", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
+                          reason="taken over by another node; results of this run not recorded")
+        log.warning("job taken over by another node job_id=%d; results of this run not recorded", job.id)
+
     def _failed(self, job: Job, error: str, timings: dict, t0: float) -> None:
         log.error("job failed job_id=%d plugin=%s error=%s", job.id, job.plugin, error)
         timings["total_s"] = round(time.time() - t0, 3)
-        self.store.job_failed(job.id, error[:2000], timings)
+        if not self.store.job_failed(job.id, error[:2000], timings):
+            self._lost(job)
+            return
         self.audit.append("job-end", "failure", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin,
                           error=error[:500])
 

@@ -3,19 +3,35 @@
 Every method is one transaction. Writers are serialised by a lock because
 SQLite has one writer; with synchronous=FULL a commit is on disk when the
 method returns, which is what lets the receiver answer Success.
+
+On PostgreSQL several node processes share the store, so the lock is not enough: each transition
+locks the rows it decides on (SELECT … FOR UPDATE; SKIP LOCKED where a row another process holds is
+simply someone else's work: claiming jobs and dispatches). SQLite ignores those clauses, and its
+single writer gives the same guarantees.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from sqlalchemy import case, create_engine, delete, event, func, select, update
+from sqlalchemy import case, create_engine, delete, event, func, select, text, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from node.store.engine import engine_url, is_postgresql, unreachable
+from node.store.migrate import upgrade
 
 from node.store.models import (
     PRIORITY,
@@ -29,6 +45,7 @@ from node.store.models import (
     Job,
     JobState,
     ModelVersion,
+    NodeInstance,
     Request,
     Series,
     Study,
@@ -107,6 +124,59 @@ class CommitmentOutcome:
     dead: list[Dispatch] = field(default_factory=list)
 
 
+@dataclass
+class TakeOver:
+    """A running job taken from a node instance that is gone (for the audit record)."""
+
+    job: Job
+    from_instance: str | None  # None: a job claimed before node instances were recorded
+    from_host: str | None
+    from_pid: int | None
+    outcome: str  # "requeued" or "failed" (out of run.max_attempts)
+
+
+_PROCESS_STARTED = time.time()  # (about) when this process began: see Store._is_dead
+_RETRY_CODES = {"40P01", "40001"}  # deadlock detected, serialization failure: run the transaction again
+
+
+def _retrying(unique: bool = False):  # type: ignore[no-untyped-def]
+    """Run a transition again when PostgreSQL aborted it for a conflict with another node's transaction.
+
+    `unique`: also when an insert collided with a row another node committed meanwhile (the retry
+    then finds that row). SQLite never raises these here (one writer), so nothing changes for it.
+    """
+    codes = _RETRY_CODES | ({"23505"} if unique else set())
+
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        @functools.wraps(fn)
+        def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            for attempt in range(8):
+                try:
+                    return fn(self, *args, **kwargs)
+                except (IntegrityError, OperationalError, DBAPIError) as exc:
+                    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                    if not self.postgresql or code not in codes or attempt == 7:
+                        raise
+                    time.sleep(0.02 * (attempt + 1))
+        return run
+    return wrap
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host is running (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -117,7 +187,11 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, instance_id: str | None = None) -> None:
+        """Open (and migrate to the newest schema) the store at `url` (storage.database).
+
+        `instance_id` names this process among the nodes sharing the store: jobs it claims record it.
+        """
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -126,10 +200,43 @@ class Store:
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+            full = engine_url(url)
+            args = {"connect_timeout": 10} if full.startswith("postgresql+psycopg://") else {}
+            self.engine = create_engine(full, pool_pre_ping=True, connect_args=args)
+        self.postgresql = is_postgresql(self.engine)
+        try:
+            upgrade(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            if self.postgresql:
+                raise unreachable(url, exc) from exc
+            raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._write = threading.Lock()
+        self.instance_id = instance_id or uuid.uuid4().hex[:16]
+        self.host = socket.gethostname()
+
+    def _insert_ignore(self, s: Session, model: type, **values: object) -> bool:
+        """INSERT … ON CONFLICT DO NOTHING: True if this call made the row (another node may have)."""
+        ins = (pg_dialect.insert if self.postgresql else sqlite_dialect.insert)(model)
+        return s.execute(ins.values(**values).on_conflict_do_nothing()).rowcount == 1
+
+    @contextmanager
+    def startup_lock(self) -> Iterator[None]:
+        """Serialise node start-ups on a shared store: registering, looking for live peers and the
+        start-up file repairs happen one node at a time (a PostgreSQL advisory lock; nothing on SQLite)."""
+        if not self.postgresql:
+            yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": 0x41494E4F4446})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": 0x41494E4F4446})
+                conn.commit()
 
     def session(self) -> Session:
         return self._session()
@@ -139,23 +246,27 @@ class Store:
 
     # ---- receive -------------------------------------------------------
 
+    @_retrying(unique=True)
     def add_instance(self, m: InstanceMeta, now: float | None = None) -> bool:
-        """Index a durable spool file. False if the SOP instance was already held."""
+        """Index a durable spool file. False if the SOP instance was already held.
+
+        Two receivers may get the same study at once: the study row is made if missing (ON CONFLICT
+        DO NOTHING), then locked, so the counts of one study are updated one instance at a time.
+        """
         now = time.time() if now is None else now
         with self._write, self.session() as s, s.begin():
             if s.get(Instance, m.sop_instance_uid) is not None:
                 return False
-            study = s.get(Study, m.study_uid)
-            if study is None:
-                study = Study(
-                    study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
-                    study_description=m.study_description, calling_ae=m.calling_ae,
-                    state=StudyState.RECEIVING, instance_count=0, revision=0,
-                    first_received_at=now, last_received_at=now,
-                )
-                s.add(study)
-                s.flush()  # no ORM relationships, so parents are flushed before children
-            elif study.state != StudyState.RECEIVING:
+            self._insert_ignore(
+                s, Study, study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
+                study_description=m.study_description, calling_ae=m.calling_ae,
+                state=StudyState.RECEIVING, instance_count=0, revision=0,
+                first_received_at=now, last_received_at=now,
+            )
+            study = s.get(Study, m.study_uid, with_for_update=True)
+            if s.get(Instance, m.sop_instance_uid) is not None:  # another node indexed it meanwhile
+                return False
+            if study.state != StudyState.RECEIVING:
                 # New images after completion: the study is assembled and routed again.
                 study.state = StudyState.RECEIVING
                 study.revision += 1
@@ -163,7 +274,7 @@ class Store:
                 study.completion_reason = None
             study.instance_count += 1
             study.last_received_at = now
-            series = s.get(Series, m.series_uid)
+            series = s.get(Series, m.series_uid, with_for_update=True)
             if series is None:
                 series = Series(
                     series_uid=m.series_uid, study_uid=m.study_uid, modality=m.modality,
@@ -225,11 +336,15 @@ class Store:
                                     .where(Series.study_uid == study_uid)).all())
             return HeldCounts(study_uid, st.instance_count, series, st.last_received_at)
 
-    def force_complete(self, request_id: int) -> dict:
-        """Carry out an operator's 'complete' request: receiving → complete (reason 'forced') now."""
+    @_retrying()
+    def force_complete(self, request_id: int) -> dict | None:
+        """Carry out an operator's 'complete' request: receiving → complete (reason 'forced') now.
+        None if the request was handled already (by another node sharing the store)."""
         with self._write, self.session() as s, s.begin():
-            req = s.get(Request, request_id)
-            st = s.get(Study, req.study_uid) if req.study_uid else None
+            req = s.get(Request, request_id, with_for_update=True)
+            if req is None or req.handled_at is not None:
+                return None
+            st = s.get(Study, req.study_uid, with_for_update=True) if req.study_uid else None
             if st is None:
                 outcome = {"completed": False, "why": "no such study"}
             elif st.state != StudyState.RECEIVING:
@@ -260,11 +375,12 @@ class Store:
 
     # ---- route ---------------------------------------------------------
 
+    @_retrying()
     def route(self, study_uid: str, jobs: Sequence[NewJob]) -> list[int]:
         """Complete → routed (with queued jobs) or no-rule-matched."""
         now = time.time()
         with self._write, self.session() as s, s.begin():
-            study = s.get(Study, study_uid)
+            study = s.get(Study, study_uid, with_for_update=True)  # two routers: the second finds it routed
             if study is None or study.state != StudyState.COMPLETE:
                 return []
             study.state = StudyState.ROUTED if jobs else StudyState.NO_RULE
@@ -298,15 +414,22 @@ class Store:
 
         `admit` is asked about that job only, inside the claim; if it says no (its GPU has too little
         memory free) nothing is claimed, so a less urgent job that would fit cannot overtake it.
+        On PostgreSQL the job row is locked with SKIP LOCKED: a job another node is claiming right now
+        is skipped, never claimed twice. The claim records this instance as the job's owner.
         """
         with self._write, self.session() as s, s.begin():
-            job = next((j for j in s.scalars(self._queue_order(routine_max_wait_s))
-                        if may_run is None or may_run(j.plugin)), None)
+            plugins = s.scalars(select(Job.plugin).where(Job.state == JobState.QUEUED).distinct())
+            allowed = [p for p in plugins if may_run is None or may_run(p)]
+            if not allowed:
+                return None
+            job = s.scalars(self._queue_order(routine_max_wait_s).where(Job.plugin.in_(allowed)).limit(1)
+                            .with_for_update(skip_locked=True)).first()
             if job is None or (admit is not None and not admit(job)):
                 return None
             job.state = JobState.RUNNING
             job.attempts += 1
             job.started_at = time.time()
+            job.owner = self.instance_id
             return job
 
     def peek_jobs(self, routine_max_wait_s: float | None = None, limit: int = 8) -> list[Job]:
@@ -322,44 +445,147 @@ class Store:
         """
         requeued, failed = [], []
         with self._write, self.session() as s, s.begin():
-            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING)):
-                if job.attempts >= max_attempts:
-                    job.state = JobState.FAILED
-                    job.error = (f"interrupted {job.attempts} times (run.max_attempts = {max_attempts}); "
-                                 "not started again")
-                    job.finished_at = time.time()
-                    failed.append(job)
-                else:
-                    job.state = JobState.QUEUED
-                    requeued.append(job)
+            for job in s.scalars(select(Job).where(Job.state == JobState.RUNNING).with_for_update()):
+                (requeued if self._requeue_cut_off(job, max_attempts) else failed).append(job)
         return requeued, failed
+
+    @staticmethod
+    def _requeue_cut_off(job: Job, max_attempts: int) -> bool:
+        """A running job whose process is gone: queued again (True), or failed when out of attempts."""
+        if job.attempts >= max_attempts:
+            job.state = JobState.FAILED
+            job.error = (f"interrupted {job.attempts} times (run.max_attempts = {max_attempts}); "
+                         "not started again")
+            job.finished_at = time.time()
+            return False
+        job.state = JobState.QUEUED
+        return True
+
+    # ---- node instances (several processes on one store) ---------------
+
+    def register_instance(self, name: str, now: float | None = None) -> NodeInstance:
+        """Record this process as a running node instance (host, pid), heartbeating from now."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            row = NodeInstance(id=self.instance_id, name=name, host=self.host, pid=os.getpid(),
+                               started_at=now, heartbeat_at=now)
+            s.add(row)
+            return row
+
+    def heartbeat(self, now: float | None = None) -> str | None:
+        """This instance is alive. Returns the id of a peer that had declared it dead (its jobs were taken
+        over meanwhile: a stall longer than run.takeover_after_s), else None; the instance is alive again."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            row = s.get(NodeInstance, self.instance_id, with_for_update=True)
+            if row is None:
+                return None
+            row.heartbeat_at = now
+            declared_by, row.stopped_at, row.stopped_by = row.stopped_by, None, None
+            return declared_by
+
+    def instance_stopped(self, now: float | None = None) -> None:
+        """A clean stop: this instance owns nothing any more."""
+        with self._write, self.session() as s, s.begin():
+            row = s.get(NodeInstance, self.instance_id, with_for_update=True)
+            if row is not None:
+                row.stopped_at = time.time() if now is None else now
+
+    def _is_dead(self, row: NodeInstance, now: float, dead_after_s: float) -> bool:
+        if row.id == self.instance_id:
+            return False
+        if row.stopped_at is not None or row.heartbeat_at < now - dead_after_s:
+            return True
+        # Same host: a process that is gone is dead now (a restart right after kill -9 requeues at once);
+        # a row with our own pid, registered before this process began, is an earlier life of this pid
+        # (a container restarted: its pid 1 again).
+        if row.host != self.host:
+            return False
+        if row.pid == os.getpid():
+            return row.started_at < _PROCESS_STARTED
+        return not pid_alive(row.pid)
+
+    def live_peers(self, dead_after_s: float, now: float | None = None) -> list[NodeInstance]:
+        """Other node instances on this store that are alive."""
+        now = time.time() if now is None else now
+        with self.session() as s:
+            rows = s.scalars(select(NodeInstance).where(NodeInstance.stopped_at.is_(None),
+                                                        NodeInstance.id != self.instance_id))
+            return [r for r in rows if not self._is_dead(r, now, dead_after_s)]
+
+    @_retrying()
+    def take_over(self, dead_after_s: float, max_attempts: int, now: float | None = None) -> list[TakeOver]:
+        """Running jobs whose owner is not a live instance are queued again (or failed, out of attempts);
+        the dead owners are marked stopped and their dispatch leases end now.
+
+        Jobs are locked (SKIP LOCKED: two nodes taking over at once share the work) before the instances
+        are read, so an owner that registered and claimed meanwhile is seen as alive.
+        """
+        now = time.time() if now is None else now
+        out: list[TakeOver] = []
+        with self._write, self.session() as s, s.begin():
+            jobs = list(s.scalars(select(Job).where(Job.state == JobState.RUNNING).order_by(Job.id)
+                                  .with_for_update(skip_locked=True)))
+            rows = {r.id: r for r in s.scalars(select(NodeInstance))}
+            dead = {i for i, r in rows.items() if self._is_dead(r, now, dead_after_s)}
+            for job in jobs:
+                owner = rows.get(job.owner) if job.owner else None
+                if job.owner == self.instance_id or (owner is not None and owner.id not in dead):
+                    continue
+                requeued = self._requeue_cut_off(job, max_attempts)
+                out.append(TakeOver(job, job.owner, owner.host if owner else None, owner.pid if owner else None,
+                                    "requeued" if requeued else "failed"))
+            for i in dead:
+                if rows[i].stopped_at is None:
+                    rows[i].stopped_at, rows[i].stopped_by = now, self.instance_id
+            if dead:
+                s.execute(update(Dispatch).where(Dispatch.state == DispatchState.PENDING,
+                                                 Dispatch.claimed_by.in_(dead))
+                          .values(next_attempt_at=now, claimed_by=None))
+        return out
+
+    def _owned(self, s: Session, job_id: int) -> Job | None:
+        """The job, locked, if it is still running as this instance's: not taken over by another node
+        (that happens only when this one stalled past run.takeover_after_s; the job runs there now)."""
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.state != JobState.RUNNING or job.owner not in (None, self.instance_id):
+            return None
+        return job
 
     def release_job(self, job_id: int) -> None:
         """Running → queued without using up an attempt: a graceful stop cut the job off."""
         with self._write, self.session() as s, s.begin():
-            job = s.get(Job, job_id)
-            if job is not None and job.state == JobState.RUNNING:
+            job = self._owned(s, job_id)
+            if job is not None:
                 job.state = JobState.QUEUED
                 job.attempts = max(0, job.attempts - 1)
 
-    def job_failed(self, job_id: int, error: str, timings: dict | None = None) -> None:
+    def job_failed(self, job_id: int, error: str, timings: dict | None = None) -> bool:
+        """Running → failed. False if the job is no longer this instance's (taken over)."""
         with self._write, self.session() as s, s.begin():
-            job = s.get(Job, job_id)
+            job = self._owned(s, job_id)
+            if job is None:
+                return False
             job.state = JobState.FAILED
             job.error = error
             job.finished_at = time.time()
             if timings is not None:
                 job.timings = timings
+            return True
 
+    @_retrying()
     def job_results_built(
         self, job_id: int, plugin_version: str, summary: str, timings: dict, items: Iterable[DispatchItem],
         output: dict | None = None, shadow: bool = False,
-    ) -> None:
+    ) -> bool:
         """Running → results-built, with one pending dispatch per object and destination, and the job's
-        output statistics (node/monitor/stats.py) in the same transaction."""
+        output statistics (node/monitor/stats.py) in the same transaction. False (nothing recorded) if
+        the job is no longer this instance's: another node took it over and runs it."""
         now = time.time()
         with self._write, self.session() as s, s.begin():
-            job = s.get(Job, job_id)
+            job = self._owned(s, job_id)
+            if job is None:
+                return False
             items = list(items)
             job.plugin_version = plugin_version
             job.summary = summary
@@ -377,6 +603,7 @@ class Store:
                 from node.monitor.records import add_output_rows
 
                 add_output_rows(s, job, output, shadow, now)
+            return True
 
     def add_dispatches(self, job_id: int, items: Iterable[DispatchItem]) -> None:
         """More objects for a job that already has results (a result returned by an external service)."""
@@ -411,6 +638,29 @@ class Store:
                  .order_by(Dispatch.id))
             return list(s.scalars(q))
 
+    @_retrying()
+    def claim_dispatches(self, now: float, lease_s: float) -> list[Dispatch]:
+        """Due pending dispatches, leased to this instance for `lease_s`: their next_attempt_at moves
+        forward, so another node's dispatcher does not send them at the same time (SKIP LOCKED skips those
+        it is leasing right now). Sent, retried or given up, a row leaves the lease; a dispatcher that dies
+        with a lease loses it when its instance is taken over, or when the lease runs out."""
+        with self._write, self.session() as s, s.begin():
+            rows = list(s.scalars(select(Dispatch)
+                                  .where(Dispatch.state == DispatchState.PENDING, Dispatch.next_attempt_at <= now)
+                                  .order_by(Dispatch.id).with_for_update(skip_locked=True)))
+            for d in rows:
+                d.next_attempt_at, d.claimed_by = now + lease_s, self.instance_id
+            return rows
+
+    def release_dispatches(self, dispatch_ids: Sequence[int], now: float | None = None) -> None:
+        """End this instance's lease on rows it could not handle (a dispatcher error): due again now."""
+        now = time.time() if now is None else now
+        with self._write, self.session() as s, s.begin():
+            s.execute(update(Dispatch).where(Dispatch.id.in_(dispatch_ids), Dispatch.state == DispatchState.PENDING,
+                                             Dispatch.claimed_by == self.instance_id)
+                      .values(next_attempt_at=now, claimed_by=None))
+
+    @_retrying()
     def dispatch_sent(self, dispatch_ids: Sequence[int]) -> None:
         now = time.time()
         with self._write, self.session() as s, s.begin():
@@ -418,9 +668,10 @@ class Store:
                       .values(state=DispatchState.SENT, sent_at=now, attempts=Dispatch.attempts + 1))
             self._roll_up_jobs(s, dispatch_ids)
 
+    @_retrying()
     def dispatch_retry(self, dispatch_id: int, error: str, next_attempt_at: float, give_up: bool) -> None:
         with self._write, self.session() as s, s.begin():
-            d = s.get(Dispatch, dispatch_id)
+            d = s.get(Dispatch, dispatch_id, with_for_update=True)
             d.attempts += 1
             d.last_error = error
             d.next_attempt_at = next_attempt_at
@@ -430,10 +681,12 @@ class Store:
 
     def _roll_up_jobs(self, s: Session, dispatch_ids: Sequence[int]) -> None:
         """A job is dispatched when all its objects are sent; dead-letter when any has given up."""
-        job_ids = set(s.scalars(select(Dispatch.job_id).where(Dispatch.id.in_(dispatch_ids))))
+        job_ids = sorted(set(s.scalars(select(Dispatch.job_id).where(Dispatch.id.in_(dispatch_ids)))))
         for job_id in job_ids:
+            # Locked before its dispatches' states are read: two dispatchers sending objects of one job
+            # roll it up one after the other, so the second sees the first's rows sent.
+            job = s.get(Job, job_id, with_for_update=True)
             states = list(s.scalars(select(Dispatch.state).where(Dispatch.job_id == job_id)))
-            job = s.get(Job, job_id)
             if all(st == DispatchState.SENT for st in states):
                 job.state = JobState.DISPATCHED
                 job.finished_at = time.time()
@@ -447,6 +700,7 @@ class Store:
 
     # ---- storage commitment --------------------------------------------
 
+    @_retrying()
     def dispatch_sent_uncommitted(self, dispatch_ids: Sequence[int], transaction_uid: str, destination: str,
                                   next_check_at: float, now: float | None = None) -> None:
         """Sent, but the PACS has not yet taken responsibility: the objects wait under a new transaction.
@@ -461,13 +715,14 @@ class Store:
                              dispatch_ids=list(dispatch_ids), attempt=1, requested_at=now,
                              next_check_at=next_check_at, state=CommitmentState.WAITING))
 
+    @_retrying()
     def commitment_renew(self, old_uid: str, new_uid: str, next_check_at: float,
                          now: float | None = None) -> list[Dispatch]:
         """No report for `old_uid` in time: its objects still uncommitted move to a new transaction
         (one more attempt). Returns them; [] if there are none (the old one is then simply expired)."""
         now = time.time() if now is None else now
         with self._write, self.session() as s, s.begin():
-            old = s.get(Commitment, old_uid)
+            old = s.get(Commitment, old_uid, with_for_update=True)
             if old is None or old.state != CommitmentState.WAITING:
                 return []
             old.state, old.expired_at = CommitmentState.EXPIRED, now
@@ -483,15 +738,16 @@ class Store:
     def commitment_request_failed(self, transaction_uid: str, error: str, next_check_at: float) -> None:
         """The N-ACTION did not get through: keep waiting, but only until `next_check_at` (the retry)."""
         with self._write, self.session() as s, s.begin():
-            c = s.get(Commitment, transaction_uid)
+            c = s.get(Commitment, transaction_uid, with_for_update=True)
             if c is not None and c.state == CommitmentState.WAITING:
                 c.error, c.next_check_at = error, next_check_at
 
+    @_retrying()
     def commitment_give_up(self, transaction_uid: str, error: str, now: float | None = None) -> list[Dispatch]:
         """Out of attempts: the objects still uncommitted become dead-letter. Returns them."""
         now = time.time() if now is None else now
         with self._write, self.session() as s, s.begin():
-            c = s.get(Commitment, transaction_uid)
+            c = s.get(Commitment, transaction_uid, with_for_update=True)
             if c is None or c.state != CommitmentState.WAITING:
                 return []
             c.state, c.expired_at, c.error = CommitmentState.EXPIRED, now, error
@@ -508,7 +764,7 @@ class Store:
         before the report, or None for a transaction this node never asked for. A repeat is ignored."""
         now = time.time() if now is None else now
         with self._write, self.session() as s, s.begin():
-            c = s.get(Commitment, transaction_uid)
+            c = s.get(Commitment, transaction_uid, with_for_update=True)
             if c is None:
                 return None
             before = c.state
@@ -537,6 +793,7 @@ class Store:
                                                            Commitment.next_check_at <= now)
                                   .order_by(Commitment.requested_at)))
 
+    @_retrying()
     def commitment_apply(self, transaction_uid: str, *, error_prefix: str, max_attempts: int,
                          retry_at: Callable[[int], float]) -> CommitmentOutcome | None:
         """Apply a recorded report: committed objects are sent (their jobs roll up to dispatched); the others
@@ -546,7 +803,7 @@ class Store:
         only its confirmations count: the newer request decides about the rest.
         """
         with self._write, self.session() as s, s.begin():
-            c = s.get(Commitment, transaction_uid)
+            c = s.get(Commitment, transaction_uid, with_for_update=True)
             if c is None or c.state != CommitmentState.REPORTED:
                 return None
             committed = set(c.committed or [])
@@ -595,22 +852,26 @@ class Store:
         with self.session() as s:
             return s.get(Request, request_id)
 
-    def requeue(self, request_id: int) -> dict:
+    @_retrying()
+    def requeue(self, request_id: int) -> dict | None:
         """Carry out a requeue request: dead-letter sends go out again, failed jobs run again.
 
         Which jobs: the request's job, or all of its study's, or (neither given) every job in
-        dead-letter or failed. Attempts start from zero. Returns the outcome recorded on the request.
+        dead-letter or failed. Attempts start from zero. Returns the outcome recorded on the request,
+        or None if another node handled it first.
         """
         now = time.time()
         with self._write, self.session() as s, s.begin():
-            req = s.get(Request, request_id)
+            req = s.get(Request, request_id, with_for_update=True)
+            if req is None or req.handled_at is not None:
+                return None  # handled already, by another node sharing the store
             q = select(Job).where(Job.state.in_((JobState.DEAD_LETTER, JobState.FAILED)))
             if req.job_id is not None:
                 q = select(Job).where(Job.id == req.job_id)
             elif req.study_uid is not None:
                 q = q.where(Job.study_uid == req.study_uid)
             resent, rerun, skipped = [], [], []
-            for job in s.scalars(q.order_by(Job.id)):
+            for job in s.scalars(q.order_by(Job.id).with_for_update()):
                 dead = list(s.scalars(select(Dispatch).where(Dispatch.job_id == job.id,
                                                              Dispatch.state == DispatchState.DEAD_LETTER)))
                 if job.state == JobState.DEAD_LETTER and dead:
@@ -647,6 +908,7 @@ class Store:
         with self.session() as s:
             return list(s.scalars(self._purgeable(cutoff)))
 
+    @_retrying()
     def purge_study(self, study_uid: str, cutoff: float) -> list[str]:
         """Delete the study's instance rows (state → purged) and return the files to delete.
 
@@ -655,10 +917,13 @@ class Store:
         Returns [] if the study is no longer purgeable (a new instance arrived meanwhile).
         """
         with self._write, self.session() as s, s.begin():
+            # Locked first: of two nodes purging at once, the second finds the study purged.
+            study = s.get(Study, study_uid, with_for_update=True)
+            if study is None or study.state == StudyState.PURGED:
+                return []
             eligible = self._purgeable(cutoff).subquery()
             if s.scalar(select(eligible.c[0]).where(eligible.c[0] == study_uid)) is None:
                 return []
-            study = s.get(Study, study_uid)
             paths = list(s.scalars(select(Instance.path).where(Instance.study_uid == study_uid)))
             s.execute(delete(Instance).where(Instance.study_uid == study_uid))
             s.execute(delete(Series).where(Series.study_uid == study_uid))
@@ -696,12 +961,13 @@ class Store:
     # ---- model versions ------------------------------------------------
 
     def lock_model_version(self, name: str, version: str, digest: str) -> ModelVersion | None:
-        """Record a model version's digest on first use. Returns the earlier record if the digest differs."""
+        """Record a model version's digest on first use. Returns the earlier record if the digest differs.
+        Nodes starting at once on one store: the first insert wins, the others compare with it."""
         with self._write, self.session() as s, s.begin():
-            row = s.get(ModelVersion, (name, version))
-            if row is None:
-                s.add(ModelVersion(name=name, version=version, digest=digest, first_used_at=time.time()))
+            if self._insert_ignore(s, ModelVersion, name=name, version=version, digest=digest,
+                                   first_used_at=time.time()):
                 return None
+            row = s.get(ModelVersion, (name, version))
             return None if row.digest == digest else row
 
     # ---- status --------------------------------------------------------

@@ -119,6 +119,7 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    owner: Mapped[str | None] = mapped_column(String(64))  # node_instances.id of the process running it
 
     __table_args__ = (Index("ix_jobs_claim", "state", "priority", "id"),)
 
@@ -138,6 +139,9 @@ class Dispatch(Base):
     next_attempt_at: Mapped[float] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[float | None] = mapped_column(Float)
+    # The node instance whose dispatcher leased it (moved next_attempt_at forward to send it): a takeover
+    # of a dead instance makes its leased rows due at once instead of waiting for the lease to run out.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_dispatch_due", "state", "next_attempt_at"),)
 
@@ -249,3 +253,21 @@ class FindingFeedback(Base):
     reviewer: Mapped[str | None] = mapped_column(String(64))
     recorded_at: Mapped[float] = mapped_column(Float)
     audited_at: Mapped[float | None] = mapped_column(Float, index=True)  # the node wrote its audit record
+
+
+class NodeInstance(Base):
+    """One running node process (several may share a PostgreSQL store): who it is, and whether it is alive.
+
+    It heartbeats; another instance takes over its running jobs once the heartbeat is older than
+    run.takeover_after_s, or at once when it ran on the same host and its process is gone.
+    """
+
+    __tablename__ = "node_instances"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # node.ae_title
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    stopped_at: Mapped[float | None] = mapped_column(Float)  # a clean stop, or declared dead by a peer
+    stopped_by: Mapped[str | None] = mapped_column(String(64))  # the instance that declared it dead
