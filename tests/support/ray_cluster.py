@@ -49,12 +49,15 @@ class RayCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+                text = self.log_path.read_text()
+                self.stop()
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{text}")
             if b"Ray runtime started" in self.log_path.read_bytes():
                 return self
             time.sleep(0.2)
+        text = self.log_path.read_text()
         self.stop()
-        raise RuntimeError(f"Ray did not start within {timeout}s:\n{self.log_path.read_text()}")
+        raise RuntimeError(f"Ray did not start within {timeout}s:\n{text}")
 
     def stop(self, timeout: float = 40) -> None:
         if self.proc is not None and self.proc.poll() is None:
