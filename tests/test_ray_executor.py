@@ -114,21 +114,31 @@ def test_burst_of_ten_studies_through_ray_matches_the_local_executor(tmp_path, r
         assert node.stop() == 0
 
 
-def test_a_job_whose_actor_dies_fails_alone_and_the_next_job_runs(tmp_path, ray_cluster, studies, node_factory,
-                                                                 test_plugins):
-    plugins = {"crash": {"entry": "tests.plugins.misbehaving:CrashPlugin"}, "ct_lung": {}}
+def test_a_job_whose_actor_dies_or_hangs_fails_alone_and_the_next_job_runs(tmp_path, ray_cluster, studies,
+                                                                          node_factory, test_plugins):
+    plugins = {"crash": {"entry": "tests.plugins.misbehaving:CrashPlugin"},
+               "hang": {"entry": "tests.plugins.misbehaving:HangPlugin"}, "ct_lung": {}}
     rules = [{"name": "crash", "study": {"calling_ae": "CRASH"}, "plugin": "crash"},
+             {"name": "hang", "study": {"calling_ae": "HANG"}, "plugin": "hang"},
              {"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"}]
-    node = node_factory({"run": ray_run(ray_cluster, max_attempts=1), "plugins": plugins, "rules": rules})
+    node = node_factory({"run": ray_run(ray_cluster, max_attempts=1, timeout_s=4), "plugins": plugins,
+                         "rules": rules})
+
+    def ended(plugin):  # type: ignore[no-untyped-def]
+        return wait_until(lambda: [e for e in events(node, "job-end") if e["plugin"] == plugin], 90,
+                          f"{plugin} job end")[0]
 
     send(node, studies[0].files, calling="CRASH")
-    crashed = wait_until(lambda: [e for e in events(node, "job-end") if e["plugin"] == "crash"], 90, "crash job end")
-    assert crashed[0]["outcome"] == "failure" and "Ray actor died" in crashed[0]["error"], crashed
-    send(node, studies[1].files, calling="GOOD")
-    ok = wait_until(lambda: [e for e in events(node, "job-end") if e["plugin"] == "ct_lung"], 90, "lung job end")
-    assert ok[0]["outcome"] == "success" and ok[0]["outputs"], ok
+    crashed = ended("crash")
+    assert crashed["outcome"] == "failure" and "Ray actor died" in crashed["error"], crashed
+    send(node, studies[1].files, calling="HANG")
+    hung = ended("hang")
+    assert hung["outcome"] == "failure" and "timed out after 4 s (run.timeout_s)" in hung["error"], hung
+    send(node, studies[2].files, calling="GOOD")
+    ok = ended("ct_lung")
+    assert ok["outcome"] == "success" and ok["outputs"], ok
     workers = [e["worker"] for e in events(node, "job-start")]
-    assert len(workers) == 2 and all(w.startswith("ray:") for w in workers)
+    assert len(workers) == 3 and all(w.startswith("ray:") for w in workers)
     assert node.proc.poll() is None
     assert node.stop() == 0
 
@@ -147,3 +157,27 @@ def test_unreachable_ray_cluster_refuses_to_start(tmp_path, node_factory):
     with pytest.raises(RuntimeError, match="cannot join the Ray cluster at run.ray.address"):
         node.start(timeout=60)
     assert node.proc.returncode == 2
+
+
+def test_ray_section_errors_name_their_keys():
+    from pydantic import ValidationError
+
+    from node.config.schema import NodeConfig
+
+    cases = [({"executor": "local", "ray": {"address": "h:1"}}, "run.ray is set but run.executor is local"),
+             ({"executor": "ray", "ray": {"address": "h:1", "data": "shared_path"}}, "needs run.ray.shared_path"),
+             ({"executor": "ray", "ray": {"address": "h:1", "data": "shared_path", "shared_path": "rel"}},
+              "run.ray.shared_path must be an absolute path"),
+             ({"executor": "ray", "ray": {"address": "h:1", "num_gpu": 1}}, "num_gpu")]
+    for run, message in cases:
+        with pytest.raises(ValidationError, match=message):
+            NodeConfig.model_validate({"run": run})
+    ok = NodeConfig.model_validate({"run": {"executor": "ray", "ray": {"address": "10.0.0.5:6379"}}}).run.ray
+    assert (ok.data, ok.num_cpus, ok.namespace) == ("object_store", 1.0, "ainode")
+
+
+def test_check_config_describes_the_ray_workers(tmp_path, node_factory):
+    node = node_factory({"run": {"executor": "ray", "workers": 2, "ray": {"address": "10.0.0.5:6379"}}}, start=False)
+    r = node.cli("check-config", str(node.config_path))
+    assert r.returncode == 0, r.stderr
+    assert "executor: ray at 10.0.0.5:6379" in r.stdout and r.stdout.count("worker ainode-worker-") == 2, r.stdout

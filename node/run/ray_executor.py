@@ -38,6 +38,7 @@ log = logging.getLogger("ainode.run")
 
 MEMORY_POLL_S = 1.0
 WAIT_POLL_S = 0.1
+PENDING_WARN_S = 30.0
 
 
 class RayUnavailable(SlotConfigError):
@@ -210,7 +211,8 @@ class RayRunner:
         self._actor = None
         self._ready_ref = None
         self._where: dict | None = None
-        self._starts = 0
+        self._started_at = 0.0
+        self._warned = False
 
     @property
     def num_gpus(self) -> float:
@@ -227,7 +229,6 @@ class RayRunner:
         return self._where["pid"] if self._where else None
 
     def start(self) -> None:
-        self._starts += 1
         s = self.backend.section
         actor_name = f"{self.backend.node_ae}-{self.slot.name}-{uuid.uuid4().hex[:6]}"
         self._actor = self.backend._actor_class.options(
@@ -235,6 +236,8 @@ class RayRunner:
         ).remote(*self._args)
         self._ready_ref = self._actor.where.remote()
         self._where = None
+        self._started_at = time.monotonic()
+        self._warned = False
 
     def ready(self, timeout: float) -> bool:
         """True once the actor runs (placed, plugins loaded); False while Ray still schedules it. A slot
@@ -245,6 +248,12 @@ class RayRunner:
             self.start()
         done, _ = self.ray.wait([self._ready_ref], timeout=timeout)
         if not done:
+            waited = time.monotonic() - self._started_at
+            if waited > PENDING_WARN_S and not self._warned:
+                self._warned = True
+                log.warning("Ray actor not placed after %.0f s worker=%s num_cpus=%g num_gpus=%g: the cluster has no "
+                            "room for it (see `ray status`; run.ray.num_cpus, run.workers, run.gpu.slots_per_gpu)",
+                            waited, self.slot.name, self.backend.section.num_cpus, self.num_gpus)
             return False
         try:
             self._where = self.ray.get(self._ready_ref)
