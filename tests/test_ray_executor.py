@@ -122,8 +122,10 @@ def test_a_job_whose_actor_dies_or_hangs_fails_alone_and_the_next_job_runs(tmp_p
     rules = [{"name": "crash", "study": {"calling_ae": "CRASH"}, "plugin": "crash"},
              {"name": "hang", "study": {"calling_ae": "HANG"}, "plugin": "hang"},
              {"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"}]
-    node = node_factory({"run": ray_run(ray_cluster, max_attempts=1, timeout_s=4), "plugins": plugins,
-                         "rules": rules})
+    # Series by shared path this time: the actors read the node's spool (storage.root is under tmp_path).
+    run = ray_run(ray_cluster, max_attempts=1, timeout_s=4)
+    run["ray"].update(data="shared_path", shared_path=str(tmp_path))
+    node = node_factory({"run": run, "plugins": plugins, "rules": rules})
 
     def ended(plugin):  # type: ignore[no-untyped-def]
         return wait_until(lambda: [e for e in events(node, "job-end") if e["plugin"] == plugin], 90,
@@ -138,6 +140,7 @@ def test_a_job_whose_actor_dies_or_hangs_fails_alone_and_the_next_job_runs(tmp_p
     send(node, studies[2].files, calling="GOOD")
     ok = ended("ct_lung")
     assert ok["outcome"] == "success" and ok["outputs"], ok
+    assert "ray_input_mb" not in ok["timings"] and "ray_queue_s" in ok["timings"]  # nothing shipped
     workers = [e["worker"] for e in events(node, "job-start")]
     assert len(workers) == 3 and all(w.startswith("ray:") for w in workers)
     assert node.proc.poll() is None
