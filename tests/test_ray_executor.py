@@ -115,15 +115,17 @@ def test_burst_of_ten_studies_through_ray_matches_the_local_executor(tmp_path, r
         assert node.stop() == 0
 
 
-def test_a_job_whose_actor_dies_or_hangs_fails_alone_and_the_next_job_runs(tmp_path, ray_cluster, studies,
+def test_a_job_whose_actor_dies_hangs_or_hogs_memory_fails_alone_and_the_next_job_runs(tmp_path, ray_cluster, studies,
                                                                           node_factory, test_plugins):
     plugins = {"crash": {"entry": "tests.plugins.misbehaving:CrashPlugin"},
-               "hang": {"entry": "tests.plugins.misbehaving:HangPlugin"}, "ct_lung": {}}
+               "hang": {"entry": "tests.plugins.misbehaving:HangPlugin"},
+               "hog": {"entry": "tests.plugins.misbehaving:HogPlugin"}, "ct_lung": {}}
     rules = [{"name": "crash", "study": {"calling_ae": "CRASH"}, "plugin": "crash"},
              {"name": "hang", "study": {"calling_ae": "HANG"}, "plugin": "hang"},
+             {"name": "hog", "study": {"calling_ae": "HOG"}, "plugin": "hog"},
              {"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"}]
     # Series by shared path this time: the actors read the node's spool (storage.root is under tmp_path).
-    run = ray_run(ray_cluster, max_attempts=1, timeout_s=4)
+    run = ray_run(ray_cluster, max_attempts=1, timeout_s=4, memory_limit_mb=700)
     run["ray"].update(data="shared_path", shared_path=str(tmp_path))
     node = node_factory({"run": run, "plugins": plugins, "rules": rules})
 
@@ -137,12 +139,15 @@ def test_a_job_whose_actor_dies_or_hangs_fails_alone_and_the_next_job_runs(tmp_p
     send(node, studies[1].files, calling="HANG")
     hung = ended("hang")
     assert hung["outcome"] == "failure" and "timed out after 4 s (run.timeout_s)" in hung["error"], hung
-    send(node, studies[2].files, calling="GOOD")
+    send(node, studies[2].files, calling="HOG")
+    hog = ended("hog")
+    assert hog["outcome"] == "failure" and "over run.memory_limit_mb (700 MB)" in hog["error"], hog
+    send(node, studies[3].files, calling="GOOD")
     ok = ended("ct_lung")
     assert ok["outcome"] == "success" and ok["outputs"], ok
     assert "ray_input_mb" not in ok["timings"] and "ray_queue_s" in ok["timings"]  # nothing shipped
     workers = [e["worker"] for e in events(node, "job-start")]
-    assert len(workers) == 3 and all(w.startswith("ray:") for w in workers)
+    assert len(workers) == 4 and all(w.startswith("ray:") for w in workers)
     assert node.proc.poll() is None
     assert node.stop() == 0
 

@@ -36,7 +36,7 @@ from node.run.slots import SlotConfigError, WorkerSlot
 
 log = logging.getLogger("ainode.run")
 
-MEMORY_POLL_S = 1.0
+MEMORY_POLL_S = 0.25
 WAIT_POLL_S = 0.1
 PENDING_WARN_S = 30.0
 
