@@ -71,12 +71,18 @@ class NodeService:
         rule_plugins = cfg.rule_plugins()
         needs = plugin_needs(rule_plugins, cfg.plugins)
         slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
+        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        self.ray = None  # with run.executor: ray, the jobs run as actors on a Ray cluster
+        if cfg.run.executor == "ray":
+            from node.run.ray_executor import RayBackend
+
+            self.ray = RayBackend(cfg.run.ray, self.spool, cfg.node.ae_title)
         self.workers = WorkerPool(self.store, self.audit, self.spool, paths.results_dir, cfg.plugins,
                                   slots=slots, timeout_s=cfg.run.timeout_s,
                                   memory_limit_mb=cfg.run.memory_limit_mb,
                                   gpu_memory_mb={n: v.gpu_memory_mb for n, v in needs.items()},
                                   preload=rule_plugins,
-                                  log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+                                  log_level=log_level,
                                   models_dir=paths.models_dir, device=cfg.run.device,
                                   routine_max_wait_s=cfg.run.routine_max_wait_s,
                                   report_kinds={**{n: "ORU" for n in cfg.ris}, **{n: "FHIR" for n in cfg.fhir}},
@@ -84,7 +90,9 @@ class NodeService:
                                   sources=cfg.sources, node_ae=cfg.node.ae_title, forwarder=self.forwarder,
                                   accepts={n: frozenset(d.accepts) for n, d in cfg.destinations.items()},
                                   max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1),
-                                  shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of})
+                                  shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of},
+                                  runners=self.ray and self.ray.runners(cfg.plugins, log_level, paths.models_dir,
+                                                                        cfg.run.device))
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
                                      cfg.node.ae_title,
@@ -120,7 +128,7 @@ class NodeService:
         requeued = [t.job for t in taken if t.outcome == "requeued"]
         workers = [{"name": s.name, "gpu": s.gpu.index if s.gpu else None,
                     "gpu_budget_mb": s.gpu.budget_mb if s.gpu else None} for s in self.workers.slots]
-        self.audit.append("node-start", config=self.source, workers=workers,
+        self.audit.append("node-start", config=self.source, workers=workers, executor=self.cfg.run.executor,
                           reconciled=(fixed.as_dict() or None) if fixed is not None else None,
                           reconcile_skipped_for=[p.id for p in peers] or None, instance=self.store.instance_id,
                           reconcile_s=reconcile_s, jobs_requeued=[j.id for j in requeued] or None,
@@ -170,6 +178,8 @@ class NodeService:
                 t.join(10)
         self.assembler.close()
         clean = self.workers.stop(self.cfg.run.shutdown_grace_s)
+        if self.ray is not None:
+            self.ray.close()
         self.dispatcher.stop()
         self.liveness.stop()
         self.scp.stop()

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 AE_TITLE = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"  # ASCII, no backslash, max 16
 
@@ -29,6 +29,7 @@ from node.priors.config import PriorsSpec  # noqa: E402
 from node.ris.config import FhirDestination, RisDestination  # noqa: E402
 from node.report.config import DepartmentsSection  # noqa: E402
 from node.api.config import ApiSection  # noqa: E402
+from node.run.ray_config import RaySection  # noqa: E402
 
 
 def _ae_title(value: str) -> str:
@@ -172,6 +173,18 @@ class RunSection(Strict):
         "Default: 70% of physical memory shared among the workers."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where jobs run: 'local' (worker processes of this node) or 'ray' (actors on the "
+        "Ray cluster of run.ray; pip install '.[ray]').")
+    ray: RaySection | None = Field(None, description="The Ray cluster, with executor: ray.")
+
+    @model_validator(mode="after")
+    def _executor(self) -> "RunSection":
+        if self.executor == "ray" and self.ray is None:
+            raise ValueError("run.executor is ray: add run.ray with at least `address` (the Ray head, host:port)")
+        if self.executor == "local" and self.ray is not None:
+            raise ValueError("run.ray is set but run.executor is local: set run.executor: ray or remove run.ray")
+        return self
 
 
 class Destination(RetryPolicy):

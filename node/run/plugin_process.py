@@ -154,6 +154,10 @@ class PluginProcess:
         self.kill()
         self.start()
 
+    def ready(self, timeout: float) -> bool:
+        """A local process takes jobs at once (a Ray actor may still wait for room on its cluster)."""
+        return True
+
     def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int,
             on_stage: Callable[[str], None], abandon: Callable[[], bool],
             next_job: Callable[[], JobSpec | None] | None = None) -> JobOutput:

@@ -160,6 +160,10 @@ def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
     needs = plugin_needs(names, cfg.plugins)
     slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
     lines = []
+    if cfg.run.executor == "ray":
+        r = cfg.run.ray
+        lines.append(f"executor: ray at {r.address} (namespace {r.namespace}, data by {r.data}); each worker below "
+                     f"is a Ray actor with {r.num_cpus:g} CPU(s), a GPU worker 1/slots_per_gpu of a GPU")
     for s in slots:
         where = f"GPU {s.gpu.index} (budget {s.gpu.budget_mb} MB)" if s.gpu else "CPU"
         runs = ", ".join(sorted(s.plugins)) if s.plugins is not None else "plugins without a GPU slot"

@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from node.audit import AuditLog
 from node.config.schema import FORWARD, PluginSection, Source
@@ -31,6 +31,21 @@ from node.store.models import Job
 log = logging.getLogger("ainode.run")
 
 DEFAULT_ACCEPTS = frozenset({"SEG", "SR"})
+
+
+class Runner(Protocol):
+    """What runs a slot's jobs: a local PluginProcess, or a Ray actor (node/run/ray_executor.py RayRunner)."""
+
+    name: str
+
+    @property
+    def pid(self) -> int | None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def restart(self) -> None: ...
+    def ready(self, timeout: float) -> bool: ...
+    def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int, on_stage: Callable[[str], None],
+            abandon: Callable[[], bool], next_job: Callable[[], JobSpec | None] | None = None) -> JobOutput: ...
 
 
 class WorkerPool:
@@ -62,12 +77,15 @@ class WorkerPool:
         accepts: Mapping[str, frozenset[str]] | None = None,
         max_key_images: int = 1,
         shadow_of: Mapping[str, str] | None = None,
+        runners: Callable[[WorkerSlot, list[str]], Runner] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
         `report_kinds` maps RIS destination names to their kind ("ORU" or "FHIR"). `rule_priors`: the rules
         whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`. `accepts` says which
-        objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead)."""
+        objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead).
+        `runners` makes each slot's worker from (slot, plugins to preload): by default a local PluginProcess;
+        node/run/ray_executor.py makes Ray actors with the same interface."""
         self.rule_priors = dict(rule_priors or {})
         self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
@@ -89,10 +107,11 @@ class WorkerPool:
             log.warning("dciodvfy not found: results are sent without IOD validation "
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
-        self._processes = [PluginProcess(slot.name, dict(plugin_config),
-                                         [p for p in preload or [] if slot.may_run(p)], log_level,
-                                         models_dir, device, slot.env)
-                           for slot in self.slots]
+        def local(slot: WorkerSlot, warm: list[str]) -> Runner:
+            return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env)
+
+        make = runners or local
+        self._processes = [make(slot, [p for p in preload or [] if slot.may_run(p)]) for slot in self.slots]
         self._running: set[int] = set()  # jobs claimed by this pool and not yet ended
         self._prefetching: dict[int, int] = {}  # slot index -> job id it prefetches
         self._lock = threading.Lock()
@@ -140,8 +159,10 @@ class WorkerPool:
 
         return admit, reserved
 
-    def _loop(self, index: int, slot: WorkerSlot, proc: PluginProcess) -> None:
+    def _loop(self, index: int, slot: WorkerSlot, proc: Runner) -> None:
         while not self._stop.is_set():
+            if not proc.ready(self.poll_interval_s):
+                continue  # a Ray actor not placed yet: claim nothing it could not run
             admit, reserved = self._admit(slot)
             try:
                 job = self.store.claim_job(self.routine_max_wait_s, may_run=slot.may_run, admit=admit)
@@ -192,7 +213,7 @@ class WorkerPool:
                        temp_dir=str(self.spool.tmp), validate=self.validate, fallbacks=fallbacks,
                        max_key_images=self.max_key_images)
 
-    def execute(self, job: Job, proc: PluginProcess, upcoming: Callable[[], Job | None] | None = None) -> None:
+    def execute(self, job: Job, proc: Runner, upcoming: Callable[[], Job | None] | None = None) -> None:
         t0 = time.time()
         timings: dict[str, float] = {"queue_wait_s": round(t0 - job.created_at, 3)}
         if job.plugin == FORWARD:
