@@ -55,6 +55,7 @@ from pynetdicom.sop_class import Verification
 from node.synth import write_chest_ct
 from tests.conftest import require
 from tests.support.node_proc import NodeProcess
+from tests.support.wait import wait_until
 
 # The test itself sets invalid UIDs on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
@@ -517,9 +518,10 @@ def test_unsupported_sop_class_from_storescu_is_refused_at_negotiation(node, bas
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "No Acceptable Presentation Contexts" in out or "No presentation context" in out, out
-    refused = [x for x in node.audit_records() if x["event"] == "presentation-context-refused"
-               and x["calling_ae"] == "PLANNER"]
-    assert refused and refused[-1]["sop_classes"] == [RTPlanStorage]
+    # storescu may exit before the node's association thread has written the record: wait for it.
+    refused = wait_until(lambda: [x for x in node.audit_records() if x["event"] == "presentation-context-refused"
+                                  and x["calling_ae"] == "PLANNER"], 10, "the refusal's audit record")
+    assert refused[-1]["sop_classes"] == [RTPlanStorage]
     assert instance_row(node, str(ds.SOPInstanceUID)) is None
     assert echo_ok(node)
 

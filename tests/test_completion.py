@@ -277,6 +277,23 @@ def test_unreachable_pacs_is_asked_once_per_interval_for_all_studies(tmp_path):
     assert {store.get_study(f"1.{k}").completion_reason for k in range(5)} == {"quiet-period"}
 
 
+def test_a_query_that_failed_is_asked_again_after_the_min_interval(tmp_path):
+    """A C-FIND that timed out (a busy PACS) is no answer: the study is asked again, not left to the quiet period."""
+    clock = Clock()
+    pacs = FakePacs({"1.9.1": 2}, error=QueryError("PACS@127.0.0.1:104 did not answer within 3 s"))
+    store, asm = make_assembler(tmp_path, pacs, clock)
+    receive(store, clock, n=2)
+    clock.t += 0.6
+    assert asm.tick() == [] and len(pacs.asked) == 1
+    clock.t += 1
+    asm.tick()
+    assert len(pacs.asked) == 1  # within evidence_min_interval_s
+    pacs.error = None
+    clock.t += 5
+    assert asm.tick() == [] and asm.tick() == ["1.9"]
+    assert len(pacs.asked) == 2 and store.get_study("1.9").completion_reason == "counts-matched"
+
+
 def test_requires_reasons_name_the_rule_condition_only():
     rule = Rule.model_validate({"name": "r", "plugin": "p", "series": {"modality": "CT"},
                                 "requires": [{"modality": "CT"}, {"series_description": "lung",

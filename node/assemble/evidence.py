@@ -153,6 +153,7 @@ class EvidenceChecker:
             c = self._checks.get(study_uid)
             if c is None:
                 return
+            c.answered_upto = float("-inf")  # not answered: ask again after min_interval_s (a timeout, a refusal)
             c.why_not = str(exc)
             first, c.warned = not c.warned, True
         if first:

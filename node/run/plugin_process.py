@@ -77,6 +77,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
             plugins.get(name)
         except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
             log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+    conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn
     runs: queue.Queue = queue.Queue()
 
     def read() -> None:
@@ -120,6 +121,7 @@ class PluginProcess:
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self._warm = False  # the process has imported and preloaded its plugins
 
     def start(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -127,6 +129,7 @@ class PluginProcess:
         self._proc.start()
         child.close()
         self._conn = parent
+        self._warm = False
 
     @property
     def pid(self) -> int | None:
@@ -155,8 +158,34 @@ class PluginProcess:
         self.start()
 
     def ready(self, timeout: float) -> bool:
-        """A local process takes jobs at once (a Ray actor may still wait for room on its cluster)."""
-        return True
+        """True once the process is warm (torch imported, plugins preloaded), waiting up to `timeout`.
+
+        The pool claims no job before, so a fresh process's start-up (seconds on a loaded machine) never
+        counts against a job's run.timeout_s. A process that is gone counts as ready: run() replaces it.
+        """
+        if self._warm or self._proc is None or not self._proc.is_alive():
+            return True
+        try:
+            if self._conn.poll(timeout):
+                kind, _ = self._conn.recv()
+                self._warm = kind == "ready"
+        except (EOFError, OSError):
+            return True  # died while starting: run() notices and replaces it
+        return self._warm
+
+    def _await_warm(self, limit_s: float, abandon: Callable[[], bool]) -> None:
+        """Wait for a process started for this job (after a crash or kill) to be warm; its start is not the job's time."""
+        deadline = time.monotonic() + limit_s
+        while not self.ready(0.1):
+            if abandon():
+                self.kill()
+                raise Abandoned()
+            if time.monotonic() > deadline:
+                self.kill()
+                raise JobFailed(f"worker process did not start within {limit_s:g} s", restart=True)
+        if self._proc is None or not self._proc.is_alive():
+            raise JobFailed("worker process died while starting (see the node's log for the plugin's error)",
+                            restart=True)
 
     def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int,
             on_stage: Callable[[str], None], abandon: Callable[[], bool],
@@ -165,6 +194,7 @@ class PluginProcess:
         the job likely to come next, whose input the process then loads in the background."""
         if self._proc is None or not self._proc.is_alive():
             self.restart()
+        self._await_warm(max(60.0, timeout_s), abandon)
         limit = memory_limit_mb * 2**20
         deadline = time.monotonic() + timeout_s
         try:
