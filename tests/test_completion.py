@@ -294,6 +294,26 @@ def test_a_query_that_failed_is_asked_again_after_the_min_interval(tmp_path):
     assert len(pacs.asked) == 2 and store.get_study("1.9").completion_reason == "counts-matched"
 
 
+def test_a_study_muted_after_its_own_failure_keeps_its_error(tmp_path):
+    """The refusal took a while, so the study's min interval ends before the source's mute: while muted, the
+    study keeps its own error (what the quiet-period record reports), not just 'unreachable'."""
+    clock = Clock()
+    refused = QueryError("cannot connect to PACS@127.0.0.1:104", unreachable=True)
+
+    def slow_refusal(*args):
+        clock.t += 0.5
+        raise refused
+
+    store, asm = make_assembler(tmp_path, FakePacs(), clock)
+    asm.evidence.query = slow_refusal
+    receive(store, clock, n=2)
+    clock.t += 0.6
+    asm.tick()
+    clock.t += 4.7  # 5.2 s after the question, 4.7 s after the refusal: still muted
+    asm.tick()
+    assert asm.evidence._checks["1.9"].why_not == "cannot connect to PACS@127.0.0.1:104"
+
+
 def test_requires_reasons_name_the_rule_condition_only():
     rule = Rule.model_validate({"name": "r", "plugin": "p", "series": {"modality": "CT"},
                                 "requires": [{"modality": "CT"}, {"series_description": "lung",

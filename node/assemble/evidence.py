@@ -97,7 +97,7 @@ class EvidenceChecker:
             if now - c.asked_at < self.min_interval_s and not likely:
                 return
             if now < self._down_until.get(name, float("-inf")):
-                c.why_not = f"source '{name}' unreachable"
+                c.why_not = c.why_not or f"source '{name}' unreachable"  # keep this study's own error if it has one
                 return
             c.in_flight, c.asked_at, c.answered_upto = True, now, st.last_received_at
         self._pool.submit(self._check, st.study_uid, name, src)
