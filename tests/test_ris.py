@@ -10,7 +10,6 @@ import logging
 import shutil
 import ssl
 import subprocess
-import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -239,10 +238,9 @@ def test_application_reject_is_retryable(sr_path):
 
 def test_no_ack_times_out_retryably(sr_path):
     with MllpListener("silent") as rl:
-        t0 = time.monotonic()
+        # The listener never answers: without the timeout this would hang (until pytest's own timeout).
         with pytest.raises(RisSendError, match=rf"127\.0\.0\.1:{rl.port}: no ACK within 0\.3 s") as err:
             send_oru(ris(rl.port, timeout_s=0.3), sr_path, control_id="AIN20")
-        assert time.monotonic() - t0 < 3
     assert err.value.retryable and len(rl.messages) == 1
 
 
