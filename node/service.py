@@ -144,6 +144,7 @@ class NodeService:
         self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
         self._maintenance.start()
         self.scp.start()
+        self.assembler.open_since = time.time()
         if self.api is not None:
             self.api.start()
 

@@ -314,6 +314,23 @@ def test_a_study_muted_after_its_own_failure_keeps_its_error(tmp_path):
     assert asm.evidence._checks["1.9"].why_not == "cannot connect to PACS@127.0.0.1:104"
 
 
+def test_quiet_period_counts_from_when_the_node_opened_its_port(tmp_path):
+    """A study half-received before a crash is not completed on restart at once: the sender resends first."""
+    clock = Clock()
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    receive(store, clock, n=40)
+    clock.t += 600  # the node was down for 10 min
+    asm = Assembler(store, AuditLog(tmp_path / "audit.jsonl"), 1.0, clock=clock)
+    asm.open_since = clock.t
+    clock.t += 0.9
+    assert asm.tick() == []
+    receive(store, clock, n=80, start=40)  # the resend
+    clock.t += 0.9
+    assert asm.tick() == []
+    clock.t += 0.2
+    assert asm.tick() == ["1.9"] and store.get_study("1.9").instance_count == 120
+
+
 def test_requires_reasons_name_the_rule_condition_only():
     rule = Rule.model_validate({"name": "r", "plugin": "p", "series": {"modality": "CT"},
                                 "requires": [{"modality": "CT"}, {"series_description": "lung",

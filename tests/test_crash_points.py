@@ -42,7 +42,7 @@ def test_kill_9_then_restart_loses_nothing_and_dispatches_once(point, ct, reques
         relay = StallingRelay(orthanc).__enter__()
         request.addfinalizer(lambda: relay.__exit__(None))
         cfg["destinations"]["pacs"].update(ae_title=relay.aet, port=relay.port)
-    cfg["assemble"] = {"quiet_period_s": 3.0 if point == "quiet-period" else 1.0, "poll_interval_s": 0.1}
+    cfg["assemble"] = {"quiet_period_s": 3.0 if point in ("quiet-period", "receive") else 1.0, "poll_interval_s": 0.1}
     node = node_factory(cfg)
     fast = 0.02
     if point == "receive":
@@ -85,6 +85,7 @@ def test_kill_9_then_restart_loses_nothing_and_dispatches_once(point, ct, reques
         send(node, ct.files)  # the PACS sends again what was not acknowledged
     wait_until(lambda: result_instances(orthanc, ct.study_uid) == {"SEG": 1, "SR": 1}, 120, "SEG and SR in PACS")
     wait_until(lambda: "state=dispatched" in status(node), 30, "dispatched")
+    assert query(node, "SELECT state FROM jobs") == [("dispatched",)]  # one job, on the whole study
 
     held = dict(query(node, "SELECT sop_instance_uid, path FROM instances"))
     assert acknowledged <= set(held) and len(held) == len(ct.files)

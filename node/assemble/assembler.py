@@ -2,6 +2,8 @@
 
 The quiet period is both the fallback (no queryable source, PACS down, counts never match) and the
 upper bound: a study quiet for `quiet_period_s` is complete whatever its PACS says.
+The quiet period counts from when the node last opened its port, never from before: a sender cut off
+by a crash or a restart resends, and a half-received study must not complete in the meantime.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Assembler:
         self.quiet_period_s = quiet_period_s
         self.evidence_check_s = evidence_check_s
         self.clock = clock
+        self.open_since = clock()  # the service moves this to when its SCP starts accepting
         queryable = {name: s for name, s in (sources or {}).items() if s.query}
         self.evidence = EvidenceChecker(store, audit, queryable, node_ae, evidence_check_s,
                                         evidence_min_interval_s, clock=clock) if queryable else None
@@ -42,8 +45,9 @@ class Assembler:
         done = self.evidence.drain() if self.evidence else []
         quiet_cutoff = now - self.quiet_period_s
         look_back = max(quiet_cutoff, now - self.evidence_check_s) if self.evidence else quiet_cutoff
+        quiet_since_open = self.open_since <= quiet_cutoff  # senders cut off by a restart had time to resend
         for st in self.store.receiving_studies(look_back):
-            if st.last_received_at <= quiet_cutoff:
+            if st.last_received_at <= quiet_cutoff and quiet_since_open:
                 if self._complete_quiet(st.study_uid, quiet_cutoff):
                     done.append(st.study_uid)
             elif self.evidence:
