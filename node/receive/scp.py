@@ -42,6 +42,7 @@ from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
 from node.receive import checks
+from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
 from node.store import Store
@@ -147,6 +148,7 @@ class StoreSCP:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.spool = spool
         self.store = store
+        self.index = GroupCommit(store)  # the associations' store rows, committed together
         self.audit = audit
         self.counters = ReceiveCounters()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_ips]
@@ -388,7 +390,7 @@ class StoreSCP:
         meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling,
                              checked=(sop_uid, study_uid, series_uid, sop_class))
         try:
-            is_new = self.store.add_instance(meta)
+            is_new = self.index.add(meta)
         except Exception as exc:  # noqa: BLE001 - any store failure must not answer Success
             log.error("store write failed error=%s", type(exc).__name__)
             path.unlink(missing_ok=True)

@@ -246,54 +246,71 @@ class Store:
 
     # ---- receive -------------------------------------------------------
 
-    @_retrying(unique=True)
     def add_instance(self, m: InstanceMeta, now: float | None = None) -> bool:
-        """Index a durable spool file. False if the SOP instance was already held.
+        """Index a durable spool file. False if the SOP instance was already held."""
+        return self.add_instances([m], now)[0]
 
-        Two receivers may get the same study at once: the study row is made if missing (ON CONFLICT
-        DO NOTHING), then locked, so the counts of one study are updated one instance at a time.
+    @_retrying(unique=True)
+    def add_instances(self, metas: Sequence[InstanceMeta], now: float | None = None) -> list[bool]:
+        """Index durable spool files in one transaction (one commit, one WAL fsync); per file, False if
+        its SOP instance was already held (or is earlier in `metas`).
+
+        The receiver's group commit calls this with the instances of every association waiting at that
+        moment. Two receivers may get the same study at once: the study row is made if missing (ON
+        CONFLICT DO NOTHING), then locked, so the counts of one study are updated one batch at a time.
+        SQLAlchemy Core, not the ORM: this runs once per received instance and the ORM's unit of work
+        cost more than the commit.
         """
         now = time.time() if now is None else now
-        with self._write, self.session() as s, s.begin():
-            if s.get(Instance, m.sop_instance_uid) is not None:
-                return False
-            self._insert_ignore(
-                s, Study, study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
-                study_description=m.study_description, calling_ae=m.calling_ae,
-                state=StudyState.RECEIVING, instance_count=0, revision=0,
-                first_received_at=now, last_received_at=now,
-            )
-            study = s.get(Study, m.study_uid, with_for_update=True)
-            if s.get(Instance, m.sop_instance_uid) is not None:  # another node indexed it meanwhile
-                return False
-            if study.state != StudyState.RECEIVING:
-                # New images after completion: the study is assembled and routed again.
-                study.state = StudyState.RECEIVING
-                study.revision += 1
-                study.completed_at = None
-                study.completion_reason = None
-            study.instance_count += 1
-            study.last_received_at = now
-            series = s.get(Series, m.series_uid, with_for_update=True)
-            if series is None:
-                series = Series(
-                    series_uid=m.series_uid, study_uid=m.study_uid, modality=m.modality,
+        out: list[bool] = []
+        st, se, it = Study.__table__, Series.__table__, Instance.__table__
+        with self._write, self.engine.begin() as conn:
+            taken: set[str] = set()
+            for m in metas:
+                if m.sop_instance_uid in taken or conn.execute(
+                        select(it.c.sop_instance_uid).where(it.c.sop_instance_uid == m.sop_instance_uid)).first():
+                    out.append(False)
+                    continue
+                self._insert_ignore_core(
+                    conn, st, study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
+                    study_description=m.study_description, calling_ae=m.calling_ae,
+                    state=StudyState.RECEIVING, instance_count=0, revision=0,
+                    first_received_at=now, last_received_at=now)
+                state = conn.execute(select(st.c.state).where(st.c.study_uid == m.study_uid)
+                                     .with_for_update()).scalar_one()
+                if self.postgresql and conn.execute(select(it.c.sop_instance_uid).where(
+                        it.c.sop_instance_uid == m.sop_instance_uid)).first():
+                    out.append(False)  # another node indexed it while this one waited for the study lock
+                    continue
+                values: dict = {"instance_count": st.c.instance_count + 1, "last_received_at": now}
+                if state != StudyState.RECEIVING:
+                    # New images after completion: the study is assembled and routed again.
+                    values.update(state=StudyState.RECEIVING, revision=st.c.revision + 1, completed_at=None,
+                                  completion_reason=None)
+                conn.execute(update(st).where(st.c.study_uid == m.study_uid).values(**values))
+                self._insert_ignore_core(
+                    conn, se, series_uid=m.series_uid, study_uid=m.study_uid, modality=m.modality,
                     body_part=m.body_part, description=m.series_description,
-                    slice_thickness=m.slice_thickness, instance_count=0,
-                )
-                s.add(series)
-                s.flush()
-            series.instance_count += 1
-            s.add(Instance(
-                sop_instance_uid=m.sop_instance_uid, series_uid=m.series_uid, study_uid=m.study_uid,
-                sop_class_uid=m.sop_class_uid, transfer_syntax=m.transfer_syntax, path=m.path,
-                size_bytes=m.size_bytes, calling_ae=m.calling_ae, received_at=now,
-            ))
-            return True
+                    slice_thickness=m.slice_thickness, instance_count=0)
+                conn.execute(update(se).where(se.c.series_uid == m.series_uid)
+                             .values(instance_count=se.c.instance_count + 1))
+                conn.execute(it.insert().values(
+                    sop_instance_uid=m.sop_instance_uid, series_uid=m.series_uid, study_uid=m.study_uid,
+                    sop_class_uid=m.sop_class_uid, transfer_syntax=m.transfer_syntax, path=m.path,
+                    size_bytes=m.size_bytes, calling_ae=m.calling_ae, received_at=now))
+                taken.add(m.sop_instance_uid)
+                out.append(True)
+        return out
+
+    def _insert_ignore_core(self, conn, table, **values: object) -> None:  # type: ignore[no-untyped-def]
+        ins = (pg_dialect.insert if self.postgresql else sqlite_dialect.insert)(table)
+        conn.execute(ins.values(**values).on_conflict_do_nothing())
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.session() as s:
-            return s.get(Instance, sop_instance_uid) is not None
+        it = Instance.__table__
+        with self.engine.connect() as conn:
+            return conn.execute(select(it.c.sop_instance_uid)
+                                .where(it.c.sop_instance_uid == sop_instance_uid)).first() is not None
 
     # ---- assemble ------------------------------------------------------
 
