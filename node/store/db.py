@@ -186,6 +186,32 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+# The receive path's statements (Store.add_instances): standard SQL plus ON CONFLICT DO NOTHING, which
+# SQLite (3.24+) and PostgreSQL both take. In an UPDATE's SET every right-hand side reads the old row.
+_INSERT_STUDY = text(
+    "INSERT INTO studies (study_uid, patient_id, accession_number, study_description, calling_ae, state, "
+    "instance_count, revision, first_received_at, last_received_at) VALUES (:study_uid, :patient_id, "
+    f":accession_number, :study_description, :calling_ae, '{StudyState.RECEIVING}', 0, 0, :now, :now) "
+    "ON CONFLICT DO NOTHING")
+_INSERT_SERIES = text(
+    "INSERT INTO series (series_uid, study_uid, modality, body_part, description, slice_thickness, "
+    "instance_count) VALUES (:series_uid, :study_uid, :modality, :body_part, :description, :slice_thickness, 0) "
+    "ON CONFLICT DO NOTHING")
+_INSERT_INSTANCE = text(
+    "INSERT INTO instances (sop_instance_uid, series_uid, study_uid, sop_class_uid, transfer_syntax, path, "
+    "size_bytes, calling_ae, received_at) VALUES (:sop_instance_uid, :series_uid, :study_uid, :sop_class_uid, "
+    ":transfer_syntax, :path, :size_bytes, :calling_ae, :now) ON CONFLICT DO NOTHING")
+# New images after completion: the study is assembled and routed again (a new revision).
+_COUNT_STUDY = text(
+    "UPDATE studies SET instance_count = instance_count + 1, last_received_at = :now, "
+    f"revision = revision + CASE WHEN state = '{StudyState.RECEIVING}' THEN 0 ELSE 1 END, "
+    f"completed_at = CASE WHEN state = '{StudyState.RECEIVING}' THEN completed_at ELSE NULL END, "
+    f"completion_reason = CASE WHEN state = '{StudyState.RECEIVING}' THEN completion_reason ELSE NULL END, "
+    f"state = '{StudyState.RECEIVING}' WHERE study_uid = :study_uid")
+_COUNT_SERIES = text("UPDATE series SET instance_count = instance_count + 1 WHERE series_uid = :series_uid")
+_HAS_INSTANCE = text("SELECT 1 FROM instances WHERE sop_instance_uid = :uid")
+
+
 class Store:
     def __init__(self, url: str, *, instance_id: str | None = None) -> None:
         """Open (and migrate to the newest schema) the store at `url` (storage.database).
@@ -256,61 +282,35 @@ class Store:
         its SOP instance was already held (or is earlier in `metas`).
 
         The receiver's group commit calls this with the instances of every association waiting at that
-        moment. Two receivers may get the same study at once: the study row is made if missing (ON
-        CONFLICT DO NOTHING), then locked, so the counts of one study are updated one batch at a time.
-        SQLAlchemy Core, not the ORM: this runs once per received instance and the ORM's unit of work
-        cost more than the commit.
+        moment. Plain SQL that SQLite and PostgreSQL share, prepared once: this runs for every received
+        instance, and building ORM or Core statements cost more than the commit. Two receivers may get the
+        same study at once: the counts are incremented in place under the UPDATE's row lock, and an
+        instance another node inserts meanwhile makes this INSERT do nothing (so it counts once).
         """
         now = time.time() if now is None else now
         out: list[bool] = []
-        st, se, it = Study.__table__, Series.__table__, Instance.__table__
         with self._write, self.engine.begin() as conn:
-            taken: set[str] = set()
             for m in metas:
-                if m.sop_instance_uid in taken or conn.execute(
-                        select(it.c.sop_instance_uid).where(it.c.sop_instance_uid == m.sop_instance_uid)).first():
-                    out.append(False)
-                    continue
-                self._insert_ignore_core(
-                    conn, st, study_uid=m.study_uid, patient_id=m.patient_id, accession_number=m.accession_number,
-                    study_description=m.study_description, calling_ae=m.calling_ae,
-                    state=StudyState.RECEIVING, instance_count=0, revision=0,
-                    first_received_at=now, last_received_at=now)
-                state = conn.execute(select(st.c.state).where(st.c.study_uid == m.study_uid)
-                                     .with_for_update()).scalar_one()
-                if self.postgresql and conn.execute(select(it.c.sop_instance_uid).where(
-                        it.c.sop_instance_uid == m.sop_instance_uid)).first():
-                    out.append(False)  # another node indexed it while this one waited for the study lock
-                    continue
-                values: dict = {"instance_count": st.c.instance_count + 1, "last_received_at": now}
-                if state != StudyState.RECEIVING:
-                    # New images after completion: the study is assembled and routed again.
-                    values.update(state=StudyState.RECEIVING, revision=st.c.revision + 1, completed_at=None,
-                                  completion_reason=None)
-                conn.execute(update(st).where(st.c.study_uid == m.study_uid).values(**values))
-                self._insert_ignore_core(
-                    conn, se, series_uid=m.series_uid, study_uid=m.study_uid, modality=m.modality,
-                    body_part=m.body_part, description=m.series_description,
-                    slice_thickness=m.slice_thickness, instance_count=0)
-                conn.execute(update(se).where(se.c.series_uid == m.series_uid)
-                             .values(instance_count=se.c.instance_count + 1))
-                conn.execute(it.insert().values(
-                    sop_instance_uid=m.sop_instance_uid, series_uid=m.series_uid, study_uid=m.study_uid,
-                    sop_class_uid=m.sop_class_uid, transfer_syntax=m.transfer_syntax, path=m.path,
-                    size_bytes=m.size_bytes, calling_ae=m.calling_ae, received_at=now))
-                taken.add(m.sop_instance_uid)
-                out.append(True)
+                conn.execute(_INSERT_STUDY, {
+                    "study_uid": m.study_uid, "patient_id": m.patient_id, "accession_number": m.accession_number,
+                    "study_description": m.study_description, "calling_ae": m.calling_ae, "now": now})
+                conn.execute(_INSERT_SERIES, {
+                    "series_uid": m.series_uid, "study_uid": m.study_uid, "modality": m.modality,
+                    "body_part": m.body_part, "description": m.series_description,
+                    "slice_thickness": m.slice_thickness})
+                new = conn.execute(_INSERT_INSTANCE, {
+                    "sop_instance_uid": m.sop_instance_uid, "series_uid": m.series_uid, "study_uid": m.study_uid,
+                    "sop_class_uid": m.sop_class_uid, "transfer_syntax": m.transfer_syntax, "path": m.path,
+                    "size_bytes": m.size_bytes, "calling_ae": m.calling_ae, "now": now}).rowcount == 1
+                if new:
+                    conn.execute(_COUNT_STUDY, {"study_uid": m.study_uid, "now": now})
+                    conn.execute(_COUNT_SERIES, {"series_uid": m.series_uid})
+                out.append(new)
         return out
 
-    def _insert_ignore_core(self, conn, table, **values: object) -> None:  # type: ignore[no-untyped-def]
-        ins = (pg_dialect.insert if self.postgresql else sqlite_dialect.insert)(table)
-        conn.execute(ins.values(**values).on_conflict_do_nothing())
-
     def has_instance(self, sop_instance_uid: str) -> bool:
-        it = Instance.__table__
         with self.engine.connect() as conn:
-            return conn.execute(select(it.c.sop_instance_uid)
-                                .where(it.c.sop_instance_uid == sop_instance_uid)).first() is not None
+            return conn.execute(_HAS_INSTANCE, {"uid": sop_instance_uid}).first() is not None
 
     # ---- assemble ------------------------------------------------------
 

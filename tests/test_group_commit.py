@@ -1,0 +1,67 @@
+"""The receiver's group commit: every waiting association's row in one transaction, none answered early."""
+
+import threading
+
+import pytest
+
+from node.receive.group_commit import GroupCommit
+from node.store import Store
+from node.store.db import InstanceMeta
+from node.store.models import StudyState
+
+
+def meta(i: int, study: str = "1.2.3", series: str = "1.2.3.1") -> InstanceMeta:
+    return InstanceMeta(f"{series}.{i}", "1.2.840.10008.5.1.4.1.1.2", series, study, "1.2.840.10008.1.2.1",
+                        f"/spool/{i}.dcm", 100, "PACS")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    yield s
+    s.close()
+
+
+def test_rows_of_concurrent_associations_share_commits_and_all_count(store):
+    gc = GroupCommit(store)
+    results: dict[int, bool] = {}
+
+    def association(k: int) -> None:
+        for i in range(k * 50, k * 50 + 50):
+            results[i] = gc.add(meta(i))
+
+    threads = [threading.Thread(target=association, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 200 and all(results.values())
+    assert gc.rows == 200 and gc.batches <= 200
+    st = store.get_study("1.2.3")
+    assert st.instance_count == 200
+    assert store.held_counts("1.2.3").series == {"1.2.3.1": 200}
+    assert gc.add(meta(7)) is False  # held already: not counted again
+    assert store.get_study("1.2.3").instance_count == 200
+
+
+def test_a_duplicate_within_one_batch_counts_once(store):
+    assert store.add_instances([meta(1), meta(1), meta(2)]) == [True, False, True]
+    assert store.get_study("1.2.3").instance_count == 2
+
+
+def test_an_instance_after_completion_reopens_the_study_as_a_new_revision(store):
+    store.add_instance(meta(1), now=10.0)
+    assert store.mark_complete("1.2.3", "quiet-period", 20.0)
+    store.add_instance(meta(2), now=30.0)
+    st = store.get_study("1.2.3")
+    assert (st.state, st.revision, st.completed_at, st.completion_reason, st.instance_count,
+            st.last_received_at) == (StudyState.RECEIVING, 1, None, None, 2, 30.0)
+
+
+def test_a_failed_commit_fails_every_waiter_of_its_batch(store):
+    gc = GroupCommit(store)
+    store.close()
+    store.add_instances = lambda metas, now=None: (_ for _ in ()).throw(OSError("disk gone"))
+    with pytest.raises(OSError, match="disk gone"):
+        gc.add(meta(1))
+    assert gc._busy is False  # the next association leads again
