@@ -1,0 +1,127 @@
+"""ct_nodule burst: how busy the GPU is while worker slots run 20 studies, and decode vs inference time.
+
+    .venv/bin/python bench/gpu_burst.py                       # 20 studies, 2 worker slots, CUDA if present
+    .venv/bin/python bench/gpu_burst.py --studies 6 --workers 1 --device cpu
+
+Each worker slot is a process doing what a node worker does (node.run.job_process.execute_job with the
+Prefetcher: the next study's series is decoded while the current one runs; the results are built and
+validated with dciodvfy). The studies are one synthetic 300-slice 512x512 CT run N times (decode work is
+the same for every copy). The GPU is sampled every 100 ms over the whole burst (nvidia-smi, else
+torch.cuda.utilization). Prints: studies/s, the GPU's busy share (samples above 0%) and mean utilisation,
+and where the slots' time went: decode (series read) vs inference vs the rest (pre/postprocess, results
+build, validation), plus how long inference waited for a decode that was not ready.
+
+Without a GPU it runs on CPU and prints the same split (no utilisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
+         validate: bool, ready: "mp.synchronize.Barrier", results: "mp.Queue") -> None:
+    from node.config.schema import PluginSection
+    from node.run.job_process import JobSpec, PluginCache, execute_job
+    from node.run.prefetch import Prefetcher
+
+    cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device)
+    cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
+    prefetch = Prefetcher(cache)
+
+    def spec(job_id: int) -> JobSpec:
+        return JobSpec(job_id=job_id, study_uid=study_uid, plugin="ct_nodule", series={series_uid: files},
+                       temp_dir=out_dir, validate=validate)
+
+    ready.wait()
+    for i, job_id in enumerate(jobs):
+        t = time.perf_counter()
+        loaded = prefetch.take(spec(job_id))
+        waited = time.perf_counter() - t  # inference waiting for a decode that was not finished
+        if i + 1 < len(jobs):
+            prefetch.start(spec(jobs[i + 1]))
+        t0 = time.perf_counter()
+        out = execute_job(spec(job_id), cache, lambda _stage: None, loaded)
+        for f in out.files:
+            Path(f.temp_path).unlink(missing_ok=True)
+        load_s = loaded.timings.get("load_s", 0.0) if loaded else out.timings.get("load_s", 0.0)
+        results.put({"job": job_id, "wall": time.perf_counter() - t0 + waited, "load_s": load_s,
+                     "waited_s": waited if loaded else out.timings.get("load_s", 0.0),
+                     "inference_s": out.timings.get("inference_s", 0.0), "plugin_s": out.timings.get("plugin_s", 0.0),
+                     "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from bench.nodule_throughput import GpuSampler
+    from node.synth import write_chest_ct
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=2, help="worker slots (processes) sharing the device")
+    ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--slices", type=int, default=300)
+    a = ap.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    validate = shutil.which("dciodvfy") is not None
+    with tempfile.TemporaryDirectory(prefix="ainode-gpu-burst-") as tmp:
+        r = write_chest_ct(Path(tmp) / "ct", slices=a.slices, slice_thickness=1.0, rows=512, cols=512,
+                           pixel_spacing=0.7, seed=4242)
+        files = [str(f) for f in r.files]
+        series_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        ctx = mp.get_context("spawn")  # as the node starts its workers (CUDA needs spawn)
+        ready, results = ctx.Barrier(a.workers + 1), ctx.Queue()
+        procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
+                                               r.study_uid, tmp, a.device, validate, ready, results))
+                 for w in range(a.workers)]
+        for p in procs:
+            p.start()
+        ready.wait()  # every slot has its model loaded
+        sampler = GpuSampler(torch.device(a.device).index or 0) if cuda else None
+        if sampler:
+            sampler.__enter__()
+        t0 = time.perf_counter()
+        rows = [results.get(timeout=3600) for _ in range(a.studies)]
+        t1 = time.perf_counter()
+        if sampler:
+            sampler.__exit__(None, None, None)
+        for p in procs:
+            p.join(60)
+
+    wall = t1 - t0
+    total = lambda k: sum(row[k] for row in rows)  # noqa: E731
+    slot_time = total("wall")
+    rest = slot_time - total("waited_s") - total("inference_s")
+    print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) on {a.device}, "
+          f"dciodvfy {'on' if validate else 'off'}")
+    print(f"burst {wall:.1f} s = {a.studies / wall:.2f} studies/s; median job {statistics.median(r['wall'] for r in rows):.2f} s")
+    if sampler:
+        s = sampler.between(t0, t1)
+        busy = sum(u > 0 for u in s) / len(s) if s else float("nan")
+        print(f"GPU busy {100 * busy:.0f}% of the burst (samples above 0%), mean utilisation "
+              f"{statistics.mean(s) if s else float('nan'):.0f}% ({len(s)} samples, {sampler.source}); target >= 80%")
+    else:
+        print("GPU: none (CPU run; no utilisation figure)")
+    print(f"decode (series read) {total('load_s'):.1f} s of slot time, done ahead by prefetch except "
+          f"{total('waited_s'):.1f} s that inference waited for")
+    print(f"slot time {slot_time:.1f} s: inference {100 * total('inference_s') / slot_time:.0f}%, waiting for decode "
+          f"{100 * total('waited_s') / slot_time:.0f}%, rest (pre/postprocess, build {total('build_s'):.1f} s, "
+          f"validate {total('validate_s'):.1f} s) {100 * rest / slot_time:.0f}%")
+    print(f"decode vs inference: {total('load_s'):.1f} s vs {total('inference_s'):.1f} s "
+          f"({100 * total('load_s') / max(total('load_s') + total('inference_s'), 1e-9):.0f}% decode)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
