@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from node.assemble import Assembler
 from node.api.server import build_api
@@ -18,6 +20,7 @@ from node.maintain.instances import Liveness
 from node.models.lock import verify_models
 from node.monitor.watch import DriftWatch
 from node.receive import Spool, StoreSCP
+from node.receive.processes import ReceiveProcesses
 from node.ris.config import resolve_paths
 from node.route import Router
 from node.deid import Deidentifier, PseudonymMap, load_key
@@ -61,7 +64,10 @@ class NodeService:
                                       pseudonyms)
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
                             ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None,
-                            returns=returns)
+                            returns=returns, reuse_port=cfg.node.receive_processes > 1,
+                            established_elsewhere=lambda: self.receivers.elsewhere() if self.receivers else 0)
+        self.receivers: ReceiveProcesses | None = None  # node.receive_processes > 1: started with the SCP
+        self._tls_base = tls_base
         self.forwarder = Forwarder(self.store, self.spool, paths.results_dir, cfg.destinations, deidentifier)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
                                    node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
@@ -144,6 +150,13 @@ class NodeService:
         self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
         self._maintenance.start()
         self.scp.start()
+        if self.cfg.node.receive_processes > 1:
+            self.receivers = ReceiveProcesses(
+                self.cfg.node.receive_processes, self.cfg.node, self.scp.port, self.spool,
+                {"store": self.store, "audit": self.audit, "index": self.scp.index},
+                Path(tempfile.mkdtemp(prefix="ainode-rx-")),  # a Unix socket path must be short
+                tls_base=self._tls_base, min_free_mb=self.cfg.storage.min_free_mb)
+            self.receivers.start(lambda: len(self.scp._established()))
         self.assembler.open_since = time.time()
         if self.api is not None:
             self.api.start()
@@ -172,7 +185,11 @@ class NodeService:
         if self.api is not None:
             self.api.stop()
         self.scp.stop_accepting()
+        if self.receivers is not None:
+            self.receivers.stop_accepting()
         self.scp.wait_for_associations(timeout)
+        if self.receivers is not None:
+            self.receivers.wait_for_associations(timeout)
         self._stop.set()
         for t in (self._pipeline, self._maintenance):
             if t:
@@ -184,6 +201,8 @@ class NodeService:
         self.dispatcher.stop()
         self.liveness.stop()
         self.scp.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.audit.append("node-stop", clean=clean)
         if self.atna is not None:
             self.atna.close(5)  # delivers what is queued, for at most 5 s; uses the store, so before it closes

@@ -50,6 +50,10 @@ class NodeSection(Strict):
         default_factory=list, description="Addresses or CIDR networks. Empty: any address."
     )
     max_associations: int = Field(10, ge=1, le=200)
+    receive_processes: int = Field(
+        1, ge=1, le=64, description="Processes taking associations on node.port (SO_REUSEPORT). More than 1 "
+        "spreads parallel associations over the cores; the node process still writes every store row and "
+        "audit record. Not with deid (returned results are handled in the node process only).")
     max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
     network_timeout_s: float = Field(60, gt=0)
     tls: TlsSettings | None = Field(None, description="DICOM TLS on node.port (then TLS only). Default: plain TCP.")
@@ -379,6 +383,13 @@ class NodeConfig(Strict):
             )
         ]
     )
+
+    @model_validator(mode="after")
+    def _receive_processes_without_deid(self) -> "NodeConfig":
+        if self.node.receive_processes > 1 and self.deid is not None:
+            raise ValueError("node.receive_processes > 1 cannot be combined with deid yet (results returned by "
+                             "an external service are handled in the node process): set node.receive_processes: 1")
+        return self
 
     @field_validator("rules")
     @classmethod

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import shutil
+import socket
 import ssl
 import threading
 import time
@@ -105,6 +107,21 @@ class TlsAssociationServer(ThreadedAssociationServer):
         super().process_request_thread(tls, client_address)
 
 
+class ReusePortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT, so that several receive processes listen on node.port and the kernel
+    spreads new connections over them (node.receive_processes)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
+
+
+class TlsReusePortServer(TlsAssociationServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
+
+
 def tls_peer(assoc) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
     """(TLS version, peer certificate subject as 'CN=…,O=…') of an association; (None, None) without TLS."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
@@ -141,14 +158,21 @@ class ReceiveCounters:
 
 class StoreSCP:
     def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0,
-                 ssl_context: ssl.SSLContext | None = None, returns=None) -> None:  # type: ignore[no-untyped-def]
+                 ssl_context: ssl.SSLContext | None = None, returns=None,  # type: ignore[no-untyped-def]
+                 index: GroupCommit | None = None, reuse_port: bool = False,
+                 established_elsewhere: Callable[[], int] | None = None) -> None:
+        """`index`, `reuse_port` and `established_elsewhere` are for node.receive_processes > 1: a receive
+        process indexes through the node process, shares the port, and counts the associations the
+        other processes hold against node.max_associations."""
         self.cfg = cfg
         self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.spool = spool
         self.store = store
-        self.index = GroupCommit(store)  # the associations' store rows, committed together
+        self.index = index or GroupCommit(store)  # the associations' store rows, committed together
+        self.reuse_port = reuse_port
+        self.established_elsewhere = established_elsewhere
         self.audit = audit
         self.counters = ReceiveCounters()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in cfg.allowed_ips]
@@ -186,23 +210,28 @@ class StoreSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
         ]
-        if self.ssl_context is None:
+        if self.ssl_context is None and not self.reuse_port:
             self._server = self.ae.start_server(
                 (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
             )
         else:
-            self._server = self._start_tls_server(handlers)
+            self._server = self._start_own_server(handlers)
         self._port = self._server.server_address[1]
         log.info("listening ae_title=%s host=%s port=%d tls=%s", self.cfg.ae_title, self.cfg.host, self.port,
                  "on" if self.ssl_context else "off")
 
-    def _start_tls_server(self, handlers: list) -> ThreadedAssociationServer:  # type: ignore[type-arg]
-        """What AE.start_server(block=False) does, with TlsAssociationServer as the server class."""
+    def _start_own_server(self, handlers: list) -> ThreadedAssociationServer:  # type: ignore[type-arg]
+        """What AE.start_server(block=False) does, with our server class (TLS handshake, SO_REUSEPORT)."""
+        if self.ssl_context is None:
+            cls: type[ThreadedAssociationServer] = ReusePortServer
+        else:
+            cls = TlsReusePortServer if self.reuse_port else TlsAssociationServer
         server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.ssl_context,
-                                     evt_handlers=handlers, server_class=TlsAssociationServer)
-        server.handshake_timeout = self.ae.acse_timeout
-        server.on_handshake_failed = self._on_handshake_failed
-        threading.Thread(target=server.serve_forever, name="AcceptorServer-tls", daemon=True).start()
+                                     evt_handlers=handlers, server_class=cls)
+        if self.ssl_context is not None:
+            server.handshake_timeout = self.ae.acse_timeout
+            server.on_handshake_failed = self._on_handshake_failed
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
         self.ae._servers.append(server)  # as start_server does: server.shutdown() removes it from there
         return server
 
@@ -219,6 +248,11 @@ class StoreSCP:
     def _established(self) -> list:  # type: ignore[type-arg]
         """Acceptor associations past negotiation: the ones that can carry instances."""
         return [a for a in self.ae.active_associations if a.is_acceptor and a.is_established]
+
+    def established_count(self) -> int:
+        """Associations that can carry instances, in this process and (receive processes) the others."""
+        elsewhere = self.established_elsewhere() if self.established_elsewhere else 0
+        return len(self._established()) + elsewhere
 
     def wait_for_associations(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -247,8 +281,8 @@ class StoreSCP:
         elif self._networks and not self._ip_allowed(ip):
             reason = f"address {ip} is not in node.allowed_ips"
             rsd = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
-        elif len(busy := self._established()) >= self.cfg.max_associations:
-            reason = f"too many associations ({len(busy)} open, node.max_associations = {self.cfg.max_associations})"
+        elif (busy := self.established_count()) >= self.cfg.max_associations:
+            reason = f"too many associations ({busy} open, node.max_associations = {self.cfg.max_associations})"
             rsd = (0x02, 0x03, 0x02)  # transient, local limit exceeded: try again later
         else:
             return
@@ -287,7 +321,8 @@ class StoreSCP:
             log.info("tls association calling_ae=%s ip=%s version=%s peer_cert=%s", calling, ip, tls_version,
                      peer_cert or "none")
         self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
-                          tls_version=tls_version, peer_cert_subject=peer_cert)
+                          tls_version=tls_version, peer_cert_subject=peer_cert,
+                          receiver_pid=os.getpid() if self.reuse_port else None)  # which receive process
         if refused:
             self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
                               peer_port=port, sop_classes=refused,

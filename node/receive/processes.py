@@ -1,0 +1,156 @@
+"""More receive processes on node.port (node.receive_processes), so that C-STOREs use every core.
+
+pynetdicom decodes PDUs and our checks parse headers in Python, under one GIL: one process receives on
+one core. With node.receive_processes: N the node process keeps its own SCP and starts N-1 receive
+processes that bind the same port with SO_REUSEPORT; the kernel spreads new associations over all N.
+A receive process checks each instance and makes its file durable itself; its store row and audit
+record are written by the node process (node/receive/rpc.py), so the durability order (file, row,
+audit record, then Success) and the single audit appender are unchanged. The receive processes die with
+the node process (PR_SET_PDEATHSIG), like its workers, so a kill -9 drops their associations too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+from node.config.schema import NodeSection
+from node.receive.rpc import RpcClient, RpcServer
+from node.receive.spool import Spool
+
+log = logging.getLogger("ainode.receive")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not glibc Linux: the stop pipe's EOF still ends the process
+        pass
+
+
+def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, min_free_mb: int,
+           rpc_path: str, authkey: bytes, counts: Any, control: Any, log_level: str) -> None:
+    _die_with_parent()
+    from node.logs import setup_logging
+
+    setup_logging(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from node.config.tls import server_context
+    from node.receive.scp import StoreSCP
+
+    client = RpcClient(Path(rpc_path), authkey)
+    ctx = server_context(cfg.tls, Path(tls_base)) if cfg.tls else None
+
+    def elsewhere() -> int:  # slot 0 is the node process's own SCP
+        return sum(v for i, v in enumerate(counts[:]) if i != index)
+
+    scp = StoreSCP(cfg, Spool(Path(spool_root)), client.proxy("store"), client.proxy("audit"),  # type: ignore[arg-type]
+                   min_free_mb=min_free_mb, ssl_context=ctx, index=client.proxy("index"),  # type: ignore[arg-type]
+                   reuse_port=True, established_elsewhere=elsewhere)
+    scp.start()
+    control.send("listening")
+    while True:
+        if control.poll(0.2):
+            try:
+                cmd, arg = control.recv()
+            except EOFError:  # the node process is gone
+                os._exit(0)
+            if cmd == "stop_accepting":
+                scp.stop_accepting()
+                control.send(True)
+            elif cmd == "wait":
+                control.send(scp.wait_for_associations(arg))
+            elif cmd == "stop":
+                scp.stop()
+                control.send(True)
+                return
+        counts[index] = len(scp._established())
+
+
+class ReceiveProcesses:
+    """The node process's side: the RPC server and the N-1 extra receive processes."""
+
+    def __init__(self, count: int, cfg: NodeSection, port: int, spool: Spool, targets: dict[str, Any],
+                 run_dir: Path, *, tls_base: Path | None, min_free_mb: int) -> None:
+        self.count = count
+        self.cfg = cfg.model_copy(update={"port": port})
+        self.spool, self.tls_base, self.min_free_mb = spool, tls_base, min_free_mb
+        authkey = secrets.token_bytes(32)
+        self.rpc_path = run_dir / "receive.sock"
+        self.server = RpcServer(targets, self.rpc_path, authkey)
+        self.authkey = authkey
+        ctx = mp.get_context("spawn")
+        self.counts: Synchronized = ctx.Array("i", count)  # type: ignore[assignment]
+        self._procs: list[tuple[Any, Any]] = []
+        self._ctx = ctx
+        self._stopped = threading.Event()
+
+    def start(self, own_established: Callable[[], int], timeout: float = 60.0) -> None:
+        """Start the receive processes; `own_established` counts the node process's own associations."""
+        def publish() -> None:
+            while not self._stopped.is_set():
+                self.counts[0] = own_established()
+                self._stopped.wait(0.2)
+
+        threading.Thread(target=publish, name="receive-counts", daemon=True).start()
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        for i in range(1, self.count):
+            parent, child = self._ctx.Pipe()
+            p = self._ctx.Process(target=_child, name=f"ainode-receive-{i}", daemon=True, args=(
+                i, self.cfg, str(self.tls_base) if self.tls_base else None, str(self.spool.root), self.min_free_mb,
+                str(self.rpc_path), self.authkey, self.counts, child, level))
+            p.start()
+            self._procs.append((p, parent))
+        deadline = time.monotonic() + timeout
+        for p, conn in self._procs:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"receive process {p.name} did not start listening on port {self.cfg.port} "
+                                   f"within {timeout:.0f} s (node.receive_processes)")
+            conn.recv()
+        log.info("receive processes listening count=%d port=%d", self.count, self.cfg.port)
+
+    def elsewhere(self) -> int:
+        """Associations the extra receive processes hold (node.max_associations counts all)."""
+        return sum(self.counts[1:])
+
+    def _ask(self, cmd: str, arg: Any = None, timeout: float = 30.0) -> list[Any]:
+        answers = []
+        for p, conn in self._procs:
+            if not p.is_alive():
+                continue
+            try:
+                conn.send((cmd, arg))
+                answers.append(conn.recv() if conn.poll(timeout) else None)
+            except (OSError, EOFError):
+                answers.append(None)
+        return answers
+
+    def stop_accepting(self) -> None:
+        self._ask("stop_accepting")
+
+    def wait_for_associations(self, timeout: float) -> bool:
+        return all(self._ask("wait", timeout, timeout + 5))
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._ask("stop")
+        for p, conn in self._procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+            conn.close()
+        self.server.close()
