@@ -153,7 +153,7 @@ class NodeService:
         if self.cfg.node.receive_processes > 1:
             self.receivers = ReceiveProcesses(
                 self.cfg.node.receive_processes, self.cfg.node, self.scp.port, self.spool,
-                {"store": self.store, "audit": self.audit, "index": self.scp.index},
+                {"store": self.store, "audit": self.audit, "index": self.scp.index, "scp": self.scp},
                 Path(tempfile.mkdtemp(prefix="ainode-rx-")),  # a Unix socket path must be short
                 tls_base=self._tls_base, min_free_mb=self.cfg.storage.min_free_mb)
             self.receivers.start(lambda: len(self.scp._established()))

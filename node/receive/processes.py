@@ -59,6 +59,7 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
 
     scp = StoreSCP(cfg, Spool(Path(spool_root)), client.proxy("store"), client.proxy("audit"),  # type: ignore[arg-type]
                    min_free_mb=min_free_mb, ssl_context=ctx, index=client.proxy("index"),  # type: ignore[arg-type]
+                   committer=client.proxy("scp"),
                    reuse_port=True, established_elsewhere=elsewhere)
     scp.start()
     control.send("listening")

@@ -48,6 +48,7 @@ from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
 from node.store import Store
+from node.store.db import InstanceMeta
 
 log = logging.getLogger("ainode.receive")
 
@@ -148,6 +149,10 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+class AuditAppendFailed(RuntimeError):
+    """The instance's row is committed but its audit record could not be written."""
+
+
 @dataclass
 class ReceiveCounters:
     stored: int = 0
@@ -159,11 +164,11 @@ class ReceiveCounters:
 class StoreSCP:
     def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0,
                  ssl_context: ssl.SSLContext | None = None, returns=None,  # type: ignore[no-untyped-def]
-                 index: GroupCommit | None = None, reuse_port: bool = False,
+                 index: GroupCommit | None = None, committer=None, reuse_port: bool = False,
                  established_elsewhere: Callable[[], int] | None = None) -> None:
-        """`index`, `reuse_port` and `established_elsewhere` are for node.receive_processes > 1: a receive
-        process indexes through the node process, shares the port, and counts the associations the
-        other processes hold against node.max_associations."""
+        """`index`, `committer`, `reuse_port` and `established_elsewhere` are for node.receive_processes > 1:
+        a receive process indexes and audits through the node process, shares the port, and counts the
+        associations the other processes hold against node.max_associations."""
         self.cfg = cfg
         self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
@@ -171,6 +176,7 @@ class StoreSCP:
         self.spool = spool
         self.store = store
         self.index = index or GroupCommit(store)  # the associations' store rows, committed together
+        self.committer = committer or self  # a receive process: the node process's StoreSCP (rpc proxy)
         self.reuse_port = reuse_port
         self.established_elsewhere = established_elsewhere
         self.audit = audit
@@ -362,6 +368,20 @@ class StoreSCP:
                           series_uid=series_uid, sop_instance_uid=sop_uid)
         return SUCCESS
 
+    def commit_instance(self, meta: InstanceMeta, peer: dict[str, str]) -> bool:
+        """Index a durable file and audit it; False if already held. Runs in the node process: a receive
+        process calls it there (one round trip for both), so rows and records have one writer."""
+        is_new = self.index.add(meta)
+        if is_new:
+            try:
+                self.audit.append("instance-stored", **peer, patient_id=meta.patient_id, study_uid=meta.study_uid,
+                                  series_uid=meta.series_uid, sop_instance_uid=meta.sop_instance_uid,
+                                  sop_class_uid=meta.sop_class_uid, transfer_syntax=meta.transfer_syntax,
+                                  bytes=meta.size_bytes)
+            except Exception as exc:
+                raise AuditAppendFailed(f"{type(exc).__name__}: {exc}") from exc
+        return is_new
+
     def _on_store(self, event: evt.Event) -> Dataset | int:
         calling, ip, _ = self._peer(event)
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -425,7 +445,9 @@ class StoreSCP:
         meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling,
                              checked=(sop_uid, study_uid, series_uid, sop_class))
         try:
-            is_new = self.index.add(meta)
+            is_new = self.committer.commit_instance(meta, {"calling_ae": calling, "peer_ip": ip})
+        except AuditAppendFailed:
+            raise  # the row is committed and the file is kept; pynetdicom answers 0xC211, the sender resends
         except Exception as exc:  # noqa: BLE001 - any store failure must not answer Success
             log.error("store write failed error=%s", type(exc).__name__)
             path.unlink(missing_ok=True)
@@ -435,7 +457,4 @@ class StoreSCP:
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
         self.counters.bytes += size
-        self.audit.append("instance-stored", calling_ae=calling, peer_ip=ip, patient_id=meta.patient_id,
-                          study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-                          sop_class_uid=sop_class, transfer_syntax=meta.transfer_syntax, bytes=size)
         return SUCCESS
