@@ -8,6 +8,7 @@ goes through pydicom's decoders. Files are read by a few threads, so file I/O ov
 
 from __future__ import annotations
 
+import io
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,12 +88,17 @@ def _native_pixels(ds: Dataset, fp: BinaryIO, size: int) -> np.ndarray | None:
 
 
 def _read(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
-    """The header and, where it can be read directly, the stored pixel values (else the full dataset)."""
-    with open(path, "rb") as fp:
-        ds = dcmread(fp, stop_before_pixels=True)
-        pixels = _native_pixels(ds, fp, Path(path).stat().st_size)
+    """The header and, where it can be read directly, the stored pixel values (else the full dataset).
+
+    The file is read with one call (no GIL held) and parsed from memory, where pydicom's many small reads
+    cost no system calls."""
+    data = Path(path).read_bytes()
+    fp = io.BytesIO(data)
+    ds = dcmread(fp, stop_before_pixels=True)
+    pixels = _native_pixels(ds, fp, len(data))
     if pixels is None:
-        ds = dcmread(path)
+        ds = dcmread(io.BytesIO(data))
+    ds.filename = str(path)  # as dcmread(path) sets it
     return ds, pixels
 
 
