@@ -67,7 +67,7 @@ class NodeService:
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
                                    node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
                                    evidence_min_interval_s=cfg.assemble.evidence_min_interval_s,
-                                   on_complete=self._wake_pipeline)
+                                   on_complete=self._wake.set)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
         rule_plugins = cfg.rule_plugins()
@@ -159,9 +159,6 @@ class NodeService:
                 except Exception:  # noqa: BLE001 - keep the node serving; the task runs again next tick
                     log.exception("maintenance task failed task=%s", task.__self__.__class__.__name__)
             self._stop.wait(0.5)
-
-    def _wake_pipeline(self) -> None:
-        self._wake.set()
 
     def _pipeline_loop(self) -> None:
         while not self._stop.is_set():
