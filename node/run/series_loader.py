@@ -133,21 +133,21 @@ def load_series(paths: Sequence[Path | str]) -> tuple[SeriesVolume, list[Dataset
             )
     vol = np.empty((len(datasets), rows, cols), dtype=np.float32)
 
-    def to_units(k: int) -> None:  # numpy releases the GIL: slices convert in parallel
-        ds, stored = read[k]
+    def to_units(k: int, item: tuple[Dataset, np.ndarray | None]) -> None:  # numpy releases the GIL
+        ds, stored = item
         arr = ds.pixel_array if stored is None else stored
-        slope = np.float32(float(ds.get("RescaleSlope", 1) or 1))
-        intercept = np.float32(float(ds.get("RescaleIntercept", 0) or 0))
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope == 1:
-            np.add(arr, intercept, out=vol[k], casting="unsafe")
+            np.copyto(vol[k], arr, casting="unsafe")  # exact, as arr * 1.0 is
         else:
             np.multiply(arr, slope, out=vol[k], casting="unsafe")
-            vol[k] += intercept
+        vol[k] += intercept
         if stored is None:
             del ds.PixelData
 
-    with ThreadPoolExecutor(CONVERT_THREADS) as pool:
-        list(pool.map(to_units, range(len(read))))
+    with ThreadPoolExecutor(CONVERT_THREADS) as pool:  # slices convert in parallel
+        list(pool.map(to_units, range(len(read)), read))
     del read
     if len(datasets) > 1:
         gaps = np.diff(positions @ normal)
