@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'plugin':10} {'device':7} {'s/study':>8} {'studies/h/slot':>15} {'results/study':>14}  split of the last run (s)")
     for name, device, med, per_h, rb, tm in rows:
-        split = ", ".join(f"{k.removesuffix('_s')} {tm[k]:.2f}" for k in ("load_s", "plugin_s", "build_s") if k in tm)
+        split = ", ".join(f"{k.removesuffix('_s')} {tm[k]:.2f}"
+                          for k in ("load_s", "plugin_s", "build_s", "validate_s") if k in tm)
         print(f"{name:10} {device:7} {med:8.2f} {per_h:15.0f} {_mb(rb):>14}  {split}")
     per_day = a.studies_per_day
     held_days = a.retention_hours / 24

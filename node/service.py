@@ -43,6 +43,7 @@ def _with_base(deid, base):  # type: ignore[no-untyped-def]
 class NodeService:
     def __init__(self, loaded: LoadedConfig) -> None:
         cfg, paths = loaded.config, loaded.storage
+        self._wake = threading.Event()  # hand-offs wake the next stage instead of waiting for its poll
         self.cfg = cfg
         self.audit = AuditLog(paths.audit_log, node_ae=cfg.node.ae_title)
         self.store = Store(paths.database_url)
@@ -71,7 +72,8 @@ class NodeService:
         self.forwarder = Forwarder(self.store, self.spool, paths.results_dir, cfg.destinations, deidentifier)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
                                    node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
-                                   evidence_min_interval_s=cfg.assemble.evidence_min_interval_s)
+                                   evidence_min_interval_s=cfg.assemble.evidence_min_interval_s,
+                                   on_complete=self._wake.set)
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
         rule_plugins = cfg.rule_plugins()
@@ -105,6 +107,7 @@ class NodeService:
                                      ris={n: resolve_paths(d, tls_base) for n, d in cfg.ris.items()},
                                      fhir={n: resolve_paths(d, tls_base) for n, d in cfg.fhir.items()},
                                      dicomweb={n: d.with_resolved_paths(tls_base) for n, d in cfg.dicomweb.items()})
+        self.workers.on_results = self.dispatcher.wake
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)
@@ -172,12 +175,14 @@ class NodeService:
 
     def _pipeline_loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a completion during the tick makes the next one start at once
             try:
                 for study_uid in self.assembler.tick():
                     self.router.route(study_uid)
+                    self.workers.wake()
             except Exception:  # noqa: BLE001 - keep the node serving; the study stays in its state
                 log.exception("assemble/route tick failed")
-            self._stop.wait(self.cfg.assemble.poll_interval_s)
+            self._wake.wait(self.cfg.assemble.poll_interval_s)
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop taking associations, let in-flight ones and running jobs finish, persist the rest."""
@@ -191,6 +196,7 @@ class NodeService:
         if self.receivers is not None:
             self.receivers.wait_for_associations(timeout)
         self._stop.set()
+        self._wake.set()
         for t in (self._pipeline, self._maintenance):
             if t:
                 t.join(10)

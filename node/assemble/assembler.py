@@ -28,7 +28,9 @@ class Assembler:
     def __init__(self, store: Store, audit: AuditLog, quiet_period_s: float, *,
                  sources: Mapping[str, Source] | None = None, node_ae: str = "AINODE",
                  evidence_check_s: float = 0.4, evidence_min_interval_s: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, on_complete: Callable[[], None] | None = None) -> None:
+        """`on_complete` is called (from a query thread) when counts complete a study, so the caller can tick
+        at once instead of at its next poll."""
         self.store = store
         self.audit = audit
         self.quiet_period_s = quiet_period_s
@@ -37,7 +39,8 @@ class Assembler:
         self.open_since = clock()  # the service moves this to when its SCP starts accepting
         queryable = {name: s for name, s in (sources or {}).items() if s.query}
         self.evidence = EvidenceChecker(store, audit, queryable, node_ae, evidence_check_s,
-                                        evidence_min_interval_s, clock=clock) if queryable else None
+                                        evidence_min_interval_s, clock=clock,
+                                        on_complete=on_complete) if queryable else None
 
     def tick(self, now: float | None = None) -> list[str]:
         """Complete what can be completed now; return the UIDs of studies completed since the last tick."""

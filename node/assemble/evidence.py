@@ -67,6 +67,7 @@ class EvidenceChecker:
     min_interval_s: float
     query: QueryFn = expected_counts
     clock: Callable[[], float] = time.time
+    on_complete: Callable[[], None] | None = None  # wakes the assemble loop: a completed study is routed at once
     _checks: dict[str, _Check] = field(default_factory=dict, init=False)
     _down_until: dict[str, float] = field(default_factory=dict, init=False)  # source name → muted until
     _done: list[str] = field(default_factory=list, init=False)
@@ -141,6 +142,8 @@ class EvidenceChecker:
             with self._lock:
                 self._checks.pop(study_uid, None)
                 self._done.append(study_uid)
+            if self.on_complete is not None:
+                self.on_complete()
             return
         with self._lock:
             if study_uid in self._checks:

@@ -44,24 +44,31 @@ class Dispatcher:
         self.poll_interval_s = poll_interval_s
         self.lease_s = lease_s  # how long a claimed row is this dispatcher's (node/store/db.py claim_dispatches)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """New results are due: send them now rather than at the next poll."""
+        self._wake.set()
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a wake during the tick makes the next one start at once
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must survive a bad row
                 log.exception("dispatch tick failed")
-            self._stop.wait(self.poll_interval_s)
+            self._wake.wait(self.poll_interval_s)
 
     def tick(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -54,7 +54,8 @@ def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
 
 
 def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], algorithm: AlgorithmInfo,
-                  *, manufacturer: str = "AINODE", device_serial: str = "ainode-0") -> list[BuiltObject]:
+                  *, manufacturer: str = "AINODE", device_serial: str = "ainode-0",
+                  on_built: Callable[[BuiltObject], None] | None = None) -> list[BuiltObject]:
     """One SEG per segmentation (in result order), then one TID 1500 Comprehensive 3D SR if there are findings.
 
     `sources` maps each source series UID to its datasets (headers suffice; pixel data is never decoded)
@@ -62,6 +63,9 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
     name, plugin version, kind, index) and not from the instances, so re-running the same plugin version
     on the same series re-creates the same UIDs and the PACS replaces the earlier objects; a new plugin
     version gives new objects beside the old ones.
+
+    `on_built` is called with each object as soon as it is made (the SEG before the SR is built), so a
+    caller can write and validate one object while the next is built.
     """
     study_uid = source_study(sources)
     base = (study_uid, *sorted(sources), algorithm.name, algorithm.version)
@@ -87,6 +91,8 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
             seg_refs[s.label] = (seg, segmentation.source_series_uid, n)
         out.append(BuiltObject("SEG", str(seg.SOPClassUID), str(seg.SOPInstanceUID),
                                str(seg.SeriesInstanceUID), seg))
+        if on_built:
+            on_built(out[-1])
     if result.findings:
         sr = build_sr(result.findings, sources, seg_refs, name=algorithm.name, version=algorithm.version,
                       observer_uid=derive_uid("device", manufacturer, device_serial, algorithm.name),
@@ -94,4 +100,6 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
                       series_uid=derive_uid(*base, "SR", "series"), sop_uid=derive_uid(*base, "SR", "0"),
                       manufacturer=manufacturer, device_serial=device_serial, parameters=params)
         out.append(BuiltObject("SR", str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), sr))
+        if on_built:
+            on_built(out[-1])
     return out

@@ -21,9 +21,9 @@ from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
 from node.monitor.stats import output_stats
 from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
-from node.results.build import AlgorithmInfo, build_results
+from node.results.build import AlgorithmInfo, BuiltObject, build_results
 from node.results.fallback import build_fallbacks
-from node.results.validate import validate_with_dciodvfy
+from node.results.validate import PendingValidation, start_dciodvfy
 from node.run.series_loader import load_series
 
 log = logging.getLogger("ainode.run")
@@ -228,27 +228,38 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     timings.update({k: round(float(v), 3) for k, v in result.timings.items()})
     if result.gpu_memory_peak_mb is not None:
         timings["gpu_memory_peak_mb"] = round(result.gpu_memory_peak_mb, 1)
-    objects = build_results(result, sources, algorithm)
-    if spec.fallbacks:
-        objects += build_fallbacks(result, sources, algorithm, spec.fallbacks, volumes=keep,
-                                   max_key_images=spec.max_key_images)
-        del keep
-    files = []
+    files: list[BuiltFile] = []
+    checks: list[tuple[str, str, PendingValidation]] = []  # kind, SOP instance UID, its dciodvfy run
+
+    def write(o: BuiltObject) -> None:  # written, and its validation started, while the next object is built
+        tmp = Path(spec.temp_dir) / f"job{spec.job_id}-{o.kind}-{o.sop_instance_uid}.part"
+        o.dataset.save_as(tmp, enforce_file_format=True)
+        files.append(BuiltFile(o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid, str(tmp)))
+        if spec.validate:
+            checks.append((o.kind, o.sop_instance_uid, start_dciodvfy(tmp)))
+
     try:
-        for o in objects:
-            tmp = Path(spec.temp_dir) / f"job{spec.job_id}-{o.kind}-{o.sop_instance_uid}.part"
-            o.dataset.save_as(tmp, enforce_file_format=True)
-            files.append(BuiltFile(o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid, str(tmp)))
-            if spec.validate:
-                errors = validate_with_dciodvfy(tmp)
-                if errors:
-                    raise JobError(f"{o.kind} {o.sop_instance_uid} failed IOD validation: {errors[0]}"
-                                   + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+        build_results(result, sources, algorithm, on_built=write)
+        if spec.fallbacks:
+            for o in build_fallbacks(result, sources, algorithm, spec.fallbacks, volumes=keep,
+                                     max_key_images=spec.max_key_images):
+                write(o)
+            del keep
+        timings["build_s"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        for kind, uid, check in checks:  # every object passes dciodvfy before any is handed on
+            errors = check.errors()
+            if errors:
+                raise JobError(f"{kind} {uid} failed IOD validation: {errors[0]}"
+                               + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""))
+        if spec.validate:
+            timings["validate_s"] = round(time.perf_counter() - t, 3)  # beyond what overlapped the build
     except BaseException:
+        for _, _, check in checks:
+            check.cancel()
         for f in files:
             Path(f.temp_path).unlink(missing_ok=True)
         raise
-    timings["build_s"] = round(time.perf_counter() - t, 3)
     provenance = {"model": model.name, "model_version": model.version, "weights_sha256": model.weights_sha256,
                   "package_digest": model.digest} if model else None
     stats = output_stats(result, sources, spec.plugin, plugin.version, provenance)  # config name: a shadow copy differs

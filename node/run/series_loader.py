@@ -1,15 +1,30 @@
-"""Reads a spooled series into one physical-unit volume for a plugin."""
+"""Reads a spooled series into one physical-unit volume for a plugin.
+
+Uncompressed little-endian pixel data (what most PACS send, and what the node spools as received) is read
+straight from the file into the volume: the header is parsed up to the pixel data, and the pixel bytes
+are viewed with numpy, without pydicom's per-slice decoding. Compressed (or otherwise unusual) pixel data
+goes through pydicom's decoders. Files are read by a few threads, so file I/O overlaps header parsing.
+"""
 
 from __future__ import annotations
 
+import io
+import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
+
+READ_THREADS = 2  # file reads release the GIL; header parsing does not, so more threads buy nothing
+CONVERT_THREADS = 2  # numpy's conversion to physical units releases the GIL
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class SeriesLoadError(ValueError):
@@ -21,6 +36,72 @@ def _normal(iop: Sequence[float]) -> np.ndarray:
     return np.cross(row, col)
 
 
+def _native_dtype(ds: Dataset) -> np.dtype | None:
+    """The stored pixel type of a single-frame grayscale image with whole-byte samples, else None."""
+    try:
+        if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            return None
+        bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+        signed = int(ds.PixelRepresentation) == 1
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if bits not in (8, 16, 32) or not 0 < stored <= bits:
+        return None
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+
+
+def _native_pixels(ds: Dataset, fp: BinaryIO, size: int) -> np.ndarray | None:
+    """The stored values of uncompressed little-endian pixel data that `fp` is positioned at (just after
+    the header), as pydicom's pixel_array gives them; None where pydicom must decode (any doubt)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or "Rows" not in ds or "Columns" not in ds:
+        return None
+    dtype = _native_dtype(ds)
+    if dtype is None:
+        return None
+    head = fp.read(12 if ts == ExplicitVRLittleEndian else 8)
+    if head[:4] != PIXEL_DATA_TAG:
+        return None
+    if ts == ExplicitVRLittleEndian:
+        if head[4:6] not in (b"OB", b"OW"):
+            return None
+        (length,) = struct.unpack("<I", head[8:12])
+    else:
+        (length,) = struct.unpack("<I", head[4:8])
+    count = int(ds.Rows) * int(ds.Columns)
+    # The element must hold exactly one frame (an odd 8-bit frame has one pad byte) and end the file:
+    # elements after the pixel data would be missing from the header otherwise.
+    if length == UNDEFINED_LENGTH or length not in (count * dtype.itemsize, count * dtype.itemsize + 1) \
+            or fp.tell() + length != size:
+        return None
+    data = fp.read(length)
+    if len(data) != length:
+        return None
+    arr = np.frombuffer(data, dtype, count).reshape(int(ds.Rows), int(ds.Columns))
+    bits = dtype.itemsize * 8
+    stored = int(ds.get("BitsStored", bits))
+    if stored < bits:  # keep the stored bits only, sign-extended for signed data (as pydicom does)
+        shift = bits - stored
+        arr = (arr << shift) >> shift if dtype.kind == "i" else arr & ((1 << stored) - 1)
+    return arr
+
+
+def _read(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
+    """The header and, where it can be read directly, the stored pixel values (else the full dataset).
+
+    The file is read with one call (no GIL held) and parsed from memory, where pydicom's many small reads
+    cost no system calls."""
+    data = Path(path).read_bytes()
+    fp = io.BytesIO(data)
+    ds = dcmread(fp, stop_before_pixels=True)
+    pixels = _native_pixels(ds, fp, len(data))
+    if pixels is None:
+        ds = dcmread(io.BytesIO(data))
+    ds.filename = str(path)  # as dcmread(path) sets it
+    return ds, pixels
+
+
 def load_series(paths: Sequence[Path | str]) -> tuple[SeriesVolume, list[Dataset]]:
     """Volume (slices sorted along the plane normal) and the headers in the same order.
 
@@ -28,7 +109,9 @@ def load_series(paths: Sequence[Path | str]) -> tuple[SeriesVolume, list[Dataset
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
-    datasets = [dcmread(p) for p in paths]
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        read = list(pool.map(_read, paths))
+    datasets = [ds for ds, _ in read]
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)
     for ds, p in zip(datasets, paths):
@@ -39,21 +122,33 @@ def load_series(paths: Sequence[Path | str]) -> tuple[SeriesVolume, list[Dataset
     normal = _normal(iop)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     order = np.argsort(positions @ normal, kind="stable")
-    datasets = [datasets[i] for i in order]
+    read = [read[i] for i in order]
+    datasets = [ds for ds, _ in read]
     positions = positions[order]
     rows, cols = int(first.Rows), int(first.Columns)
-    vol = np.empty((len(datasets), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(datasets):
+    for ds in datasets:
         if int(ds.Rows) != rows or int(ds.Columns) != cols:
             raise SeriesLoadError(
                 f"instance {ds.SOPInstanceUID}: {ds.Rows}x{ds.Columns} differs from {rows}x{cols} in series {series_uid}"
             )
-        arr = ds.pixel_array
+    vol = np.empty((len(datasets), rows, cols), dtype=np.float32)
+
+    def to_units(k: int, item: tuple[Dataset, np.ndarray | None]) -> None:  # numpy releases the GIL
+        ds, stored = item
+        arr = ds.pixel_array if stored is None else stored
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        np.multiply(arr, slope, out=vol[k], casting="unsafe")
+        if slope == 1:
+            np.copyto(vol[k], arr, casting="unsafe")  # exact, as arr * 1.0 is
+        else:
+            np.multiply(arr, slope, out=vol[k], casting="unsafe")
         vol[k] += intercept
-        del ds.PixelData
+        if stored is None:
+            del ds.PixelData
+
+    with ThreadPoolExecutor(CONVERT_THREADS) as pool:  # slices convert in parallel
+        list(pool.map(to_units, range(len(read)), read))
+    del read
     if len(datasets) > 1:
         gaps = np.diff(positions @ normal)
         slice_spacing = float(np.median(gaps))

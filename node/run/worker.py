@@ -116,6 +116,8 @@ class WorkerPool:
         self._prefetching: dict[int, int] = {}  # slot index -> job id it prefetches
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wakeups = [threading.Event() for _ in self.slots]  # one per slot loop: wake() rouses them all
+        self.on_results: Callable[[], None] | None = None  # called when a job's results are recorded (dispatch)
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -133,6 +135,7 @@ class WorkerPool:
         """Stop claiming jobs and wait for running ones; after `timeout`, stop them and queue them again
         (without using up an attempt). False if a job had to be cut off."""
         self._stop.set()
+        self.wake()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -143,6 +146,15 @@ class WorkerPool:
         for proc in self._processes:
             proc.stop()
         return clean
+
+    def wake(self) -> None:
+        """Jobs were queued: claim now rather than at the next poll."""
+        for event in self._wakeups:
+            event.set()
+
+    def _results_recorded(self) -> None:
+        if self.on_results is not None:
+            self.on_results()
 
     def _admit(self, slot: WorkerSlot) -> tuple[Callable[[Job], bool], list[int]]:
         """A claim's admission test for `slot`: reserves the job's GPU memory on the slot's GPU if it fits."""
@@ -164,6 +176,7 @@ class WorkerPool:
             if not proc.ready(self.poll_interval_s):
                 continue  # a Ray actor not placed yet: claim nothing it could not run
             admit, reserved = self._admit(slot)
+            self._wakeups[index].clear()  # a wake after this point makes the wait below return at once
             try:
                 job = self.store.claim_job(self.routine_max_wait_s, may_run=slot.may_run, admit=admit)
             except Exception:
@@ -171,7 +184,7 @@ class WorkerPool:
                     slot.gpu.release(mb)  # type: ignore[union-attr]
                 raise
             if job is None:
-                self._stop.wait(self.poll_interval_s)
+                self._wakeups[index].wait(self.poll_interval_s)
                 continue
             with self._lock:
                 self._running.add(job.id)
@@ -282,6 +295,7 @@ class WorkerPool:
             model=out.model, summary=out.summary, timings=timings,
         )
         log.info("job results built job_id=%d objects=%d timings=%s", job.id, len(out.files), timings)
+        self._results_recorded()
         if self.shadow_of and out.stats is not None:
             self._agreement(job)
 
@@ -323,6 +337,7 @@ class WorkerPool:
         self.audit.append("job-end", study_uid=job.study_uid, job_id=job.id, plugin=job.plugin, summary=summary,
                           forwarded=by_dest, timings=timings)
         log.info("forward job built job_id=%d objects=%d", job.id, len(items))
+        self._results_recorded()
 
     def _lost(self, job: Job) -> None:
         """The job was taken over by another node (this one stalled past run.takeover_after_s): its run

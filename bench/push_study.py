@@ -1,0 +1,100 @@
+"""Shared by the latency benches: a real Orthanc holds a synthetic CT and pushes it (C-STORE) to the node,
+run as a subprocess; we wait until Orthanc lists the node's results, and keep the node's audit trail.
+
+The node's stages are read from its own audit records (instance-stored, study-complete, job-start, job-end,
+object-sent) and the job's recorded timings; "listed" is when Orthanc's REST API first shows a result series.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from node.synth import write_chest_ct  # noqa: E402
+from tests.support.node_proc import NodeProcess  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+
+LIST_POLL_S = 0.025  # how often Orthanc is asked for the result series (the figure's resolution)
+
+
+def ts(rec: dict) -> float:
+    """An audit record's time as a Unix timestamp."""
+    return datetime.fromisoformat(rec["ts"]).timestamp()
+
+
+@dataclass
+class PushRun:
+    records: list[dict]  # the node's audit records, in order
+    t_send: float  # Orthanc was asked to send the study
+    t_sent: float  # Orthanc's synchronous send returned (every instance acknowledged by the node)
+    listed: dict[str, float]  # result modality ("SEG", "SR") -> when Orthanc first listed it
+
+    def first(self, event: str, **match: Any) -> dict:
+        rec = next((r for r in self.records if r["event"] == event
+                    and all(r.get(k) == v for k, v in match.items())), None)
+        if rec is None:
+            raise RuntimeError(f"no '{event}' audit record {match or ''} in the node's audit log")
+        return rec
+
+    def last_ts(self, event: str) -> float:
+        return max(ts(r) for r in self.records if r["event"] == event)
+
+
+def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[OrthancServer], dict],
+               modalities: Iterable[str] = ("SR",), timeout: float = 600) -> PushRun:
+    """Write a `slices`-slice 512x512 chest CT, upload it to a fresh Orthanc, start the node with
+    `node_config(orthanc)`, let Orthanc push the study to the node and wait until Orthanc lists every
+    result modality in `modalities` and the node has recorded sending them."""
+    wanted = set(modalities)
+    synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=1.0 if slices >= 300 else 2.5, seed=seed)
+    with OrthancServer(work / "orthanc", aet="ORTHANC") as orthanc:
+        orthanc.upload_files(synth.files)
+        study_id = orthanc.find_study(synth.study_uid)
+        node = NodeProcess(work / "node", node_config(orthanc)).start()
+        try:
+            orthanc.add_modality("ainode", node.ae_title, "127.0.0.1", node.port)
+            t_send = time.time()
+            orthanc.send_study_to_modality("ainode", study_id)
+            t_sent = time.time()
+            deadline = time.monotonic() + timeout
+            listed: dict[str, float] = {}
+            while time.monotonic() < deadline and not wanted <= listed.keys():
+                mods = {s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(study_id)}
+                now = time.time()
+                for m in wanted & mods:
+                    listed.setdefault(m, now)
+                time.sleep(LIST_POLL_S)
+            if not wanted <= listed.keys():
+                raise RuntimeError(f"{sorted(wanted - listed.keys())} not in Orthanc after {timeout} s; "
+                                   f"node log: {node.log_path}")
+            # The PACS can list an object a moment before the node has written its own 'object-sent' record.
+            while time.monotonic() < deadline:
+                recs = node.audit_records()
+                if wanted <= {r.get("kind") for r in recs if r["event"] == "object-sent"}:
+                    break
+                time.sleep(0.05)
+        finally:
+            node.stop()
+            node.kill()
+    return PushRun(recs, t_send, t_sent, listed)
+
+
+def print_table(title: str, runs: list[dict[str, float]]) -> None:
+    """Median, min and max of each figure over the runs (figures that are None in a run are left out)."""
+    print(f"\n{title}")
+    print(f"{'stage':52s} {'median s':>9s} {'min':>7s} {'max':>7s}")
+    for key in runs[0]:
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if not vals:
+            print(f"{key:52s} {'n/a':>9s}")
+            continue
+        print(f"{key:52s} {statistics.median(vals):9.2f} {min(vals):7.2f} {max(vals):7.2f}")

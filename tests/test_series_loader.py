@@ -1,0 +1,99 @@
+"""Series loading: the direct read of uncompressed pixel data gives what pydicom's decoding gives, in every
+syntax the generator writes, and the loader's checks still name the file or instance at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.run.series_loader import SeriesLoadError, _read, load_series
+from node.synth import write_chest_ct
+from node.synth.chest_ct import SUPPORTED_SYNTAXES
+
+SMALL = dict(slices=10, rows=48, cols=48, pixel_spacing=7.5, seed=3)
+NATIVE = ("ExplicitVRLittleEndian", "ImplicitVRLittleEndian")
+
+
+def reference(files: list[Path]) -> tuple[np.ndarray, list[str]]:
+    """The volume as pydicom decodes it (pixel_array, rescale), slices sorted along the plane normal."""
+    ds = [pydicom.dcmread(f) for f in files]
+    iop = np.asarray(ds[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    ds.sort(key=lambda d: float(np.asarray(d.ImagePositionPatient, float) @ normal))
+    vol = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
+                    for d in ds]).astype(np.float32)
+    return vol, [str(d.SOPInstanceUID) for d in ds]
+
+
+def rewrite(files: list[Path], change) -> None:  # type: ignore[no-untyped-def]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        change(ds)
+        ds.save_as(f, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("ts_name", sorted(SUPPORTED_SYNTAXES))
+def test_every_syntax_loads_as_pydicom_decodes_it(tmp_path, ts_name):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax=ts_name, **SMALL)
+    files = list(reversed(r.files))  # the loader sorts by position, not by the order given
+    vol, headers = load_series(files)
+    want, uids = reference(files)
+    assert np.array_equal(vol.pixels, want)
+    assert [str(h.SOPInstanceUID) for h in headers] == uids == list(vol.sop_instance_uids)
+    assert all("PixelData" not in h for h in headers)  # one copy of the pixels: the volume's
+    direct = _read(files[0])[1] is not None
+    assert direct == (ts_name in NATIVE), "uncompressed little endian is read directly, the rest by pydicom"
+
+
+@pytest.mark.parametrize("ts_name", NATIVE)
+@pytest.mark.parametrize("signed", [True, False])
+def test_bits_stored_below_bits_allocated_keeps_the_stored_bits(tmp_path, ts_name, signed):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax=ts_name, **SMALL)
+
+    def to_12_bits(ds):  # type: ignore[no-untyped-def]
+        arr = ds.pixel_array.astype(np.int32) + 1024  # 0..4095 in 12 bits
+        stored = (arr & 0x0FFF) | 0xA000  # garbage above the stored bits, which readers must ignore
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-1024"
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+
+    rewrite(r.files, to_12_bits)
+    assert _read(r.files[0])[1] is not None
+    vol, _ = load_series(r.files)
+    assert np.array_equal(vol.pixels, reference(r.files)[0])
+
+
+def test_an_element_after_the_pixel_data_is_kept_in_the_header(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", **SMALL)
+    rewrite(r.files[:1], lambda ds: setattr(ds, "DataSetTrailingPadding", b"\0\0"))
+    ds, pixels = _read(r.files[0])
+    assert pixels is None and "DataSetTrailingPadding" in ds  # read by pydicom, whole
+    vol, _ = load_series(r.files)
+    assert np.array_equal(vol.pixels, reference(r.files)[0])
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+    with pytest.raises(SeriesLoadError, match="series has no instances"):
+        load_series([])
+    r = write_chest_ct(tmp_path / "ct", **SMALL)
+    rewrite(r.files[3:4], lambda ds: delattr(ds, "ImagePositionPatient"))
+    with pytest.raises(SeriesLoadError, match=rf"{r.files[3]}: ImagePositionPatient is missing; series .* "
+                                              r"cannot be read as a volume"):
+        load_series(r.files)
+
+    r = write_chest_ct(tmp_path / "dup", **SMALL)
+    pos = pydicom.dcmread(r.files[0]).ImagePositionPatient
+    rewrite(r.files, lambda ds: setattr(ds, "ImagePositionPatient", pos))
+    with pytest.raises(SeriesLoadError, match="duplicate slice positions"):
+        load_series(r.files)
+
+    r = write_chest_ct(tmp_path / "size", **SMALL)
+    other = write_chest_ct(tmp_path / "other", **{**SMALL, "rows": 32, "cols": 32, "study_uid": r.study_uid})
+    odd = pydicom.dcmread(other.files[0])
+    odd.SeriesInstanceUID = pydicom.dcmread(r.files[0]).SeriesInstanceUID
+    odd.save_as(r.files[0], enforce_file_format=True)
+    with pytest.raises(SeriesLoadError, match=r"32x32 differs from 48x48|48x48 differs from 32x32"):
+        load_series(r.files)
