@@ -262,6 +262,22 @@ def test_every_pacs_series_must_be_held(tmp_path):
     assert asm.evidence._checks["1.9"].why_not == "series 1.9.2: held 0 of 2 instances"
 
 
+def test_evidence_state_is_dropped_for_a_study_completed_elsewhere(tmp_path):
+    """A peer sharing the store completes a study this node asked about: its in-memory state must go, or a
+    long-running node keeps one entry per such study for ever."""
+    clock, pacs = Clock(), FakePacs({"1.9.1": 10})
+    store, asm = make_assembler(tmp_path, pacs, clock)
+    receive(store, clock, n=6)
+    receive(store, clock, study="2.9", series="2.9.1", n=3)
+    clock.t += 0.6
+    asm.tick()
+    assert set(asm.evidence._checks) == {"1.9", "2.9"}
+    assert store.mark_complete("1.9", "quiet-period", clock.t)  # as the peer node does
+    asm.tick()
+    assert set(asm.evidence._checks) == {"2.9"}  # the study still receiving keeps what its PACS said
+    assert asm.evidence._checks["2.9"].expected == 10
+
+
 def test_unreachable_pacs_is_asked_once_per_interval_for_all_studies(tmp_path):
     clock = Clock()
     pacs = FakePacs(error=QueryError("cannot connect to PACS@127.0.0.1:104", unreachable=True))

@@ -49,7 +49,13 @@ class Assembler:
         quiet_cutoff = now - self.quiet_period_s
         look_back = max(quiet_cutoff, now - self.evidence_check_s) if self.evidence else quiet_cutoff
         quiet_since_open = self.open_since <= quiet_cutoff  # senders cut off by a restart had time to resend
-        for st in self.store.receiving_studies(look_back):
+        if self.evidence:
+            receiving = self.store.receiving_studies(None)
+            self.evidence.retain({st.study_uid for st in receiving})
+            receiving = [st for st in receiving if st.last_received_at <= look_back]
+        else:
+            receiving = self.store.receiving_studies(look_back)
+        for st in receiving:
             if st.last_received_at <= quiet_cutoff and quiet_since_open:
                 if self._complete_quiet(st.study_uid, quiet_cutoff):
                     done.append(st.study_uid)

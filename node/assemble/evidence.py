@@ -175,5 +175,13 @@ class EvidenceChecker:
             c = self._checks.pop(study_uid, None)
         return c.why_not if c else None
 
+    def retain(self, receiving: set[str]) -> None:
+        """Drop the state of studies that are no longer receiving, however they left: completed or purged by
+        another node sharing the store, which never calls `forget` here. Without this, a long-running node
+        would keep one entry per such study for ever."""
+        with self._lock:
+            for uid in [u for u, c in self._checks.items() if u not in receiving and not c.in_flight]:
+                del self._checks[uid]
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

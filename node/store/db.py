@@ -332,11 +332,13 @@ class Store:
             )
             return res.rowcount == 1
 
-    def receiving_studies(self, cutoff: float) -> list[ReceivingStudy]:
-        """Studies still receiving whose last instance arrived at or before `cutoff`."""
+    def receiving_studies(self, cutoff: float | None) -> list[ReceivingStudy]:
+        """Studies still receiving whose last instance arrived at or before `cutoff` (None: all of them)."""
         with self.session() as s:
             q = select(Study.study_uid, Study.calling_ae, Study.last_received_at, Study.instance_count).where(
-                Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+                Study.state == StudyState.RECEIVING)
+            if cutoff is not None:
+                q = q.where(Study.last_received_at <= cutoff)
             return [ReceivingStudy(*row) for row in s.execute(q)]
 
     def held_counts(self, study_uid: str) -> HeldCounts | None:
