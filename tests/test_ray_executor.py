@@ -125,7 +125,8 @@ def test_a_job_whose_actor_dies_hangs_or_hogs_memory_fails_alone_and_the_next_jo
              {"name": "hog", "study": {"calling_ae": "HOG"}, "plugin": "hog"},
              {"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"}]
     # Series by shared path this time: the actors read the node's spool (storage.root is under tmp_path).
-    run = ray_run(ray_cluster, max_attempts=1, timeout_s=4, memory_limit_mb=700)
+    # 8 s: the good ct_lung job (read, segment, SEG/SR build and dciodvfy) must fit in it on a loaded CI machine
+    run = ray_run(ray_cluster, max_attempts=1, timeout_s=8, memory_limit_mb=700)
     run["ray"].update(data="shared_path", shared_path=str(tmp_path))
     node = node_factory({"run": run, "plugins": plugins, "rules": rules})
 
@@ -138,7 +139,7 @@ def test_a_job_whose_actor_dies_hangs_or_hogs_memory_fails_alone_and_the_next_jo
     assert crashed["outcome"] == "failure" and "Ray actor died" in crashed["error"], crashed
     send(node, studies[1].files, calling="HANG")
     hung = ended("hang")
-    assert hung["outcome"] == "failure" and "timed out after 4 s (run.timeout_s)" in hung["error"], hung
+    assert hung["outcome"] == "failure" and "timed out after 8 s (run.timeout_s)" in hung["error"], hung
     send(node, studies[2].files, calling="HOG")
     hog = ended("hog")
     assert hog["outcome"] == "failure" and "over run.memory_limit_mb (700 MB)" in hog["error"], hog
