@@ -220,6 +220,36 @@ class Orthanc:
         self.server.stop()
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (utime + stime from /proc)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def settle(pid: int, timeout: float = 90.0) -> None:
+    """Wait until the node is idle: its worker processes import torch and load plugins after the port
+    opens, and a send during that warm-up would measure the warm-up (Orthanc is measured warm too)."""
+    deadline = time.monotonic() + timeout
+    last = _tree_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _tree_cpu_s(pid)
+        if now - last < 0.1:  # under 10% of a core over the last second
+            return
+        last = now
+
+
 class Ainode:
     key, label, durability = "ainode", "ainode", "fsync file + DB row"
     processes = 1  # node.receive_processes
@@ -256,6 +286,7 @@ class Ainode:
                 self._stop()
                 raise RuntimeError(f"`ainode serve` exited {self.proc.returncode}: {' | '.join(tail)}")
         echo(self.aet, self.port)
+        settle(self.proc.pid)
         self.spy = None
         if PROFILE is not None:
             PROFILE.mkdir(parents=True, exist_ok=True)
