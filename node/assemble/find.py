@@ -36,8 +36,28 @@ def _where(src: Source) -> str:
     return f"{src.ae_title}@{src.host}:{src.port}"
 
 
+def _quiesce_reactor(assoc: Association, settle_s: float = 0.01, limit_s: float = 0.2) -> None:
+    """Make sure the association's reactor thread is blocked before a C-FIND is sent.
+
+    pynetdicom 3 pauses its requestor reactor before sending, but checks a flag the reactor sets just
+    before it blocks; a reactor that has just passed its checkpoint still shows that flag, takes the
+    C-FIND's first response off the queue itself and drops it ("Received unexpected C-FIND service
+    message"). On a loaded machine that lost answers: a PACS that "lists no series", a prior study not
+    found. Clearing the checkpoint here and waiting longer than one reactor loop (1 ms) closes the gap.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None:  # another pynetdicom: nothing to do
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + limit_s
+    time.sleep(settle_s)
+    while not getattr(assoc, "_is_paused", True) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def _find(assoc: Association, src: Source, query: Dataset) -> Iterator[Dataset]:
     started = time.monotonic()
+    _quiesce_reactor(assoc)
     for status, ident in assoc.send_c_find(query, STUDY_ROOT_FIND):
         code = getattr(status, "Status", None)
         if code is None and time.monotonic() - started < src.timeout_s:  # not a timeout: the PACS hung up

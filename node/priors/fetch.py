@@ -22,6 +22,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET
 
+from node.assemble.find import _quiesce_reactor
 from node.config.schema import Source
 from node.priors.association import PriorError, status_of, where
 from node.receive.spool import check_uid
@@ -91,6 +92,7 @@ def get_series(assoc: Association, src: Source, sink: SeriesSink, study_uid: str
     q.StudyInstanceUID = study_uid
     q.SeriesInstanceUID = series_uid
     final: Dataset | None = None
+    _quiesce_reactor(assoc)  # else pynetdicom's reactor can take (and drop) the first response
     for status, _ident in assoc.send_c_get(q, STUDY_ROOT_GET):
         code = status_of(status)
         if code is None:
