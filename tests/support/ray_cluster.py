@@ -32,10 +32,17 @@ class RayCluster:
 
     def start(self, timeout: float = 90) -> "RayCluster":
         ray = Path(sys.executable).with_name("ray")
-        ports = {f"--{k}": str(free_port()) for k in (
-            "node-manager-port", "object-manager-port", "dashboard-port",
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
         low = free_port()
+        while low <= self.port <= low + 200:
+            low = free_port()
+        names = ("node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+        picked: list[int] = []
+        while len(picked) < len(names):  # none inside the worker port range: Ray refuses to start then
+            p = free_port()
+            if not low <= p <= low + 200 and p not in picked and p != self.port:
+                picked.append(p)
+        ports = {f"--{k}": str(p) for k, p in zip(names, picked)}
         cmd = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
                f"--temp-dir={self.temp_dir}", f"--object-store-memory={200 * 2**20}",
