@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.receive_rate import dcmtk_env, echo  # noqa: E402
+from bench.receive_rate import echo, send_groups  # noqa: E402
 from tests.support.node_proc import NodeProcess  # noqa: E402
 
 
@@ -96,33 +95,8 @@ def write_backlog(out: Path, studies: int, instances: int, size: int) -> list[li
 def send_studies(backlog: list[list[Path]], aet: str, port: int, associations: int, logdir: Path) -> float:
     """Wall time for `associations` storescu processes in parallel to send every study; association k
     sends whole studies k, k+n, k+2n, … in order, as a PACS working through its queue does."""
-    logs, procs = [], []
-    try:
-        t0 = time.perf_counter()
-        for k in range(associations):
-            files = [str(f) for study in backlog[k::associations] for f in study]
-            if not files:
-                continue
-            logs.append(open(logdir / f"storescu-{k}.log", "w+b"))
-            procs.append(subprocess.Popen(["storescu", "-aet", "BACKLOG", "-aec", aet, "127.0.0.1", str(port),
-                                           *files], stdout=logs[-1], stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=dcmtk_env()))
-        for p in procs:
-            p.wait(3600)
-        elapsed = time.perf_counter() - t0
-        for p, log in zip(procs, logs):
-            log.seek(0)
-            out = log.read().decode(errors="replace")
-            if p.returncode != 0 or any(line.startswith(("E:", "F:")) for line in out.splitlines()):
-                raise RuntimeError(f"storescu to {aet} failed (exit {p.returncode}): {out[-800:]}")
-        return elapsed
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+    groups = [[f for study in backlog[k::associations] for f in study] for k in range(associations)]
+    return send_groups(groups, aet, port, logdir, calling="BACKLOG", timeout=3600)
 
 
 # ---- the node's memory ----------------------------------------------------------------------

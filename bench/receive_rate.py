@@ -106,17 +106,23 @@ def _plain_ct_series(out_dir: Path, slices: int) -> list[Path]:
 
 def send(files: list[Path], aet: str, port: int, associations: int, logdir: Path) -> float:
     """Wall time to send all files with `associations` storescu processes in parallel."""
-    groups = [files[i::associations] for i in range(associations)]
-    logs = [open(logdir / f"storescu-{i}.log", "w+b") for i in range(associations)]
+    return send_groups([files[i::associations] for i in range(associations)], aet, port, logdir)
+
+
+def send_groups(groups: list[list[Path]], aet: str, port: int, logdir: Path, *, calling: str = "BENCH",
+                timeout: float = 600) -> float:
+    """Wall time for one storescu process per (non-empty) group, all in parallel; raises if one failed."""
+    groups = [g for g in groups if g]
+    logs = [open(logdir / f"storescu-{i}.log", "w+b") for i in range(len(groups))]
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.perf_counter()
         for g, log in zip(groups, logs):
-            procs.append(subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", aet, "127.0.0.1", str(port),
+            procs.append(subprocess.Popen(["storescu", "-aet", calling, "-aec", aet, "127.0.0.1", str(port),
                                            *map(str, g)], stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=dcmtk_env()))
         for p in procs:
-            p.wait(600)
+            p.wait(timeout)
         elapsed = time.perf_counter() - t0
         for p, log in zip(procs, logs):
             log.seek(0)
