@@ -35,7 +35,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._busy = False  # a leader is committing
-        self.batches = 0  # commits made (the metrics and the receive bench report rows per commit)
+        self.batches = 0  # commits made; rows / batches is the batch size the associations reached
         self.rows = 0
 
     def add(self, meta: InstanceMeta) -> bool:

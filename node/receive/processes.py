@@ -155,3 +155,7 @@ class ReceiveProcesses:
                 p.join(5)
             conn.close()
         self.server.close()
+        try:
+            self.rpc_path.parent.rmdir()  # the private folder the socket was made in
+        except OSError:
+            pass
