@@ -65,3 +65,25 @@ def test_a_failed_commit_fails_every_waiter_of_its_batch(store):
     with pytest.raises(OSError, match="disk gone"):
         gc.add(meta(1))
     assert gc._busy is False  # the next association leads again
+
+
+def test_receive_commits_leave_every_connection_synchronous(store, tmp_path):
+    """Instance rows commit without waiting for the WAL fsync on SQLite (their spool files are the durable
+    record); every other transition must still find synchronous=FULL on whatever pooled connection it gets."""
+    metas = [meta(i) for i in range(5)]
+    assert store.add_instances(metas) == [True] * 5
+    raws = [store.engine.raw_connection() for _ in range(3)]  # the one add_instances used, and fresh ones
+    try:
+        for raw in raws:
+            cur = raw.cursor()
+            if store.postgresql:
+                cur.execute("SELECT setting = reset_val FROM pg_settings WHERE name = 'synchronous_commit'")
+                assert cur.fetchone()[0]  # the server's own setting (the test server's is off)
+            else:
+                cur.execute("PRAGMA synchronous")
+                assert cur.fetchone()[0] == 2  # FULL
+            cur.close()
+    finally:
+        for raw in raws:
+            raw.close()
+    assert store.has_instance("1.2.3.1.0") and not store.has_instance("1.2.3.1.9")

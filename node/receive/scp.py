@@ -15,10 +15,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Callable
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -47,6 +45,7 @@ from node.receive import checks
 from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
+from node.receive.part10 import part10_prefix, read_header
 from node.store import Store
 from node.store.db import InstanceMeta
 
@@ -392,12 +391,13 @@ class StoreSCP:
         # each check exists). 0xC000: the bytes cannot be decoded, or a UID is missing or unusable.
         # 0xA900: decodable, but it contradicts itself or the request. 0xA700: too large to take.
         try:
-            encoded = event.encoded_dataset()
+            data_set = event.encoded_dataset(include_meta=False)
+            encoded = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax) + data_set
             if len(encoded) > limit:
                 return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
                                     f"({len(encoded) // 2**20} MB)", calling, ip, rq_uid or None)
             elements = checks.scan(encoded, transfer_syntax, limit)
-            ds = dcmread(BytesIO(encoded), stop_before_pixels=True)
+            ds = read_header(data_set, transfer_syntax)
             sop_uid, study_uid, series_uid, sop_class = checks.identity(ds)
             if sop_uid != rq_uid:
                 return self._refuse(DATA_SET_MISMATCH, "SOPInstanceUID differs from the C-STORE request",
