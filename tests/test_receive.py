@@ -132,6 +132,7 @@ def test_duplicate_is_stored_once_and_audited(node_factory):
     files = list((node.var / "spool").rglob(f"{uid}.*.dcm"))
     assert len(files) == 1
     assert files[0].read_bytes()[128:132] == b"DICM"
+    assert not list((node.var / "spool" / ".tmp").iterdir())  # the repeat's temp file is deleted
 
 
 def test_write_failure_answers_out_of_resources_never_success(node_factory):

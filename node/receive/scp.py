@@ -14,6 +14,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,6 +185,8 @@ class StoreSCP:
         self._server: ThreadedAssociationServer | None = None
         self._port = cfg.port  # the bound port once started (differs when cfg.port is 0)
         self.ae = self._make_ae()
+        # Spool files are written and fsynced here while the association thread checks the header.
+        self._writer = ThreadPoolExecutor(max_workers=max(2, cfg.max_associations), thread_name_prefix="spool-write")
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
@@ -270,6 +273,7 @@ class StoreSCP:
     def stop(self) -> None:
         self.stop_accepting()
         self.ae.shutdown()
+        self._writer.shutdown(wait=True)
 
     # ---- association events -------------------------------------------
 
@@ -381,24 +385,20 @@ class StoreSCP:
                 raise AuditAppendFailed(f"{type(exc).__name__}: {exc}") from exc
         return is_new
 
-    def _on_store(self, event: evt.Event) -> Dataset | int:
-        calling, ip, _ = self._peer(event)
-        rq_uid = str(event.request.AffectedSOPInstanceUID or "")
-        limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
-        transfer_syntax = UID(str(event.context.transfer_syntax))
+    def _check(self, encoded: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,
+               limit: int) -> Dataset | tuple[Dataset, tuple[str, str, str, str]]:
+        """The decoded header and its (SOP instance, study, series, SOP class) UIDs; or the refusal status.
+
+        Everything the sender can get wrong is found here, before the instance is kept (checks.py says why
+        each check exists). 0xC000: the bytes cannot be decoded, or a UID is missing or unusable.
+        0xA900: decodable, but it contradicts itself or the request. 0xA700: too large to take.
+        """
         sop_uid: str | None = None
-        # Everything the sender can get wrong is found here, before a byte is written (checks.py says why
-        # each check exists). 0xC000: the bytes cannot be decoded, or a UID is missing or unusable.
-        # 0xA900: decodable, but it contradicts itself or the request. 0xA700: too large to take.
         try:
-            data_set = event.encoded_dataset(include_meta=False)
-            encoded = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax) + data_set
-            if len(encoded) > limit:
-                return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
-                                    f"({len(encoded) // 2**20} MB)", calling, ip, rq_uid or None)
             elements = checks.scan(encoded, transfer_syntax, limit)
             ds = read_header(data_set, transfer_syntax)
-            sop_uid, study_uid, series_uid, sop_class = checks.identity(ds)
+            ids = checks.identity(ds)
+            sop_uid = ids[0]
             if sop_uid != rq_uid:
                 return self._refuse(DATA_SET_MISMATCH, "SOPInstanceUID differs from the C-STORE request",
                                     calling, ip, sop_uid)
@@ -406,6 +406,7 @@ class StoreSCP:
             if unreadable := checks.drop_unreadable_metadata(ds):
                 log.warning("c-store attributes with a wrong VR or undecodable, stored but not indexed "
                             "calling_ae=%s sop_instance_uid=%s attributes=%s", calling, sop_uid, ",".join(unreadable))
+            return ds, ids
         except checks.TooLarge as exc:
             return self._refuse(OUT_OF_RESOURCES, str(exc), calling, ip, sop_uid or rq_uid or None)
         except checks.DoesNotMatch as exc:
@@ -416,34 +417,79 @@ class StoreSCP:
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
                                 calling, ip, sop_uid or rq_uid or None)
 
-        if self.returns is not None and self.returns.handles(calling):
-            try:
-                back = self.returns.receive(encoded, calling, ip)
-            except Exception as exc:  # noqa: BLE001 - never Success for a result not queued
-                log.error("returned result not handled calling_ae=%s error=%s", calling, type(exc).__name__)
-                return self._refuse(OUT_OF_RESOURCES, f"returned result not stored: {type(exc).__name__}",
-                                    calling, ip, sop_uid)
-            if back.status != SUCCESS:
-                return self._refuse(back.status, back.reason, calling, ip, sop_uid)
-            return SUCCESS
+    def _store_returned(self, encoded: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str,
+                        rq_uid: str, limit: int) -> Dataset | int:
+        """A result an external service (deid) sends back: checked, then handed to node.deid.returns."""
+        checked = self._check(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+        if isinstance(checked, Dataset):
+            return checked
+        sop_uid = checked[1][0]
+        try:
+            back = self.returns.receive(encoded, calling, ip)
+        except Exception as exc:  # noqa: BLE001 - never Success for a result not queued
+            log.error("returned result not handled calling_ae=%s error=%s", calling, type(exc).__name__)
+            return self._refuse(OUT_OF_RESOURCES, f"returned result not stored: {type(exc).__name__}",
+                                calling, ip, sop_uid)
+        if back.status != SUCCESS:
+            return self._refuse(back.status, back.reason, calling, ip, sop_uid)
+        return SUCCESS
 
-        if self.store.has_instance(sop_uid):
-            return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
+    @staticmethod
+    def _discard(pending: Future) -> None:  # type: ignore[type-arg]
+        """Delete the temp file of an instance that is not kept (its write may still be running)."""
+        try:
+            tmp = pending.result()
+        except Exception:  # noqa: BLE001 - the write failed: write_temp removed its file
+            return
+        tmp.unlink(missing_ok=True)
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        calling, ip, _ = self._peer(event)
+        rq_uid = str(event.request.AffectedSOPInstanceUID or "")
+        limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
+        transfer_syntax = UID(str(event.context.transfer_syntax))
+        data_set = event.encoded_dataset(include_meta=False)
+        if len(data_set) > limit:
+            return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
+                                f"({len(data_set) // 2**20} MB)", calling, ip, rq_uid or None)
+        try:
+            encoded = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax) + data_set
+        except Exception as exc:  # noqa: BLE001 - a request whose UIDs pydicom cannot encode
+            return self._refuse(CANNOT_UNDERSTAND, f"cannot encode file meta: {type(exc).__name__}", calling, ip,
+                                rq_uid or None)
+        if self.returns is not None and self.returns.handles(calling):
+            return self._store_returned(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
 
         free = shutil.disk_usage(self.spool.root).free
         if free - len(encoded) < self.min_free_bytes:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
-            return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip, sop_uid,
-                                free_mb=free // 2**20)
-        path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+            return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,
+                                rq_uid or None, free_mb=free // 2**20)
+        # The bytes go to a temp file, fsynced, while the header is checked (an fsync does not hold the
+        # GIL, so its wait overlaps the checks); the file reaches the spool folder only once every check
+        # has passed and the instance is new, else it is deleted.
+        pending = self._writer.submit(self.spool.write_temp, encoded)
+        published = False
         try:
-            size = self.spool.write_durable(path, encoded)
-        except OSError as exc:
-            log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
-            return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
+            checked = self._check(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+            if isinstance(checked, Dataset):
+                return checked
+            ds, (sop_uid, study_uid, series_uid, sop_class) = checked
+            if self.store.has_instance(sop_uid):
+                return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
+            path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+            try:
+                self.spool.publish(pending.result(), path)
+                published = True
+            except OSError as exc:
+                log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
+                return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
+        finally:
+            if not published:
+                self._discard(pending)
 
-        meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax), calling_ae=calling,
-                             checked=(sop_uid, study_uid, series_uid, sop_class))
+        meta = instance_meta(ds, path=str(path), size=len(encoded), transfer_syntax=str(transfer_syntax),
+                             calling_ae=calling, checked=(sop_uid, study_uid, series_uid, sop_class))
         try:
             is_new = self.committer.commit_instance(meta, {"calling_ae": calling, "peer_ip": ip})
         except AuditAppendFailed:
@@ -456,5 +502,5 @@ class StoreSCP:
             path.unlink(missing_ok=True)
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
-        self.counters.bytes += size
+        self.counters.bytes += len(encoded)
         return SUCCESS

@@ -104,6 +104,13 @@ class Spool:
 
     def write_durable(self, dest: Path, data: bytes) -> int:
         """Write `data` to `dest` so it is on disk when this returns. Raises OSError on failure."""
+        self.publish(self.write_temp(data), dest)
+        return len(data)
+
+    def write_temp(self, data: bytes) -> Path:
+        """Write `data` to a new temp file and fsync it; `publish` moves it into place, or the caller
+        deletes it. The receiver runs this while it checks the data set's header (the fsync releases
+        the GIL), so the fsync's wait overlaps that work. Raises OSError on failure."""
         tmp = self.temp_path()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -117,8 +124,7 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self._publish(tmp, dest)
-        return len(data)
+        return tmp
 
     def commit(self, tmp: Path, dest: Path) -> None:
         """Make a temp file written by someone else (e.g. pydicom) durable under `dest`."""
@@ -127,9 +133,9 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._publish(tmp, dest)
+        self.publish(tmp, dest)
 
-    def _publish(self, tmp: Path, dest: Path) -> None:
+    def publish(self, tmp: Path, dest: Path) -> None:
         """Rename a synced temp file into place and make the rename durable."""
         try:
             self._ensure_dir(dest.parent)
