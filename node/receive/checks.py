@@ -160,7 +160,7 @@ def scan(part10: bytes, transfer_syntax: UID, max_bytes: int) -> dict[int, Eleme
 
 
 @functools.cache
-def _tag(keyword: str) -> BaseTag:
+def tag_of(keyword: str) -> BaseTag:
     """Tag(keyword) costs microseconds a call, and the receiver asks for the same few keywords many times
     per instance (about 0.5 ms in all, as much as the rest of the checks)."""
     return Tag(keyword)
@@ -171,12 +171,12 @@ _dictionary_vr = functools.cache(dictionary_VR)
 
 def _encoded_vr(ds: Dataset, keyword: str) -> str | None:
     """The VR the element was sent with, without converting its value (None in implicit VR)."""
-    return ds.get_item(_tag(keyword)).VR
+    return ds.get_item(tag_of(keyword)).VR
 
 
 def _value(ds: Dataset, keyword: str) -> object:
     """The element's value (converted now, so a conversion error raises here), or None if absent."""
-    elem = ds.get(_tag(keyword))
+    elem = ds.get(tag_of(keyword))
     return None if elem is None else elem.value
 
 
@@ -193,7 +193,7 @@ def identity(ds: Dataset) -> tuple[str, str, str, str]:
     out = []
     for keyword, tag in UID_KEYWORDS:
         name = f"{keyword} {tag}"
-        if _tag(keyword) in ds and _encoded_vr(ds, keyword) not in (None, "UI", "UN"):
+        if tag_of(keyword) in ds and _encoded_vr(ds, keyword) not in (None, "UI", "UN"):
             raise CannotUnderstand(f"{name} is encoded with VR {_encoded_vr(ds, keyword)}, not UI")
         try:
             value = _value(ds, keyword)
@@ -210,14 +210,14 @@ def identity(ds: Dataset) -> tuple[str, str, str, str]:
 
 def _int(ds: Dataset, keyword: str, vr: str, default: int | None = None) -> int:
     """A single integer attribute that the pixel data's size depends on."""
-    if _tag(keyword) not in ds:
+    if tag_of(keyword) not in ds:
         if default is not None:
             return default
         raise DoesNotMatch(f"pixel data present but {keyword} is missing")
     if _encoded_vr(ds, keyword) not in (None, vr, "UN"):
         raise CannotUnderstand(f"{keyword} is encoded with VR {_encoded_vr(ds, keyword)}, not {vr}")
     try:
-        value = ds[_tag(keyword)].value
+        value = ds[tag_of(keyword)].value
     except Exception as exc:  # noqa: BLE001 - e.g. a US value of 3 bytes
         raise CannotUnderstand(f"{keyword} cannot be decoded ({type(exc).__name__})") from exc
     if value is None or value == "":
@@ -282,7 +282,7 @@ def drop_unreadable_metadata(ds: Dataset, keywords: tuple[str, ...] = METADATA_K
     """
     dropped = []
     for keyword in keywords:
-        tag = _tag(keyword)
+        tag = tag_of(keyword)
         if tag not in ds:
             continue
         try:

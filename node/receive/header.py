@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from node.receive.checks import drop_unreadable_metadata, identity
+from node.receive.checks import drop_unreadable_metadata, identity, tag_of
 from node.store import InstanceMeta
 
 
@@ -16,7 +16,8 @@ def _float(value: object) -> float | None:
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    elem = ds.get(tag_of(keyword))  # by tag: a keyword lookup costs more than the value (once per instance)
+    value = None if elem is None else elem.value
     return str(value).strip() if value not in (None, "") else None
 
 
@@ -38,5 +39,5 @@ def instance_meta(ds: Dataset, *, path: str, size: int, transfer_syntax: str, ca
         patient_id=_text(ds, "PatientID"), accession_number=_text(ds, "AccessionNumber"),
         study_description=_text(ds, "StudyDescription"), modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"), series_description=_text(ds, "SeriesDescription"),
-        slice_thickness=_float(ds.get("SliceThickness")),
+        slice_thickness=_float(_text(ds, "SliceThickness")),
     )
