@@ -1,11 +1,12 @@
-"""Group commit of the receiver's index rows: one transaction (one WAL fsync) for every association waiting.
+"""Group commit of the receiver's index rows: one transaction for every association waiting.
 
 Each association thread has already made its instance file durable; it may answer Success only once
-the instance's store row is committed too. Committing each row alone costs one fsync per instance, and
-with several associations the commits queue behind the store's one writer. Here the first waiting thread
-becomes the leader and commits the rows of every thread waiting at that moment; the others wait for
-that commit and no thread answers before its own row is on disk. With one association a batch holds one
-row and nothing waits longer than before (no timer, no extra thread hop).
+the instance's store row is committed too. With several associations the commits queue behind the
+store's one writer (and on PostgreSQL each costs a WAL flush). Here the first waiting thread becomes the
+leader and commits the rows of every thread waiting at that moment; the others wait for that commit and
+no thread answers before its own row is committed. With one association a batch holds one row and nothing
+waits longer than before (no timer, no extra thread hop). Store.add_instances says why, on SQLite, that
+commit does not wait for the WAL fsync.
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Every method is one transaction. Writers are serialised by a lock because
 SQLite has one writer; with synchronous=FULL a commit is on disk when the
-method returns, which is what lets the receiver answer Success.
+method returns. The one exception is the receiver's instance rows
+(add_instances): there the spool file, fsynced before the row is written, is
+what lets the receiver answer Success, and start-up reconciliation indexes a
+durable file whose row was lost.
 
 On PostgreSQL several node processes share the store, so the lock is not enough: each transition
 locks the rows it decides on (SELECT … FOR UPDATE; SKIP LOCKED where a row another process holds is
