@@ -99,6 +99,7 @@ class NodeService:
                                   accepts={n: frozenset(d.accepts) for n, d in cfg.destinations.items()},
                                   max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1),
                                   shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of},
+                                  sr_process=cfg.run.use_sr_process(),
                                   runners=self.ray and self.ray.runners(cfg.plugins, log_level, paths.models_dir,
                                                                         cfg.run.device))
         self.models_dir = paths.models_dir

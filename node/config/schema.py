@@ -7,6 +7,7 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -177,10 +178,16 @@ class RunSection(Strict):
         "Default: 70% of physical memory shared among the workers."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    sr_process: bool | None = Field(
+        None, description="Each worker process keeps a second process (about 100 MB) that builds a job's SR while "
+        "the worker builds its SEG, so the two overlap on two cores. Default: on with 2 or more CPU cores.")
     executor: Literal["local", "ray"] = Field(
         "local", description="Where jobs run: 'local' (worker processes of this node) or 'ray' (actors on the "
         "Ray cluster of run.ray; pip install '.[ray]').")
     ray: RaySection | None = Field(None, description="The Ray cluster, with executor: ray.")
+
+    def use_sr_process(self) -> bool:
+        return self.sr_process if self.sr_process is not None else (os.cpu_count() or 1) >= 2
 
     @model_validator(mode="after")
     def _executor(self) -> "RunSection":

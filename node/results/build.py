@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
 from node.plugin_api import PluginResult
 
 from .seg import build_seg
-from .sr import build_sr
+from .sr import SegmentReference, build_sr
 from .uids import derive_uid
 
 
@@ -53,9 +53,16 @@ def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
     return out
 
 
+# Builds the SR in another process and hands back a way to wait for it: given build_sr's arguments (with
+# `tracking_uids`, a dict, in place of the `tracking_uid` function), it returns a function that waits for
+# the SR and returns it (node/results/sr_process.py).
+SrBuilder = Callable[[dict[str, Any]], Callable[[], Dataset]]
+
+
 def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], algorithm: AlgorithmInfo,
                   *, manufacturer: str = "AINODE", device_serial: str = "ainode-0",
-                  on_built: Callable[[BuiltObject], None] | None = None) -> list[BuiltObject]:
+                  on_built: Callable[[BuiltObject], None] | None = None,
+                  sr_builder: SrBuilder | None = None) -> list[BuiltObject]:
     """One SEG per segmentation (in result order), then one TID 1500 Comprehensive 3D SR if there are findings.
 
     `sources` maps each source series UID to its datasets (headers suffice; pixel data is never decoded)
@@ -65,13 +72,14 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
     version gives new objects beside the old ones.
 
     `on_built` is called with each object as soon as it is made (the SEG before the SR is built), so a
-    caller can write and validate one object while the next is built.
+    caller can write and validate one object while the next is built. With `sr_builder`, the SR is built
+    elsewhere while the SEGs are built here: the SR needs only the SEGs' derived UIDs, not the SEGs.
     """
     study_uid = source_study(sources)
     base = (study_uid, *sorted(sources), algorithm.name, algorithm.version)
     params = algorithm_parameters(algorithm)
-    out: list[BuiltObject] = []
-    seg_refs: dict[str, tuple] = {}  # segment label -> (SEG, source series UID, segment number)
+    plans = []  # (segmentation, its source datasets, SEG series UID, SEG SOP instance UID)
+    seg_refs: dict[str, SegmentReference] = {}  # segment label -> where the SR finds it
     for i, segmentation in enumerate(result.segmentations):
         src = sources.get(segmentation.source_series_uid)
         if src is None:
@@ -81,25 +89,48 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
         # A SEG's UIDs depend on its own source series only, so another series joining the study (and so
         # the SR's inputs) does not orphan a SEG that the PACS already holds.
         seg_base = (study_uid, segmentation.source_series_uid, algorithm.name, algorithm.version, "SEG", str(i))
-        seg = build_seg(segmentation, src, name=algorithm.name, version=algorithm.version,
-                        series_uid=derive_uid(*seg_base, "series"), sop_uid=derive_uid(*seg_base),
-                        manufacturer=manufacturer, device_serial=device_serial, parameters=params)
+        series_uid, sop_uid = derive_uid(*seg_base, "series"), derive_uid(*seg_base)
         for n, s in enumerate(segmentation.segments, start=1):
             if s.label in seg_refs:
                 raise ValueError(f"segment label '{s.label}' is used twice in the result; findings link to "
                                  f"segments by label, so labels must be unique")
-            seg_refs[s.label] = (seg, segmentation.source_series_uid, n)
-        out.append(BuiltObject("SEG", str(seg.SOPClassUID), str(seg.SOPInstanceUID),
-                               str(seg.SeriesInstanceUID), seg))
+            seg_refs[s.label] = SegmentReference(study_uid, series_uid, sop_uid, segmentation.source_series_uid, n)
+        plans.append((segmentation, src, series_uid, sop_uid))
+
+    sr_args: dict[str, Any] | None = None
+    pending_sr: Callable[[], Dataset] | None = None
+    if result.findings:
+        sr_args = dict(findings=list(result.findings), sources=sources, segs=seg_refs, name=algorithm.name,
+                       version=algorithm.version,
+                       observer_uid=derive_uid("device", manufacturer, device_serial, algorithm.name),
+                       tracking_uids={f.tracking_id: derive_uid(*base, "tracking", f.tracking_id)
+                                      for f in result.findings},
+                       series_uid=derive_uid(*base, "SR", "series"), sop_uid=derive_uid(*base, "SR", "0"),
+                       manufacturer=manufacturer, device_serial=device_serial, parameters=params)
+        if sr_builder is not None and plans:  # with no SEG to build there is nothing to overlap
+            pending_sr = sr_builder(sr_args)
+
+    out: list[BuiltObject] = []
+    for segmentation, src, series_uid, sop_uid in plans:
+        seg = build_seg(segmentation, src, name=algorithm.name, version=algorithm.version, series_uid=series_uid,
+                        sop_uid=sop_uid, manufacturer=manufacturer, device_serial=device_serial, parameters=params)
+        if str(seg.SOPClassUID) != SegmentReference.sop_class_uid:
+            raise ValueError(f"highdicom made a SEG of SOP class {seg.SOPClassUID}, but the SR cites "
+                             f"{SegmentReference.sop_class_uid}")
+        out.append(BuiltObject("SEG", str(seg.SOPClassUID), sop_uid, series_uid, seg))
         if on_built:
             on_built(out[-1])
-    if result.findings:
-        sr = build_sr(result.findings, sources, seg_refs, name=algorithm.name, version=algorithm.version,
-                      observer_uid=derive_uid("device", manufacturer, device_serial, algorithm.name),
-                      tracking_uid=lambda tid: derive_uid(*base, "tracking", tid),
-                      series_uid=derive_uid(*base, "SR", "series"), sop_uid=derive_uid(*base, "SR", "0"),
-                      manufacturer=manufacturer, device_serial=device_serial, parameters=params)
+    if sr_args is not None:
+        sr = pending_sr() if pending_sr is not None else build_sr_from(sr_args)
         out.append(BuiltObject("SR", str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), sr))
         if on_built:
             on_built(out[-1])
     return out
+
+
+def build_sr_from(args: Mapping[str, Any]) -> Dataset:
+    """build_sr from the arguments build_results collects (picklable: a dict of tracking UIDs, no function)."""
+    kwargs = dict(args)
+    tracking = kwargs.pop("tracking_uids")
+    findings, sources, segs = kwargs.pop("findings"), kwargs.pop("sources"), kwargs.pop("segs")
+    return build_sr(findings, sources, segs, tracking_uid=tracking.__getitem__, **kwargs)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from node.plugin_api import Code, Finding
 
@@ -49,10 +51,30 @@ def _measurements(f: Finding, algo: hd.sr.AlgorithmIdentification) -> list[hd.sr
     return out
 
 
+@dataclass(frozen=True)
+class SegmentReference:
+    """What the SR needs of a SEG segment. The SEG's UIDs are derived, so this is known before the SEG is built
+    and the SR can be built at the same time (node/results/sr_process.py)."""
+
+    study_uid: str
+    series_uid: str  # the SEG's series
+    sop_instance_uid: str  # the SEG's
+    source_series_uid: str  # the series the SEG segments
+    segment_number: int
+    sop_class_uid: str = str(SegmentationStorage)
+
+    def evidence(self) -> Dataset:
+        """The SEG as the SR's evidence lists it."""
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = self.study_uid, self.series_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = self.sop_class_uid, self.sop_instance_uid
+        return ds
+
+
 def build_sr(
     findings: Sequence[Finding],
     sources: Mapping[str, Sequence[Dataset]],
-    segs: Mapping[str, tuple[hd.seg.Segmentation, str, int]],
+    segs: Mapping[str, SegmentReference],
     *,
     name: str,
     version: str,
@@ -64,7 +86,7 @@ def build_sr(
     device_serial: str,
     parameters: Mapping[str, str] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """`segs` maps a segment label to (its SEG, the source series UID, its segment number)."""
+    """`segs` maps a segment label to where that segment is."""
     all_sources = [ds for series in sources.values() for ds in series]
     algo = hd.sr.AlgorithmIdentification(
         name=name, version=version, family=codes.cid7162.ArtificialIntelligence,
@@ -90,10 +112,10 @@ def build_sr(
             if f.segment_label not in segs:
                 raise ValueError(f"finding {f.tracking_id} names segment '{f.segment_label}', "
                                  f"which no segmentation in the result has")
-            seg, series_uid_src, number = segs[f.segment_label]
+            seg = segs[f.segment_label]
             ref = hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(series_uid_src))
+                sop_class_uid=seg.sop_class_uid, sop_instance_uid=seg.sop_instance_uid,
+                segment_number=seg.segment_number, source_series=hd.sr.SourceSeriesForSegmentation(seg.source_series_uid))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_segment=ref, **common))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(source_images=source_images, **common))
@@ -102,7 +124,7 @@ def build_sr(
         procedure_reported=coded(procedure_for(all_sources)),
         imaging_measurements=groups,
     )
-    unique_segs = {str(seg.SOPInstanceUID): seg for seg, _, _ in segs.values()}
+    unique_segs = {seg.sop_instance_uid: seg.evidence() for seg in segs.values()}
     evidence = list(all_sources) + list(unique_segs.values())
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,

@@ -21,7 +21,7 @@ from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
 from node.monitor.stats import output_stats
 from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
-from node.results.build import AlgorithmInfo, BuiltObject, build_results
+from node.results.build import AlgorithmInfo, BuiltObject, SrBuilder, build_results
 from node.results.fallback import build_fallbacks
 from node.results.validate import PendingValidation, start_dciodvfy
 from node.run.series_loader import load_series
@@ -91,6 +91,19 @@ class PluginCache:
         if self.device == "cuda":
             raise RuntimeError("run.device is cuda, but no CUDA GPU is visible to the worker")
         return "cpu"
+
+    def preload(self, names: list[str]) -> None:
+        """Load the plugins a worker will run, and what the results build reads on first use (highdicom's
+        tables of the standard, about 1 s), so that neither counts in the first job's time."""
+        for name in names:
+            try:
+                self.get(name)
+            except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
+                log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+        if names:
+            from node.results import iod_lookup
+
+            iod_lookup.preload()
 
     def loaded(self, name: str) -> Plugin | None:
         return self._plugins.get(name)
@@ -189,8 +202,9 @@ def _run_plugin(plugin: Plugin, study: StudyInput, timings: dict[str, float]) ->
 
 
 def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None],
-                loaded: LoadedInput | None = None) -> JobOutput:
-    """Run one job. `loaded` is its input if it was prefetched while the previous job ran."""
+                loaded: LoadedInput | None = None, sr_builder: SrBuilder | None = None) -> JobOutput:
+    """Run one job. `loaded` is its input if it was prefetched while the previous job ran; `sr_builder`
+    builds the SR in another process while this one builds the SEG."""
     timings: dict[str, float] = {}
     plugin = plugins.get(spec.plugin)
 
@@ -239,7 +253,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
             checks.append((o.kind, o.sop_instance_uid, start_dciodvfy(tmp)))
 
     try:
-        build_results(result, sources, algorithm, on_built=write)
+        build_results(result, sources, algorithm, on_built=write, sr_builder=sr_builder)
         if spec.fallbacks:
             for o in build_fallbacks(result, sources, algorithm, spec.fallbacks, volumes=keep,
                                      max_key_images=spec.max_key_images):

@@ -57,7 +57,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
-                models_dir: Path | None, device: str, env: Mapping[str, str]) -> None:
+                models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False) -> None:
     os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
@@ -70,13 +70,18 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
     from node.logs import setup_logging
 
     setup_logging(log_level)
+    sr_builder = None
+    if sr_process and preload:  # a worker with no rule plugin builds nothing
+        from node.results.sr_process import SrProcess
+
+        # multiprocessing refuses children to a daemonic process. The node made this one daemonic so that
+        # its own exit never waits for it; in here the flag only blocks the SR process, which dies with
+        # this one (PR_SET_PDEATHSIG), so it is cleared.
+        mp.current_process().daemon = False
+        sr_builder = SrProcess()
     plugins = PluginCache(sections, models_dir, device)
     prefetcher = Prefetcher(plugins)
-    for name in preload:
-        try:
-            plugins.get(name)
-        except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
-            log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+    plugins.preload(preload)
     conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn
     runs: queue.Queue = queue.Queue()
 
@@ -103,7 +108,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
             return
         loaded = prefetcher.take(spec)
         try:
-            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)), loaded)
+            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)), loaded, sr_builder)
             del loaded
             conn.send(("done", out))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the node
@@ -114,10 +119,10 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
 class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
                  log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, sr_process: bool = False) -> None:
         self.name = name
         self.env = dict(env or {})
-        self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env)
+        self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env, sr_process)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None

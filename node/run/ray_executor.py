@@ -64,11 +64,7 @@ class PluginActor:
 
         setup_logging(log_level)
         self.plugins = PluginCache(sections, models_dir, device)
-        for name in preload:
-            try:
-                self.plugins.get(name)
-            except Exception as exc:  # noqa: BLE001 - reported again when a job needs the plugin
-                log.error("plugin failed to load plugin=%s error=%s", name, f"{type(exc).__name__}: {exc}")
+        self.plugins.preload(preload)
         self.scratch = Path(tempfile.mkdtemp(prefix="ainode-ray-"))
 
     def where(self) -> dict:

@@ -78,6 +78,7 @@ class WorkerPool:
         max_key_images: int = 1,
         shadow_of: Mapping[str, str] | None = None,
         runners: Callable[[WorkerSlot, list[str]], Runner] | None = None,
+        sr_process: bool = False,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
@@ -85,7 +86,8 @@ class WorkerPool:
         whose jobs get the patient's prior studies, fetched from `sources` as `node_ae`. `accepts` says which
         objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead).
         `runners` makes each slot's worker from (slot, plugins to preload): by default a local PluginProcess;
-        node/run/ray_executor.py makes Ray actors with the same interface."""
+        node/run/ray_executor.py makes Ray actors with the same interface. `sr_process`: each local worker
+        builds SRs in a second process while it builds the SEG (node/results/sr_process.py)."""
         self.rule_priors = dict(rule_priors or {})
         self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
@@ -108,7 +110,8 @@ class WorkerPool:
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
-            return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env)
+            return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env,
+                                 sr_process=sr_process)
 
         make = runners or local
         self._processes = [make(slot, [p for p in preload or [] if slot.may_run(p)]) for slot in self.slots]

@@ -1,0 +1,112 @@
+"""A warm second process that builds a job's SR while the worker process builds its SEG.
+
+Both builds are pure-Python highdicom and pydicom work under one GIL, so in one process they take the sum
+of their times; in two processes, on a machine with two or more cores, they overlap. The SR needs the
+SEGs' UIDs only, which are derived before either is built (node/results/build.py). The process is spawned
+when the worker starts and imports highdicom then, so no job pays for its start. It dies with the worker
+process (PR_SET_PDEATHSIG). If it fails or dies, the job builds its SR in its own process instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import pickle
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Sequence
+
+from pydicom.dataset import Dataset
+
+log = logging.getLogger("ainode.results")
+
+
+def _warm() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops the workers, which take this along
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    import highdicom  # noqa: F401 - the import and the standard's tables: seconds, paid once
+
+    from node.results import iod_lookup
+
+    iod_lookup.install()
+    highdicom._standard_utils.get_module_attribute_map()  # type: ignore[attr-defined]
+
+
+# What highdicom's SR reads of a cited image (its reference, the evidence list, and its check that the
+# image is an image); the first image of each series goes whole (patient and study modules come from it).
+CITED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
+         "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames")
+
+
+def _for_sr(series: Sequence[Dataset]) -> list[Dataset]:
+    """The series as the SR process needs it. Pickling 300 whole headers costs about 0.3 s in the worker
+    (and a FileDataset carries its file's bytes along); the attributes the SR reads cost a tenth of that."""
+    out = [Dataset(series[0])]  # a plain Dataset: its elements, not the file buffer behind them
+    for ds in series[1:]:
+        stub = Dataset()
+        for keyword in CITED:
+            if keyword in ds:
+                stub[keyword] = ds[keyword]
+        out.append(stub)
+    return out
+
+
+def _build(args: dict[str, Any]) -> Dataset:
+    from node.results.build import build_sr_from
+
+    return build_sr_from(args)
+
+
+def _ready() -> bool:
+    return True
+
+
+class SrProcess:
+    """Call it with build_sr's arguments (as build_results collects them) to start an SR; the function it
+    returns waits for the SR."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._start()
+
+    def _start(self) -> None:
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_warm)
+        self._pool.submit(_ready)  # starts the process and warms it now, not at the first job
+
+    def __call__(self, args: dict[str, Any]) -> Callable[[], Dataset]:
+        try:
+            shipped = {**args, "sources": {uid: _for_sr(series) for uid, series in args["sources"].items()}}
+            future: Future[Dataset] | None = self._pool.submit(_build, shipped) if self._pool else None
+        except Exception as exc:  # noqa: BLE001 - a broken pool: build here, and start a new process
+            log.warning("SR process unusable; building the SR in the worker error=%s", type(exc).__name__)
+            self._restart()
+            future = None
+
+        def wait() -> Dataset:
+            from node.results.build import build_sr_from
+
+            if future is None:
+                return build_sr_from(args)
+            try:
+                return future.result()  # the SR's own errors (an unknown segment label, say) are raised here
+            except (BrokenProcessPool, pickle.PicklingError) as exc:  # the process died: build here
+                log.warning("SR process failed; building the SR in the worker error=%s", type(exc).__name__)
+                self._restart()
+                return build_sr_from(args)
+
+        return wait
+
+    def _restart(self) -> None:
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=False, cancel_futures=True)

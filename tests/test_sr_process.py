@@ -1,0 +1,88 @@
+"""The SR built in a second process while the SEG is built (node/results/sr_process.py): the same SR as one
+built in the job's own process, errors that are the SR's own still fail the job, and a dead process only
+means the SR is built in the job's process instead."""
+
+import copy
+import os
+import signal
+
+import pytest
+
+from node.plugin_api import Finding, Measurement, PluginResult
+from node.results import AlgorithmInfo, build_results, iod_lookup, validate_with_dciodvfy
+from node.results.sr_process import SrProcess
+from tests.test_results import LUNG, ML, VOLUME, headers_only, result_for, small_ct
+
+ALGO = AlgorithmInfo("ct_lung", "1.0.0", model_name="unet", model_version="7")
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
+@pytest.fixture(scope="module")
+def sr_process():
+    proc = SrProcess()
+    yield proc
+    proc.close()
+
+
+def _without_clock(ds):
+    ds = copy.deepcopy(ds)
+    for keyword in CLOCK:
+        ds.pop(keyword, None)
+    for item in ds.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    return ds
+
+
+def test_the_sr_from_the_process_equals_the_one_built_in_place(sr_process, tmp_path):
+    src = small_ct()
+    sources = {src[0].SeriesInstanceUID: headers_only(src)}
+    order = []
+    here = build_results(result_for(src), sources, ALGO)
+    there = build_results(result_for(src), sources, ALGO, sr_builder=sr_process,
+                          on_built=lambda o: order.append(o.kind))
+    assert order == ["SEG", "SR"]
+    assert [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in here] == \
+           [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in there]
+    assert _without_clock(here[1].dataset) == _without_clock(there[1].dataset)
+    path = tmp_path / "sr.dcm"
+    there[1].dataset.save_as(path, enforce_file_format=True)
+    assert validate_with_dciodvfy(path) == []
+
+
+def test_an_error_of_the_sr_itself_still_fails_the_build(sr_process):
+    src = small_ct()
+    res = result_for(src)
+    bad = PluginResult(findings=[Finding("x", LUNG, [Measurement(VOLUME, 1.0, ML)], segment_label="nope")],
+                       segmentations=res.segmentations)
+    with pytest.raises(ValueError, match="segment 'nope'"):
+        build_results(bad, {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=sr_process)
+
+
+def test_a_dead_sr_process_means_the_sr_is_built_in_place():
+    proc = SrProcess()
+    try:
+        assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
+        for pid in list(proc._pool._processes):  # the process a kernel OOM kill would take
+            os.kill(pid, signal.SIGKILL)
+        src = small_ct()
+        objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
+        assert [o.kind for o in objs] == ["SEG", "SR"]
+        # and the next job has a working process again
+        objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
+        assert [o.kind for o in objs] == ["SEG", "SR"]
+        assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
+    finally:
+        proc.close()
+
+
+def test_the_iod_look_up_cache_answers_as_highdicom_does():
+    from highdicom import _standard_utils
+
+    assert _standard_utils.is_attribute_in_iod is iod_lookup.is_attribute_in_iod
+    for attribute, sop_class in [("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.2"),
+                                 ("NumberOfFrames", "1.2.840.10008.5.1.4.1.1.66.4"),
+                                 ("ContentDate", "1.2.840.10008.5.1.4.1.1.88.34")]:
+        assert iod_lookup.is_attribute_in_iod(attribute, sop_class) == iod_lookup._uncached(attribute, sop_class)
+    assert iod_lookup.is_attribute_in_iod("PixelData", "1.2.840.10008.5.1.4.1.1.2", ["IconImageSequence"]) == \
+        iod_lookup._uncached("PixelData", "1.2.840.10008.5.1.4.1.1.2", ["IconImageSequence"])
