@@ -44,6 +44,7 @@ def test_every_syntax_loads_as_pydicom_decodes_it(tmp_path, ts_name):
     assert np.array_equal(vol.pixels, want)
     assert [str(h.SOPInstanceUID) for h in headers] == uids == list(vol.sop_instance_uids)
     assert all("PixelData" not in h for h in headers)  # one copy of the pixels: the volume's
+    assert all(h.buffer is None for h in headers)  # and no header holds on to its file's bytes
     direct = _read(files[0])[1] is not None
     assert direct == (ts_name in NATIVE), "uncompressed little endian is read directly, the rest by pydicom"
 

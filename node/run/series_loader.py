@@ -99,6 +99,9 @@ def _read(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     if pixels is None:
         ds = dcmread(io.BytesIO(data))
     ds.filename = str(path)  # as dcmread(path) sets it
+    # pydicom keeps the BytesIO it read from, so every header would hold its whole file (158 MB for a
+    # 300-slice CT, beside the volume) until the job ends; nothing reads it again.
+    ds.buffer = None
     return ds, pixels
 
 
