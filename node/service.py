@@ -74,6 +74,7 @@ class NodeService:
                                    node_ae=cfg.node.ae_title, evidence_check_s=cfg.assemble.evidence_check_s,
                                    evidence_min_interval_s=cfg.assemble.evidence_min_interval_s,
                                    on_complete=self._wake.set)
+        self.scp.on_released = self._sender_done
         self.router = Router(self.store, self.audit, cfg.rules)
         self.results_dir = paths.results_dir
         rule_plugins = cfg.rule_plugins()
@@ -164,6 +165,10 @@ class NodeService:
         self.assembler.open_since = time.time()
         if self.api is not None:
             self.api.start()
+
+    def _sender_done(self, study_uids: set[str]) -> None:
+        self.assembler.sender_done(study_uids)
+        self._wake.set()
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():

@@ -82,6 +82,17 @@ def test_complete_by_counts_within_one_second_with_quiet_period_60s(pacs_with_st
     wait_until(lambda: events(node, "rule-matched"), 10, "the study to be routed")
 
 
+def test_the_pacs_is_asked_as_soon_as_it_releases_the_association(tmp_path, orthanc, node_factory, test_plugins):
+    ct = small_ct(tmp_path)
+    orthanc.upload_files(ct.files)
+    node = node_factory(node_config(orthanc.dicom_port, evidence_check_s=30))  # no quiet gap would do it
+    orthanc.add_modality("ainode", node.ae_title, "127.0.0.1", node.port)
+    send(node, ct.files, calling="ORTHANC")  # storescu releases its association when it is done
+    rec = completion(node, ct.study_uid)
+    assert rec["reason"] == "counts-matched" and rec["instances"] == 12
+    assert latency(node, ct.study_uid) < 5.0
+
+
 def test_partial_send_waits_then_the_rest_completes_by_counts(pacs_with_study):
     _, node, ct = pacs_with_study
     send(node, ct.files[:8], calling="ORTHANC")
@@ -234,6 +245,21 @@ def test_asked_only_after_a_quiet_gap_once_per_burst(tmp_path):
     assert asm.tick() == [] and asm.tick() == ["1.9"]
     assert len(pacs.asked) == 3
     assert store.get_study("1.9").completion_reason == "counts-matched"
+
+
+def test_a_sender_releasing_its_association_is_asked_about_at_once(tmp_path):
+    clock, pacs = Clock(), FakePacs({"1.9.1": 3})
+    store, asm = make_assembler(tmp_path, pacs, clock)
+    receive(store, clock, n=3)
+    receive(store, clock, study="2.9", series="2.9.1", n=1)  # another study, its sender still sending
+    assert asm.tick() == [] and pacs.asked == []  # not quiet for evidence_check_s yet
+    asm.sender_done({"1.9"})
+    assert asm.tick() == [] and asm.tick() == ["1.9"]  # no time has passed: asked because of the release
+    assert pacs.asked == ["1.9"]
+    assert store.get_study("1.9").completion_reason == "counts-matched"
+    asm.sender_done({"1.9"})  # a late hint for a study already complete asks nothing
+    asm.tick()
+    assert pacs.asked == ["1.9"]
 
 
 def test_a_burst_short_of_the_answer_waits_for_the_min_interval(tmp_path):

@@ -9,6 +9,7 @@ by a crash or a restart resends, and a half-received study must not complete in 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Mapping
 
@@ -37,22 +38,34 @@ class Assembler:
         self.evidence_check_s = evidence_check_s
         self.clock = clock
         self.open_since = clock()  # the service moves this to when its SCP starts accepting
+        self._released: set[str] = set()  # studies whose sender has just released its association
+        self._released_lock = threading.Lock()
         queryable = {name: s for name, s in (sources or {}).items() if s.query}
         self.evidence = EvidenceChecker(store, audit, queryable, node_ae, evidence_check_s,
                                         evidence_min_interval_s, clock=clock,
                                         on_complete=on_complete) if queryable else None
 
+    def sender_done(self, study_uids: set[str]) -> None:
+        """A sender released the association that carried these studies: a PACS pushing a study sends it
+        whole and then releases, so its counts are worth asking for at once, without waiting for
+        `evidence_check_s` of quiet. Only a hint: the checks and limits of evidence.py still apply."""
+        if self.evidence:
+            with self._released_lock:
+                self._released |= study_uids
+
     def tick(self, now: float | None = None) -> list[str]:
         """Complete what can be completed now; return the UIDs of studies completed since the last tick."""
         now = self.clock() if now is None else now
         done = self.evidence.drain() if self.evidence else []
+        with self._released_lock:
+            released, self._released = self._released, set()
         quiet_cutoff = now - self.quiet_period_s
         look_back = max(quiet_cutoff, now - self.evidence_check_s) if self.evidence else quiet_cutoff
         quiet_since_open = self.open_since <= quiet_cutoff  # senders cut off by a restart had time to resend
         if self.evidence:
             receiving = self.store.receiving_studies(None)
             self.evidence.retain({st.study_uid for st in receiving})
-            receiving = [st for st in receiving if st.last_received_at <= look_back]
+            receiving = [st for st in receiving if st.last_received_at <= look_back or st.study_uid in released]
         else:
             receiving = self.store.receiving_studies(look_back)
         for st in receiving:

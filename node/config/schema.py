@@ -142,7 +142,8 @@ class AssembleSection(Strict):
     evidence_check_s: float = Field(
         0.4, gt=0, description="Seconds without a new instance before the sending PACS (a `sources` entry with "
         "query: true) is asked how many instances the study has. Instances of one send arrive milliseconds "
-        "apart, so a gap this long means the send has most likely ended; a busy receive never queries.")
+        "apart, so a gap this long means the send has most likely ended; a busy receive never queries. A sender "
+        "that releases its association after the study is asked at once, without this wait.")
     evidence_min_interval_s: float = Field(
         5.0, gt=0, description="A study's PACS is asked again no sooner than this (unless the node has since "
         "received as many instances as the last answer said), so a study arriving in bursts cannot hammer it.")

@@ -187,6 +187,11 @@ class StoreSCP:
         self.ae = self._make_ae()
         # Spool files are written and fsynced here while the association thread checks the header.
         self._writer = ThreadPoolExecutor(max_workers=max(2, cfg.max_associations), thread_name_prefix="spool-write")
+        # Called with the studies an association stored instances of, when its sender releases it
+        # (node/assemble/assembler.py Assembler.sender_done).
+        self.on_released: Callable[[set[str]], None] | None = None
+        self._studies: dict[object, set[str]] = {}  # association -> studies it stored instances of
+        self._studies_lock = threading.Lock()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
@@ -217,6 +222,8 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_EVENT_REPORT, self._on_event_report),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         if self.ssl_context is None and not self.reuse_port:
             self._server = self.ae.start_server(
@@ -346,6 +353,16 @@ class StoreSCP:
         calling, ip, port = self._peer(event)
         self.audit.append("association-rejected", "failure", calling_ae=calling, peer_ip=ip, peer_port=port,
                           reason="too many pending connections (pynetdicom limit)")
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._studies_lock:
+            studies = self._studies.pop(event.assoc, None)
+        if studies and self.on_released is not None:
+            self.on_released(studies)
+
+    def _on_closed(self, event: evt.Event) -> None:  # aborted or dropped: the sender will send again
+        with self._studies_lock:
+            self._studies.pop(event.assoc, None)
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -503,4 +520,6 @@ class StoreSCP:
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
         self.counters.bytes += len(encoded)
+        with self._studies_lock:
+            self._studies.setdefault(event.assoc, set()).add(study_uid)
         return SUCCESS
