@@ -92,10 +92,12 @@ def test_claim_job_keeps_may_run_and_admit(stores):
 def test_two_receivers_of_one_study_lose_no_count(stores):
     a, b = stores(2, concurrent=True)
     per = 30
+    first_pass = threading.Barrier(2, timeout=60)  # else one receiver may repeat an instance the other has yet to send
 
     def receive(store: Store, start: int) -> None:
         for n in range(start, start + per):
             assert store.add_instance(meta("1.2.9", n, series=f"1.2.9.s{n % 3}"))
+        first_pass.wait()
         for n in range(per):  # the same instances again, from the other receiver: already held
             store.add_instance(meta("1.2.9", n))
 
