@@ -5,7 +5,8 @@
 
 Writes one synthetic chest CT with `node.synth`, then for each bundled plugin runs the worker's whole job
 (`node.run.job_process.execute_job`: read and decode the series, the plugin, SEG/SR build and `dciodvfy`
-validation) once to warm up and `--runs` times, in this process. Prints the median seconds per study, the
+validation) once to warm up and `--runs` times, in this process, with the SR built in a second process as
+a local worker builds it (`run.sr_process`, on with 2 or more cores). Prints the median seconds per study, the
 studies per hour one worker slot sustains (3600 / median), the bytes a study puts on the spool (input) and
 in the results folder (SEG + SR), and the spool disk a site with `--studies-per-day` holds with
 `storage.retention_hours`.
@@ -27,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.config.schema import PluginSection  # noqa: E402
+from node.config.schema import PluginSection, RunSection  # noqa: E402
+from node.results.sr_process import SrProcess  # noqa: E402
 from node.run.job_process import JobSpec, PluginCache, execute_job  # noqa: E402
 from node.synth import write_chest_ct  # noqa: E402
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {len(files)} slices 512x512, {_mb(input_bytes)} on the spool; dciodvfy: "
               f"{'on' if validate else 'not installed (validation not timed)'}")
         cache = PluginCache({p: PluginSection() for p in a.plugins}, None, a.device)
+        cache.preload(list(a.plugins))  # as a worker does when it starts
+        sr_builder = SrProcess() if RunSection().use_sr_process() else None
         rows = []
         for name in a.plugins:
             out_dir = tmp_path / f"out-{name}"
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = JobSpec(job_id=i, study_uid=r.study_uid, plugin=name, series={series_uid: files},
                                temp_dir=str(out_dir), validate=validate)
                 t = time.perf_counter()
-                out = execute_job(spec, cache, lambda _stage: None)
+                out = execute_job(spec, cache, lambda _stage: None, sr_builder=sr_builder)
                 if i:
                     times.append(time.perf_counter() - t)
                 result_bytes = sum(Path(f.temp_path).stat().st_size for f in out.files)
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             device = cache.get(name).device
             med = statistics.median(times)
             rows.append((name, device, med, 3600 / med, result_bytes, out.timings))
+        if sr_builder is not None:
+            sr_builder.close()
 
     print()
     print(f"{'plugin':10} {'device':7} {'s/study':>8} {'studies/h/slot':>15} {'results/study':>14}  split of the last run (s)")
