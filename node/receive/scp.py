@@ -42,7 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
-from node.receive import checks
+from node.receive import checks, store_response
 from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
@@ -51,6 +51,8 @@ from node.store import Store
 from node.store.db import InstanceMeta
 
 log = logging.getLogger("ainode.receive")
+
+store_response.install()  # C-STORE-RSP Success encoded directly (store_response.py says why)
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
