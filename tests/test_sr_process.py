@@ -17,9 +17,14 @@ ALGO = AlgorithmInfo("ct_lung", "1.0.0", model_name="unet", model_version="7")
 CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
 
 
+def warm(proc: SrProcess) -> SrProcess:
+    proc._warm.result(timeout=120)
+    return proc
+
+
 @pytest.fixture(scope="module")
 def sr_process():
-    proc = SrProcess()
+    proc = warm(SrProcess())
     yield proc
     proc.close()
 
@@ -60,7 +65,7 @@ def test_an_error_of_the_sr_itself_still_fails_the_build(sr_process):
 
 
 def test_a_dead_sr_process_means_the_sr_is_built_in_place():
-    proc = SrProcess()
+    proc = warm(SrProcess())
     try:
         assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
         for pid in list(proc._pool._processes):  # the process a kernel OOM kill would take
@@ -68,11 +73,26 @@ def test_a_dead_sr_process_means_the_sr_is_built_in_place():
         src = small_ct()
         objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
         assert [o.kind for o in objs] == ["SEG", "SR"]
-        # and the next job has a working process again
+        # and the next job has a working process again, once it has started
+        warm(proc)
         objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
         assert [o.kind for o in objs] == ["SEG", "SR"]
         assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
     finally:
+        proc.close()
+
+
+def test_a_job_never_waits_for_the_process_to_start(monkeypatch):
+    proc = SrProcess()
+    try:
+        monkeypatch.setattr(proc, "warm", lambda: False)  # as in the seconds after a worker starts
+        submitted = []
+        monkeypatch.setattr(proc._pool, "submit", lambda *a: submitted.append(a))
+        src = small_ct()
+        objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
+        assert [o.kind for o in objs] == ["SEG", "SR"] and submitted == []  # built in place
+    finally:
+        monkeypatch.undo()
         proc.close()
 
 

@@ -11,7 +11,6 @@ the node process (PR_SET_PDEATHSIG), like its workers, so a kill -9 drops their 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -25,24 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from node.config.schema import NodeSection
+from node.lifeline import die_with_parent
 from node.receive.rpc import RpcClient, RpcServer
 from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.receive")
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not glibc Linux: the stop pipe's EOF still ends the process
-        pass
-
-
 def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, min_free_mb: int,
            rpc_path: str, authkey: bytes, counts: Any, control: Any, log_level: str) -> None:
-    _die_with_parent()
+    die_with_parent()
     from node.logs import setup_logging
 
     setup_logging(log_level)

@@ -9,7 +9,6 @@ process (PR_SET_PDEATHSIG). If it fails or dies, the job builds its SR in its ow
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import pickle
@@ -20,16 +19,15 @@ from typing import Any, Callable, Sequence
 
 from pydicom.dataset import Dataset
 
+from node.lifeline import die_with_parent
+
 log = logging.getLogger("ainode.results")
 
 
 def _warm() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops the workers, which take this along
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent()
     import highdicom  # noqa: F401 - the import and the standard's tables: seconds, paid once
 
     from node.results import iod_lookup
@@ -77,9 +75,18 @@ class SrProcess:
 
     def _start(self) -> None:
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_warm)
-        self._pool.submit(_ready)  # starts the process and warms it now, not at the first job
+        self._warm: Future[bool] = self._pool.submit(_ready)  # starts the process and warms it now
+
+    def warm(self) -> bool:
+        """The process has started and imported highdicom (seconds after a worker starts, more on a busy
+        machine)."""
+        return self._warm.done() and self._warm.exception() is None
 
     def __call__(self, args: dict[str, Any]) -> Callable[[], Dataset]:
+        from node.results.build import build_sr_from
+
+        if not self.warm():  # a job must never wait for the process to start: build here this time
+            return lambda: build_sr_from(args)
         try:
             shipped = {**args, "sources": {uid: _for_sr(series) for uid, series in args["sources"].items()}}
             future: Future[Dataset] | None = self._pool.submit(_build, shipped) if self._pool else None
@@ -89,8 +96,6 @@ class SrProcess:
             future = None
 
         def wait() -> Dataset:
-            from node.results.build import build_sr_from
-
             if future is None:
                 return build_sr_from(args)
             try:

@@ -8,7 +8,6 @@ dies on its own (a segfault, the kernel's OOM killer) fails its job the same way
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
+from node.lifeline import die_with_parent
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 from node.run.prefetch import Prefetcher
@@ -63,10 +63,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
     # itself; and if the node is killed outright, this process must not outlive it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent()
     from node.logs import setup_logging
 
     setup_logging(log_level)
