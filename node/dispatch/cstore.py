@@ -10,12 +10,12 @@ from typing import Sequence
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 
+from node.config.schema import Destination
+from node.config.tls import TlsError, client_context
+
 # send_c_store(path) streams the file's data set as written, without pydicom decoding it and encoding it
 # again: for a 300-slice SEG (over 500 per-frame items) that round trip cost about 0.8 s a send.
 _config.STORE_SEND_CHUNKED_DATASET = True
-
-from node.config.schema import Destination
-from node.config.tls import TlsError, client_context
 
 
 class SendError(Exception):
@@ -55,9 +55,9 @@ def _tls_args(dest: Destination) -> tuple[ssl.SSLContext, str] | None:
 
 def send_files(dest: Destination, calling_ae: str, files: Sequence[Outgoing]) -> dict[str, str | None]:
     """Send each file; return {sop_instance_uid: None on success, else the error}."""
-    metas = {f.sop_instance_uid: read_file_meta_info(f.path) for f in files}  # each file's class and syntax
     contexts: dict[str, set[str]] = {}
-    for meta in metas.values():
+    for f in files:  # each file's SOP class and transfer syntax, from its file meta alone
+        meta = read_file_meta_info(f.path)
         contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
     ae = AE(ae_title=dest.calling_ae_title or calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s

@@ -28,12 +28,9 @@ def _warm() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops the workers, which take this along
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
-    import highdicom  # noqa: F401 - the import and the standard's tables: seconds, paid once
+    from node.results import iod_lookup  # importing node.results imports highdicom and installs the cache
 
-    from node.results import iod_lookup
-
-    iod_lookup.install()
-    highdicom._standard_utils.get_module_attribute_map()  # type: ignore[attr-defined]
+    iod_lookup.preload()  # the import and the standard's tables: seconds, paid once
 
 
 # What highdicom's SR reads of a cited image (its reference, the evidence list, and its check that the
