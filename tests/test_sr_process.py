@@ -96,6 +96,19 @@ def test_a_job_never_waits_for_the_process_to_start(monkeypatch):
         proc.close()
 
 
+def test_a_worker_reads_highdicom_s_tables_before_its_first_job():
+    from highdicom import _standard_utils
+
+    from node.run.job_process import PluginCache
+
+    tables = (_standard_utils.get_sop_class_iod_map, _standard_utils.get_iod_module_map,
+              _standard_utils.get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    PluginCache({}).preload(["ct_lung"])
+    assert all(table.cache_info().currsize == 1 for table in tables)
+
+
 def test_the_iod_look_up_cache_answers_as_highdicom_does():
     from highdicom import _standard_utils
 

@@ -51,3 +51,12 @@ def test_failures_warnings_and_comments_go_through_pynetdicom():
     request.AffectedSOPClassUID = CT
     request.AffectedSOPInstanceUID = "1.2.3"
     assert not _plain_success(request)  # a request, not a response
+
+
+def test_the_receiver_installs_it():
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    import node.receive.scp  # noqa: F401 - installs it on import
+    from node.receive import store_response
+
+    assert DIMSEServiceProvider.send_msg is store_response.send_msg
