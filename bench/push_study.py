@@ -49,6 +49,17 @@ class PushRun:
         return max(ts(r) for r in self.records if r["event"] == event)
 
 
+def wait_warm(node: NodeProcess, timeout: float = 120.0) -> None:
+    """Wait until the node's worker is warm (torch imported, plugin loaded): a node in service has been up
+    for days, and a push during the warm-up would measure the warm-up."""
+    deadline = time.monotonic() + timeout
+    while "worker ready" not in node.log_path.read_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the node's worker was not ready after {timeout} s; node log: {node.log_path}")
+        time.sleep(0.1)
+    time.sleep(1.0)  # its SR process finishes its imports
+
+
 def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[OrthancServer], dict],
                modalities: Iterable[str] = ("SR",), timeout: float = 600) -> PushRun:
     """Write a `slices`-slice 512x512 chest CT, upload it to a fresh Orthanc, start the node with
@@ -61,6 +72,7 @@ def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[Ort
         study_id = orthanc.find_study(synth.study_uid)
         node = NodeProcess(work / "node", node_config(orthanc)).start()
         try:
+            wait_warm(node)
             orthanc.add_modality("ainode", node.ae_title, "127.0.0.1", node.port)
             t_send = time.time()
             orthanc.send_study_to_modality("ainode", study_id)

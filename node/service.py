@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from node.receive import Spool, StoreSCP
 from node.receive.processes import ReceiveProcesses
 from node.ris.config import resolve_paths
 from node.route import Router
+from node.route.rules import could_take
 from node.deid import Deidentifier, PseudonymMap, load_key
 from node.deid.returns import ReturnedResults
 from node.run.forward import Forwarder
@@ -101,6 +103,8 @@ class NodeService:
                                   max_key_images=max((d.max_key_images for d in cfg.destinations.values()), default=1),
                                   shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of},
                                   sr_process=cfg.run.use_sr_process(),
+                                  read_ahead_mb=cfg.run.read_ahead_mb,
+                                  could_take=functools.partial(could_take, cfg.rules),
                                   runners=self.ray and self.ray.runners(cfg.plugins, log_level, paths.models_dir,
                                                                         cfg.run.device))
         self.models_dir = paths.models_dir
@@ -110,6 +114,7 @@ class NodeService:
                                      fhir={n: resolve_paths(d, tls_base) for n, d in cfg.fhir.items()},
                                      dicomweb={n: d.with_resolved_paths(tls_base) for n, d in cfg.dicomweb.items()})
         self.workers.on_results = self.dispatcher.wake
+        self.scp.on_indexed = self.workers.arrived
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)

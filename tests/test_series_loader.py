@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.run.series_loader import SeriesLoadError, _read, load_series
+from node.run.series_loader import SeriesLoadError, read_file, load_series
 from node.synth import write_chest_ct
 from node.synth.chest_ct import SUPPORTED_SYNTAXES
 
@@ -45,7 +45,7 @@ def test_every_syntax_loads_as_pydicom_decodes_it(tmp_path, ts_name):
     assert [str(h.SOPInstanceUID) for h in headers] == uids == list(vol.sop_instance_uids)
     assert all("PixelData" not in h for h in headers)  # one copy of the pixels: the volume's
     assert all(h.buffer is None for h in headers)  # and no header holds on to its file's bytes
-    direct = _read(files[0])[1] is not None
+    direct = read_file(files[0])[1] is not None
     assert direct == (ts_name in NATIVE), "uncompressed little endian is read directly, the rest by pydicom"
 
 
@@ -62,7 +62,7 @@ def test_bits_stored_below_bits_allocated_keeps_the_stored_bits(tmp_path, ts_nam
         ds.PixelData = stored.astype(np.uint16).tobytes()
 
     rewrite(r.files, to_12_bits)
-    assert _read(r.files[0])[1] is not None
+    assert read_file(r.files[0])[1] is not None
     vol, _ = load_series(r.files)
     assert np.array_equal(vol.pixels, reference(r.files)[0])
 
@@ -70,7 +70,7 @@ def test_bits_stored_below_bits_allocated_keeps_the_stored_bits(tmp_path, ts_nam
 def test_an_element_after_the_pixel_data_is_kept_in_the_header(tmp_path):
     r = write_chest_ct(tmp_path / "ct", **SMALL)
     rewrite(r.files[:1], lambda ds: setattr(ds, "DataSetTrailingPadding", b"\0\0"))
-    ds, pixels = _read(r.files[0])
+    ds, pixels = read_file(r.files[0])
     assert pixels is None and "DataSetTrailingPadding" in ds  # read by pydicom, whole
     vol, _ = load_series(r.files)
     assert np.array_equal(vol.pixels, reference(r.files)[0])

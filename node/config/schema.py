@@ -182,6 +182,10 @@ class RunSection(Strict):
     sr_process: bool | None = Field(
         None, description="Each worker process keeps a second process (about 100 MB) that builds a job's SR while "
         "the worker builds its SEG, so the two overlap on two cores. Default: on with 2 or more CPU cores.")
+    read_ahead_mb: int = Field(
+        512, ge=0, description="An idle worker process reads the files of an arriving study that a rule could take, "
+        "up to this much (and a quarter of run.memory_limit_mb at most), so that the job finds its series read "
+        "when the study completes. 0: off.")
     executor: Literal["local", "ray"] = Field(
         "local", description="Where jobs run: 'local' (worker processes of this node) or 'ray' (actors on the "
         "Ray cluster of run.ray; pip install '.[ray]').")

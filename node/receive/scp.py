@@ -192,6 +192,8 @@ class StoreSCP:
         # Called with the studies an association stored instances of, when its sender releases it
         # (node/assemble/assembler.py Assembler.sender_done).
         self.on_released: Callable[[set[str]], None] | None = None
+        # Called with each new instance once it is indexed (node/run/worker.py WorkerPool.arrived: read ahead).
+        self.on_indexed: Callable[[InstanceMeta], None] | None = None
         self._studies: dict[object, set[str]] = {}  # association -> studies it stored instances of
         self._studies_lock = threading.Lock()
 
@@ -402,6 +404,11 @@ class StoreSCP:
                                   bytes=meta.size_bytes)
             except Exception as exc:
                 raise AuditAppendFailed(f"{type(exc).__name__}: {exc}") from exc
+            if self.on_indexed is not None:
+                try:
+                    self.on_indexed(meta)
+                except Exception:  # noqa: BLE001 - a hint only: the instance is stored either way
+                    log.exception("on_indexed failed")
         return is_new
 
     def _check(self, encoded: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,

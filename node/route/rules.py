@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from node.config.schema import Rule, SeriesMatch
-from node.store import NewJob
+from node.config.schema import FORWARD, Rule, SeriesMatch
+from node.store import InstanceMeta, NewJob
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,16 @@ def evaluate_all(rules: Sequence[Rule], study: StudyFacts) -> Evaluation:
         out.append((rule, NewJob(rule=rule.name, plugin=rule.plugin, priority=rule.priority,
                                  series_uids=[best.series_uid], destinations=list(rule.destinations))))
     return Evaluation(out, why, required)
+
+
+def could_take(rules: Sequence[Rule], meta: InstanceMeta) -> frozenset[str]:
+    """The plugins of the rules that could analyse this instance's series once its study is complete (its
+    instance count aside): whose workers may read the series while it arrives (node/run/read_ahead.py)."""
+    study = StudyFacts(meta.study_uid, meta.calling_ae, meta.study_description, ())
+    series = SeriesFacts(meta.series_uid, meta.modality, meta.body_part, meta.series_description,
+                         meta.slice_thickness, instance_count=sys.maxsize)
+    return frozenset(r.plugin for r in rules
+                     if r.plugin != FORWARD and study_matches(r, study) and series_matches(r, series))
 
 
 def evaluate(rules: Sequence[Rule], study: StudyFacts) -> list[tuple[Rule, NewJob]]:

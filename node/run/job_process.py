@@ -24,6 +24,7 @@ from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
 from node.results.build import AlgorithmInfo, BuiltObject, SrBuilder, build_results
 from node.results.fallback import build_fallbacks
 from node.results.validate import PendingValidation, start_dciodvfy
+from node.run.read_ahead import ReadAhead
 from node.run.series_loader import load_series
 
 log = logging.getLogger("ainode.run")
@@ -144,13 +145,16 @@ def load_priors(series: Mapping[str, list[str]]) -> list:
     return out
 
 
-def load_input(spec: JobSpec, plugin: Plugin | None) -> LoadedInput:
-    """Decode the job's series into volumes and run the plugin's `prepare` (when `plugin` is given)."""
+def load_input(spec: JobSpec, plugin: Plugin | None, ahead: ReadAhead | None = None) -> LoadedInput:
+    """Decode the job's series into volumes and run the plugin's `prepare` (when `plugin` is given). Files
+    `ahead` read while the study arrived are taken from it."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    if ahead is not None and (held := sum(ahead.holds(paths) for paths in spec.series.values())):
+        timings["read_ahead_files"] = held  # of the series' files, read while the study arrived
     volumes, sources = [], {}
     for series_uid, paths in spec.series.items():
-        vol, headers = load_series(paths)
+        vol, headers = load_series(paths, ahead)
         volumes.append(vol)
         sources[series_uid] = headers
     timings["load_s"] = round(time.perf_counter() - t, 3)
@@ -202,15 +206,17 @@ def _run_plugin(plugin: Plugin, study: StudyInput, timings: dict[str, float]) ->
 
 
 def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None],
-                loaded: LoadedInput | None = None, sr_builder: SrBuilder | None = None) -> JobOutput:
+                loaded: LoadedInput | None = None, sr_builder: SrBuilder | None = None,
+                ahead: ReadAhead | None = None) -> JobOutput:
     """Run one job. `loaded` is its input if it was prefetched while the previous job ran; `sr_builder`
-    builds the SR in another process while this one builds the SEG."""
+    builds the SR in another process while this one builds the SEG; `ahead` holds files read while the
+    study arrived."""
     timings: dict[str, float] = {}
     plugin = plugins.get(spec.plugin)
 
     stage("load")
     if loaded is None:
-        loaded = load_input(spec, plugin)
+        loaded = load_input(spec, plugin, ahead)
     else:
         timings["prefetched"] = 1
         if spec.priors and not loaded.priors:  # fetched after the hint, so not in the prefetched input

@@ -24,6 +24,8 @@ from node.lifeline import die_with_parent
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 from node.run.prefetch import Prefetcher
+from node.run.read_ahead import ReadAhead
+from node.run.series_loader import read_file
 
 log = logging.getLogger("ainode.run")
 
@@ -57,7 +59,8 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
-                models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False) -> None:
+                models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False,
+                read_ahead_bytes: int = 0) -> None:
     os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
@@ -77,7 +80,8 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
         mp.current_process().daemon = False
         sr_builder = SrProcess()
     plugins = PluginCache(sections, models_dir, device)
-    prefetcher = Prefetcher(plugins)
+    ahead = ReadAhead(read_ahead_bytes, read_file)
+    prefetcher = Prefetcher(plugins, ahead)
     plugins.preload(preload)
     conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn
     runs: queue.Queue = queue.Queue()
@@ -95,6 +99,8 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
             kind, spec = msg
             if kind == "prefetch":
                 prefetcher.start(spec)
+            elif kind == "read":  # files of a study still arriving (spec: their paths)
+                ahead.add(spec)
             else:
                 runs.put(spec)
 
@@ -103,23 +109,28 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
         spec = runs.get()
         if spec is None:
             return
+        ahead.pause()  # reading ahead would slow the job
         loaded = prefetcher.take(spec)
         try:
-            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)), loaded, sr_builder)
+            out = execute_job(spec, plugins, lambda stage: conn.send(("stage", stage)), loaded, sr_builder, ahead)
             del loaded
             conn.send(("done", out))
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the node
             log.debug("job failed traceback:\n%s", traceback.format_exc())
             conn.send(("error", (f"{type(exc).__name__}: {exc}", isinstance(exc, MemoryError))))
+        finally:
+            ahead.resume()
 
 
 class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
                  log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
-                 env: Mapping[str, str] | None = None, sr_process: bool = False) -> None:
+                 env: Mapping[str, str] | None = None, sr_process: bool = False, read_ahead_mb: int = 0) -> None:
+        """`read_ahead_mb`: how much of arriving studies the idle process may hold (node/run/read_ahead.py)."""
         self.name = name
         self.env = dict(env or {})
-        self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env, sr_process)
+        self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env, sr_process,
+                      read_ahead_mb * 2**20)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
@@ -171,9 +182,20 @@ class PluginProcess:
             if self._conn.poll(timeout):
                 kind, _ = self._conn.recv()
                 self._warm = kind == "ready"
+                if self._warm:
+                    log.info("worker ready name=%s worker_pid=%s", self.name, self.pid)
         except (EOFError, OSError):
             return True  # died while starting: run() notices and replaces it
         return self._warm
+
+    def read_ahead(self, paths: list[str]) -> None:
+        """Have the process read these files (of a study still arriving) while it has no job."""
+        if self._conn is None or not self._warm:
+            return
+        try:
+            self._conn.send(("read", paths))
+        except OSError:
+            pass  # the process is gone; the next job notices
 
     def _await_warm(self, limit_s: float, abandon: Callable[[], bool]) -> None:
         """Wait for a process started for this job (after a crash or kill) to be warm; its start is not the job's time."""

@@ -12,20 +12,21 @@ import logging
 import threading
 
 from node.run.job_process import JobSpec, LoadedInput, PluginCache, load_input
+from node.run.read_ahead import ReadAhead
 
 log = logging.getLogger("ainode.run")
 
 
 class _Pending:
-    def __init__(self, spec: JobSpec, plugin) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, spec: JobSpec, plugin, ahead: ReadAhead | None) -> None:  # type: ignore[no-untyped-def]
         self.spec = spec
         self.result: LoadedInput | None = None
-        self.thread = threading.Thread(target=self._load, args=(plugin,), name="prefetch", daemon=True)
+        self.thread = threading.Thread(target=self._load, args=(plugin, ahead), name="prefetch", daemon=True)
         self.thread.start()
 
-    def _load(self, plugin) -> None:  # type: ignore[no-untyped-def]
+    def _load(self, plugin, ahead: ReadAhead | None) -> None:  # type: ignore[no-untyped-def]
         try:
-            self.result = load_input(self.spec, plugin)
+            self.result = load_input(self.spec, plugin, ahead)
         except Exception as exc:  # noqa: BLE001 - the job reports it when it loads its input itself
             log.info("prefetch failed job_id=%d error=%s", self.spec.job_id, type(exc).__name__)
 
@@ -34,8 +35,9 @@ class _Pending:
 
 
 class Prefetcher:
-    def __init__(self, plugins: PluginCache) -> None:
+    def __init__(self, plugins: PluginCache, ahead: ReadAhead | None = None) -> None:
         self.plugins = plugins
+        self.ahead = ahead  # files read while their study arrived (node/run/read_ahead.py)
         self._pending: _Pending | None = None
         self._lock = threading.Lock()  # start() runs in the pipe reader, take() in the job thread
 
@@ -46,7 +48,7 @@ class Prefetcher:
                 return
             # Only a plugin already loaded is asked to prepare: loading one here would race the running
             # job. A dropped load is not waited for: it ends on its own and its memory is freed then.
-            self._pending = _Pending(spec, self.plugins.loaded(spec.plugin))
+            self._pending = _Pending(spec, self.plugins.loaded(spec.plugin), self.ahead)
 
     def take(self, spec: JobSpec) -> LoadedInput | None:
         """The prefetched input of `spec`, if that is the job that was prefetched; else None."""

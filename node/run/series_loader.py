@@ -12,7 +12,7 @@ import io
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Sequence
 
 import numpy as np
 from pydicom import dcmread
@@ -20,6 +20,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
+
+if TYPE_CHECKING:
+    from node.run.read_ahead import ReadAhead
 
 READ_THREADS = 2  # file reads release the GIL; header parsing does not, so more threads buy nothing
 CONVERT_THREADS = 2  # numpy's conversion to physical units releases the GIL
@@ -87,7 +90,7 @@ def _native_pixels(ds: Dataset, fp: BinaryIO, size: int) -> np.ndarray | None:
     return arr
 
 
-def _read(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
+def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     """The header and, where it can be read directly, the stored pixel values (else the full dataset).
 
     The file is read with one call (no GIL held) and parsed from memory, where pydicom's many small reads
@@ -105,15 +108,21 @@ def _read(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     return ds, pixels
 
 
-def load_series(paths: Sequence[Path | str]) -> tuple[SeriesVolume, list[Dataset]]:
+def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> tuple[SeriesVolume, list[Dataset]]:
     """Volume (slices sorted along the plane normal) and the headers in the same order.
 
-    The returned datasets have no pixel data, to keep memory to one copy of the volume.
+    The returned datasets have no pixel data, to keep memory to one copy of the volume. Files that `ahead`
+    has read already are taken from it.
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
-    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
-        read = list(pool.map(_read, paths))
+    taken = [ahead.take(str(p)) for p in paths] if ahead is not None else [None] * len(paths)
+    missing = [p for p, t in zip(paths, taken) if t is None]
+    if missing:
+        with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
+            fresh = iter(list(pool.map(read_file, missing)))
+        taken = [t if t is not None else next(fresh) for t in taken]
+    read = taken
     datasets = [ds for ds, _ in read]
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)

@@ -11,6 +11,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
@@ -25,12 +26,14 @@ from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default
 from node.results.fallback import FALLBACK_KINDS
 from node.run.forward import Forwarder, ForwardError
 from node.run.slots import WorkerSlot
-from node.store import DispatchItem, Store
+from node.store import DispatchItem, InstanceMeta, Store
 from node.store.models import Job
 
 log = logging.getLogger("ainode.run")
 
 DEFAULT_ACCEPTS = frozenset({"SEG", "SR"})
+READ_AHEAD_QUEUE = 4096  # files waiting to be handed to one worker: the newest are kept
+READ_AHEAD_STUDIES = 64  # studies remembered with the worker that reads them ahead
 
 
 class Runner(Protocol):
@@ -79,6 +82,8 @@ class WorkerPool:
         shadow_of: Mapping[str, str] | None = None,
         runners: Callable[[WorkerSlot, list[str]], Runner] | None = None,
         sr_process: bool = False,
+        read_ahead_mb: int = 0,
+        could_take: Callable[[InstanceMeta], frozenset[str]] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
         without them, `workers` CPU workers take every job. `gpu_memory_mb` is each GPU plugin's estimate.
@@ -87,7 +92,9 @@ class WorkerPool:
         objects each PACS destination takes (a viewer without SEG gets a GSPS or key images instead).
         `runners` makes each slot's worker from (slot, plugins to preload): by default a local PluginProcess;
         node/run/ray_executor.py makes Ray actors with the same interface. `sr_process`: each local worker
-        builds SRs in a second process while it builds the SEG (node/results/sr_process.py)."""
+        builds SRs in a second process while it builds the SEG (node/results/sr_process.py). `read_ahead_mb`
+        and `could_take` (the plugins whose rules could take an instance's series): an idle local worker
+        reads the files of a study while it arrives (arrived(), node/run/read_ahead.py)."""
         self.rule_priors = dict(rule_priors or {})
         self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
@@ -109,14 +116,21 @@ class WorkerPool:
             log.warning("dciodvfy not found: results are sent without IOD validation "
                         "(apt-get install dicom3tools to enable it)")
         self.poll_interval_s = poll_interval_s
+        # The files a worker holds count against its memory limit: a quarter of it at most.
+        ahead_mb = min(read_ahead_mb, self.memory_limit_mb // 4) if could_take else 0
+
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
             return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env,
-                                 sr_process=sr_process)
+                                 sr_process=sr_process, read_ahead_mb=ahead_mb)
 
         make = runners or local
         self._processes = [make(slot, [p for p in preload or [] if slot.may_run(p)]) for slot in self.slots]
         self._running: set[int] = set()  # jobs claimed by this pool and not yet ended
         self._prefetching: dict[int, int] = {}  # slot index -> job id it prefetches
+        self._busy: set[int] = set()  # slot indexes running a job
+        self.could_take = could_take if ahead_mb and any(hasattr(p, "read_ahead") for p in self._processes) else None
+        self._ahead: list[deque[str]] = [deque(maxlen=READ_AHEAD_QUEUE) for _ in self.slots]  # paths to hand over
+        self._ahead_slot: OrderedDict[str, int] = OrderedDict()  # study UID -> slot reading it ahead
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wakeups = [threading.Event() for _ in self.slots]  # one per slot loop: wake() rouses them all
@@ -149,6 +163,34 @@ class WorkerPool:
         for proc in self._processes:
             proc.stop()
         return clean
+
+    def arrived(self, meta: InstanceMeta) -> None:
+        """A new instance is spooled: the worker reading its study ahead (an idle one that may run a plugin
+        whose rule could take the series) is handed the file at its next poll."""
+        if self.could_take is None:
+            return
+        plugins = self.could_take(meta)
+        if not plugins:
+            return
+        with self._lock:
+            index = self._ahead_slot.get(meta.study_uid)
+            if index is None:
+                fits = [i for i, s in enumerate(self.slots) if hasattr(self._processes[i], "read_ahead")
+                        and any(s.may_run(p) for p in plugins)]
+                if not fits:
+                    return
+                index = min(fits, key=lambda i: (i in self._busy, i in self._ahead_slot.values(), i))
+                self._ahead_slot[meta.study_uid] = index
+                if len(self._ahead_slot) > READ_AHEAD_STUDIES:
+                    self._ahead_slot.popitem(last=False)
+            self._ahead[index].append(meta.path)
+
+    def _hand_over(self, index: int, proc: Runner) -> None:
+        with self._lock:
+            paths = list(self._ahead[index])
+            self._ahead[index].clear()
+        if paths:
+            proc.read_ahead(paths)  # type: ignore[attr-defined] - only slots whose runner has it get paths
 
     def wake(self) -> None:
         """Jobs were queued: claim now rather than at the next poll."""
@@ -187,10 +229,12 @@ class WorkerPool:
                     slot.gpu.release(mb)  # type: ignore[union-attr]
                 raise
             if job is None:
+                self._hand_over(index, proc)
                 self._wakeups[index].wait(self.poll_interval_s)
                 continue
             with self._lock:
                 self._running.add(job.id)
+                self._busy.add(index)
                 self._prefetching.pop(index, None)
             try:
                 self.execute(job, proc, lambda: self._next_for(index, slot, job.id))
@@ -207,6 +251,7 @@ class WorkerPool:
                     slot.gpu.release(mb)  # type: ignore[union-attr]
                 with self._lock:
                     self._running.discard(job.id)
+                    self._busy.discard(index)
 
     def _next_for(self, index: int, slot: WorkerSlot, current: int) -> Job | None:
         """The queued job this slot will most likely run next (not claimed): its input is prefetched."""

@@ -1,0 +1,101 @@
+"""Files of an arriving study are read by an idle worker, and the job takes them instead of reading again."""
+
+import threading
+import time
+
+import numpy as np
+
+from node.config.schema import Rule
+from node.route.rules import could_take
+from node.run.read_ahead import ReadAhead
+from node.run.series_loader import load_series, read_file
+from node.store import InstanceMeta
+from node.synth import write_chest_ct
+from tests.support.pipeline import send
+from tests.support.wait import wait_until
+
+
+def _meta(**kw) -> InstanceMeta:
+    base = dict(sop_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid="1.2.3",
+                study_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1", path="/x.dcm", size_bytes=1,
+                calling_ae="CT1", modality="CT", body_part="CHEST", series_description="Lung 1mm",
+                slice_thickness=1.0)
+    base.update(kw)
+    return InstanceMeta(**base)
+
+
+def test_could_take_names_the_plugins_whose_rules_could_take_the_series():
+    rules = [Rule(name="lung", series={"modality": "CT", "body_part": ["CHEST"], "min_instances": 50},
+                  plugin="ct_lung"),
+             Rule(name="thin", series={"modality": "CT", "slice_thickness": [0.5, 1.5]}, plugin="ct_nodule"),
+             Rule(name="from-mr", study={"calling_ae": ["MR1"]}, plugin="mr_thing"),
+             Rule(name="fwd", plugin="forward")]
+    assert could_take(rules, _meta()) == {"ct_lung", "ct_nodule"}  # min_instances: not known while arriving
+    assert could_take(rules, _meta(slice_thickness=5.0)) == {"ct_lung"}
+    assert could_take(rules, _meta(modality="MR", calling_ae="MR1")) == {"mr_thing"}
+    assert could_take(rules, _meta(modality="SR", body_part=None)) == frozenset()
+
+
+def test_read_ahead_reads_when_idle_keeps_to_its_budget_and_gives_each_file_once(tmp_path):
+    files = {}
+    for name in "abcdef":
+        files[name] = tmp_path / name
+        files[name].write_bytes(b"x" * 1000)
+    p = {k: str(v) for k, v in files.items()}
+    gate = threading.Event()
+    gate.set()
+
+    def read(path):
+        gate.wait()
+        return (path, None)
+
+    ahead = ReadAhead(budget_bytes=3 * 1000, read=read)
+    ahead.pause()
+    ahead.add([p["a"], p["b"]])
+    time.sleep(0.2)
+    assert ahead.holds(p.values()) == 0  # paused: a job runs
+    ahead.resume()
+    wait_until(lambda: ahead.holds([p["a"], p["b"]]) == 2, 5, "two files read")
+    assert ahead.take(p["a"]) == (p["a"], None) and ahead.take(p["a"]) is None
+    ahead.add([p["c"], p["d"], p["e"]])
+    wait_until(lambda: ahead.holds([p["c"], p["d"], p["e"]]) == 3, 5, "three more read")
+    assert ahead.holds([p["b"]]) == 0 and ahead.held_bytes == 3000  # the oldest dropped for the budget
+    gate.clear()
+    ahead.add([p["f"]])
+    time.sleep(0.1)
+    assert ahead.take(p["f"]) is None  # taken while being read: the job reads it itself
+    gate.set()
+    time.sleep(0.2)
+    assert ahead.holds([p["f"]]) == 0  # and the read under way is not kept
+
+
+def test_load_series_takes_files_read_ahead_and_gives_the_same_volume(tmp_path):
+    ct = write_chest_ct(tmp_path, slices=12)
+    plain, plain_headers = load_series(ct.files)
+    ahead = ReadAhead(budget_bytes=2**30, read=read_file)
+    ahead.add([str(p) for p in ct.files[:8]])
+    wait_until(lambda: ahead.holds(map(str, ct.files)) == 8, 10, "eight files read ahead")
+    vol, headers = load_series(ct.files, ahead)
+    assert ahead.hits == 8 and ahead.holds(map(str, ct.files)) == 0
+    assert np.array_equal(vol.pixels, plain.pixels) and vol.sop_instance_uids == plain.sop_instance_uids
+    assert [h.SOPInstanceUID for h in headers] == [h.SOPInstanceUID for h in plain_headers]
+
+
+def test_an_idle_worker_reads_the_study_while_it_arrives(tmp_path, node_factory):
+    """A real node: the job of a study sent to an idle node finds (nearly) all of its files read."""
+    node = node_factory({"assemble": {"quiet_period_s": 1.0},
+                         "rules": [{"name": "lung", "series": {"modality": "CT", "min_instances": 30},
+                                    "plugin": "ct_lung"},
+                                   {"name": "mr-only", "series": {"modality": "MR"}, "plugin": "ct_lung"}]})
+    ct = write_chest_ct(tmp_path / "ct", slices=40, slice_thickness=5.0)
+    # The node hands files only to a warm worker (as it starts jobs only on one).
+    wait_until(lambda: "worker ready" in node.log_path.read_text(), 120, "the worker to be warm")
+    send(node, ct.files)
+
+    def job_end():
+        return next((r for r in node.audit_records() if r["event"] == "job-end"), None)
+
+    end = wait_until(job_end, 120, "the job to end")
+    assert end["outcome"] == "success", end
+    assert end["timings"].get("read_ahead_files", 0) >= 30, end["timings"]  # the last few may come late
+    assert node.stop() == 0
