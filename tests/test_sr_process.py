@@ -6,6 +6,7 @@ import copy
 import os
 import signal
 
+import pydicom
 import pytest
 
 from node.plugin_api import Finding, Measurement, PluginResult
@@ -53,6 +54,35 @@ def test_the_sr_from_the_process_equals_the_one_built_in_place(sr_process, tmp_p
     path = tmp_path / "sr.dcm"
     there[1].dataset.save_as(path, enforce_file_format=True)
     assert validate_with_dciodvfy(path) == []
+
+
+def test_the_process_writes_the_sr_itself_when_given_its_file(sr_process, tmp_path):
+    src = small_ct()
+    sources = {src[0].SeriesInstanceUID: headers_only(src)}
+    here = build_results(result_for(src), sources, ALGO)
+    files = {}
+    there = build_results(result_for(src), sources, ALGO, sr_builder=sr_process,
+                          sr_file=lambda uid: files.setdefault(uid, tmp_path / f"{uid}.part"))
+    sr = there[1]
+    assert sr.kind == "SR" and sr.dataset is None and sr.path == files[sr.sop_instance_uid]
+    assert (sr.sop_class_uid, sr.sop_instance_uid, sr.series_instance_uid) == \
+           (here[1].sop_class_uid, here[1].sop_instance_uid, here[1].series_instance_uid)
+    here[1].dataset.save_as(tmp_path / "here.dcm", enforce_file_format=True)
+    assert _without_clock(pydicom.dcmread(sr.path)) == _without_clock(pydicom.dcmread(tmp_path / "here.dcm"))
+    assert validate_with_dciodvfy(sr.path) == []
+
+
+def test_a_failed_seg_build_leaves_no_sr_file_behind(sr_process, tmp_path, monkeypatch):
+    src = small_ct()
+    sources = {src[0].SeriesInstanceUID: headers_only(src)}
+
+    def broken(*a, **kw):
+        raise RuntimeError("SEG build failed")
+
+    monkeypatch.setattr("node.results.build.build_seg", broken)
+    with pytest.raises(RuntimeError, match="SEG build failed"):
+        build_results(result_for(src), sources, ALGO, sr_builder=sr_process, sr_file=lambda uid: tmp_path / "sr.part")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_error_of_the_sr_itself_still_fails_the_build(sr_process):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
@@ -20,7 +21,19 @@ class BuiltObject:
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
-    dataset: Dataset
+    dataset: Dataset | None  # None when it was written to `path` elsewhere (the SR process)
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class WrittenSr:
+    """An SR the SR process built and wrote to a file itself (handing the Dataset back cost the worker more
+    to unpickle than the SR cost to build)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -54,15 +67,16 @@ def algorithm_parameters(algorithm: AlgorithmInfo) -> dict[str, str]:
 
 
 # Builds the SR in another process and hands back a way to wait for it: given build_sr's arguments (with
-# `tracking_uids`, a dict, in place of the `tracking_uid` function), it returns a function that waits for
-# the SR and returns it (node/results/sr_process.py).
-SrBuilder = Callable[[dict[str, Any]], Callable[[], Dataset]]
+# `tracking_uids`, a dict, in place of the `tracking_uid` function) and the file to write it to (or None),
+# it returns a function that waits for the SR and returns it, or what it wrote (node/results/sr_process.py).
+SrBuilder = Callable[[dict[str, Any], "Path | None"], Callable[[], "Dataset | WrittenSr"]]
 
 
 def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], algorithm: AlgorithmInfo,
                   *, manufacturer: str = "AINODE", device_serial: str = "ainode-0",
                   on_built: Callable[[BuiltObject], None] | None = None,
-                  sr_builder: SrBuilder | None = None) -> list[BuiltObject]:
+                  sr_builder: SrBuilder | None = None,
+                  sr_file: Callable[[str], Path] | None = None) -> list[BuiltObject]:
     """One SEG per segmentation (in result order), then one TID 1500 Comprehensive 3D SR if there are findings.
 
     `sources` maps each source series UID to its datasets (headers suffice; pixel data is never decoded)
@@ -73,7 +87,8 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
 
     `on_built` is called with each object as soon as it is made (the SEG before the SR is built), so a
     caller can write and validate one object while the next is built. With `sr_builder`, the SR is built
-    elsewhere while the SEGs are built here: the SR needs only the SEGs' derived UIDs, not the SEGs.
+    elsewhere while the SEGs are built here: the SR needs only the SEGs' derived UIDs, not the SEGs; and
+    with `sr_file` (SOP instance UID -> temp file) it is written there too, and its object has no dataset.
     """
     study_uid = source_study(sources)
     base = (study_uid, *sorted(sources), algorithm.name, algorithm.version)
@@ -108,21 +123,35 @@ def build_results(result: PluginResult, sources: Mapping[str, Sequence[Dataset]]
                        series_uid=derive_uid(*base, "SR", "series"), sop_uid=derive_uid(*base, "SR", "0"),
                        manufacturer=manufacturer, device_serial=device_serial, parameters=params)
         if sr_builder is not None and plans:  # with no SEG to build there is nothing to overlap
-            pending_sr = sr_builder(sr_args)
+            pending_sr = sr_builder(sr_args, sr_file(sr_args["sop_uid"]) if sr_file else None)
 
     out: list[BuiltObject] = []
-    for segmentation, src, series_uid, sop_uid in plans:
-        seg = build_seg(segmentation, src, name=algorithm.name, version=algorithm.version, series_uid=series_uid,
-                        sop_uid=sop_uid, manufacturer=manufacturer, device_serial=device_serial, parameters=params)
-        if str(seg.SOPClassUID) != SegmentReference.sop_class_uid:
-            raise ValueError(f"highdicom made a SEG of SOP class {seg.SOPClassUID}, but the SR cites "
-                             f"{SegmentReference.sop_class_uid}")
-        out.append(BuiltObject("SEG", str(seg.SOPClassUID), sop_uid, series_uid, seg))
-        if on_built:
-            on_built(out[-1])
+    try:
+        for segmentation, src, series_uid, sop_uid in plans:
+            seg = build_seg(segmentation, src, name=algorithm.name, version=algorithm.version,
+                            series_uid=series_uid, sop_uid=sop_uid, manufacturer=manufacturer,
+                            device_serial=device_serial, parameters=params)
+            if str(seg.SOPClassUID) != SegmentReference.sop_class_uid:
+                raise ValueError(f"highdicom made a SEG of SOP class {seg.SOPClassUID}, but the SR cites "
+                                 f"{SegmentReference.sop_class_uid}")
+            out.append(BuiltObject("SEG", str(seg.SOPClassUID), sop_uid, series_uid, seg))
+            if on_built:
+                on_built(out[-1])
+    except BaseException:
+        if pending_sr is not None:  # let the SR end, and remove the file it wrote: nothing else will
+            try:
+                sr = pending_sr()
+            except Exception:  # noqa: BLE001 - the SEG's error is the one to report
+                sr = None
+            if isinstance(sr, WrittenSr):
+                sr.path.unlink(missing_ok=True)
+        raise
     if sr_args is not None:
         sr = pending_sr() if pending_sr is not None else build_sr_from(sr_args)
-        out.append(BuiltObject("SR", str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), sr))
+        if isinstance(sr, WrittenSr):
+            out.append(BuiltObject("SR", sr.sop_class_uid, sr.sop_instance_uid, sr.series_instance_uid, None, sr.path))
+        else:
+            out.append(BuiltObject("SR", str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), sr))
         if on_built:
             on_built(out[-1])
     return out

@@ -251,15 +251,22 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
     files: list[BuiltFile] = []
     checks: list[tuple[str, str, PendingValidation]] = []  # kind, SOP instance UID, its dciodvfy run
 
+    def temp_file(kind: str, sop_uid: str) -> Path:
+        return Path(spec.temp_dir) / f"job{spec.job_id}-{kind}-{sop_uid}.part"
+
     def write(o: BuiltObject) -> None:  # written, and its validation started, while the next object is built
-        tmp = Path(spec.temp_dir) / f"job{spec.job_id}-{o.kind}-{o.sop_instance_uid}.part"
-        o.dataset.save_as(tmp, enforce_file_format=True)
+        tmp = temp_file(o.kind, o.sop_instance_uid)
+        if o.path is None:
+            o.dataset.save_as(tmp, enforce_file_format=True)  # type: ignore[union-attr] - no path: a dataset
+        elif o.path != tmp:
+            raise JobError(f"{o.kind} {o.sop_instance_uid} was written to {o.path}, not {tmp}")
         files.append(BuiltFile(o.kind, o.sop_class_uid, o.sop_instance_uid, o.series_instance_uid, str(tmp)))
         if spec.validate:
             checks.append((o.kind, o.sop_instance_uid, start_dciodvfy(tmp)))
 
     try:
-        build_results(result, sources, algorithm, on_built=write, sr_builder=sr_builder)
+        build_results(result, sources, algorithm, on_built=write, sr_builder=sr_builder,
+                      sr_file=lambda uid: temp_file("SR", uid))
         if spec.fallbacks:
             for o in build_fallbacks(result, sources, algorithm, spec.fallbacks, volumes=keep,
                                      max_key_images=spec.max_key_images):
