@@ -60,40 +60,61 @@ def wait_warm(node: NodeProcess, timeout: float = 120.0) -> None:
     time.sleep(1.0)  # its SR process finishes its imports
 
 
+def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wanted: set[str],
+                   timeout: float) -> tuple[float, float, dict[str, float], list[dict]]:
+    """Have Orthanc push one study to the node; wait until Orthanc lists every wanted result modality in
+    it and the node has recorded sending them. (send asked, send returned, when each was listed, the
+    study's audit records)."""
+    study_id = orthanc.find_study(study_uid)
+    t_send = time.time()
+    orthanc.send_study_to_modality("ainode", study_id)
+    t_sent = time.time()
+    deadline = time.monotonic() + timeout
+    listed: dict[str, float] = {}
+    while time.monotonic() < deadline and not wanted <= listed.keys():
+        mods = {s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(study_id)}
+        now = time.time()
+        for m in wanted & mods:
+            listed.setdefault(m, now)
+        time.sleep(LIST_POLL_S)
+    if not wanted <= listed.keys():
+        raise RuntimeError(f"{sorted(wanted - listed.keys())} not in Orthanc after {timeout} s; "
+                           f"node log: {node.log_path}")
+    # The PACS can list an object a moment before the node has written its own 'object-sent' record.
+    recs: list[dict] = []
+    while time.monotonic() < deadline:
+        recs = [r for r in node.audit_records() if r.get("study_uid") == study_uid]
+        if wanted <= {r.get("kind") for r in recs if r["event"] == "object-sent"}:
+            break
+        time.sleep(0.05)
+    return t_send, t_sent, listed, recs
+
+
 def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[OrthancServer], dict],
-               modalities: Iterable[str] = ("SR",), timeout: float = 600) -> PushRun:
+               modalities: Iterable[str] = ("SR",), timeout: float = 600, warm_up: bool = False) -> PushRun:
     """Write a `slices`-slice 512x512 chest CT, upload it to a fresh Orthanc, start the node with
     `node_config(orthanc)`, let Orthanc push the study to the node and wait until Orthanc lists every
-    result modality in `modalities` and the node has recorded sending them."""
+    result modality in `modalities` and the node has recorded sending them.
+
+    `warm_up`: first push another study of the same size through the node, not measured: a node in
+    service has run jobs before, and its worker reuses the memory they used (node/run/heap.py)."""
     wanted = set(modalities)
-    synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=1.0 if slices >= 300 else 2.5, seed=seed)
+    thickness = 1.0 if slices >= 300 else 2.5
+    synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=thickness, seed=seed)
+    first = write_chest_ct(work / "warm-up", slices=slices, slice_thickness=thickness, seed=seed + 10_000) \
+        if warm_up else None
     with OrthancServer(work / "orthanc", aet="ORTHANC") as orthanc:
         orthanc.upload_files(synth.files)
-        study_id = orthanc.find_study(synth.study_uid)
+        if first is not None:
+            orthanc.upload_files(first.files)
         node = NodeProcess(work / "node", node_config(orthanc)).start()
         try:
             wait_warm(node)
             orthanc.add_modality("ainode", node.ae_title, "127.0.0.1", node.port)
-            t_send = time.time()
-            orthanc.send_study_to_modality("ainode", study_id)
-            t_sent = time.time()
-            deadline = time.monotonic() + timeout
-            listed: dict[str, float] = {}
-            while time.monotonic() < deadline and not wanted <= listed.keys():
-                mods = {s["MainDicomTags"].get("Modality") for s in orthanc.series_of_study(study_id)}
-                now = time.time()
-                for m in wanted & mods:
-                    listed.setdefault(m, now)
-                time.sleep(LIST_POLL_S)
-            if not wanted <= listed.keys():
-                raise RuntimeError(f"{sorted(wanted - listed.keys())} not in Orthanc after {timeout} s; "
-                                   f"node log: {node.log_path}")
-            # The PACS can list an object a moment before the node has written its own 'object-sent' record.
-            while time.monotonic() < deadline:
-                recs = node.audit_records()
-                if wanted <= {r.get("kind") for r in recs if r["event"] == "object-sent"}:
-                    break
-                time.sleep(0.05)
+            if first is not None:
+                _send_and_wait(orthanc, node, first.study_uid, wanted, timeout)
+                time.sleep(1.0)  # the node idle again, as before a study arrives
+            t_send, t_sent, listed, recs = _send_and_wait(orthanc, node, synth.study_uid, wanted, timeout)
         finally:
             node.stop()
             node.kill()

@@ -32,6 +32,9 @@ def _warm() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops the workers, which take this along
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
+    from node.run.heap import keep_freed_memory
+
+    keep_freed_memory()
     from node.results import iod_lookup  # importing node.results imports highdicom and installs the cache
 
     iod_lookup.preload()  # the import and the standard's tables: seconds, paid once

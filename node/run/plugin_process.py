@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
 from node.lifeline import die_with_parent
+from node.run.heap import keep_freed_memory
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 from node.run.prefetch import Prefetcher
@@ -67,6 +68,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    keep_freed_memory()  # a job's volume reuses the last job's pages (heap.py says why)
     from node.logs import setup_logging
 
     setup_logging(log_level)
