@@ -234,3 +234,22 @@ def test_non_ucum_unit_is_a_clear_error():
     bad = PluginResult(findings=[Finding("x", LUNG, [Measurement(VOLUME, 1.0, Code("ml", "99LOCAL", "ml"))])])
     with pytest.raises(ValueError, match="not UCUM"):
         build_results(bad, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+
+
+def test_pixel_array_is_a_label_map_without_overlap_and_a_stack_with_it():
+    from node.results.seg import pixel_array
+
+    shape = (4, 8, 8)
+    masks = [np.zeros(shape, bool) for _ in range(3)]
+    masks[0][0, :2] = True
+    masks[1][1:3, 3:5] = True
+    masks[2][3, 6:] = True
+    seg = Segmentation("1.2", [Segment(f"s{i}", m, LUNG, LUNG) for i, m in enumerate(masks)])
+    labels = pixel_array(seg)
+    expected = np.zeros(shape, np.uint8)
+    for i, m in enumerate(masks, start=1):
+        expected[m] = i
+    assert labels.dtype == np.uint8 and np.array_equal(labels, expected)
+    masks[2][1, 3, 3] = True  # now overlaps segment 2
+    stack = pixel_array(Segmentation("1.2", [Segment(f"s{i}", m, LUNG, LUNG) for i, m in enumerate(masks)]))
+    assert stack.shape == (*shape, 3) and np.array_equal(stack[..., 2], masks[2])
