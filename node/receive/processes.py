@@ -51,6 +51,15 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
                    min_free_mb=min_free_mb, ssl_context=ctx, index=client.proxy("index"),  # type: ignore[arg-type]
                    committer=client.proxy("scp"),
                    reuse_port=True, established_elsewhere=elsewhere)
+    node_scp = client.proxy("scp")
+
+    def released(studies: set[str]) -> None:  # the node process's assembler asks for the counts now
+        try:
+            node_scp.sender_released(studies)
+        except Exception as exc:  # noqa: BLE001 - a hint only: the quiet-period check completes it anyway
+            log.warning("release hint not passed on error=%s", type(exc).__name__)
+
+    scp.on_released = released
     scp.start()
     control.send("listening")
     while True:

@@ -364,6 +364,11 @@ class StoreSCP:
         if studies and self.on_released is not None:
             self.on_released(studies)
 
+    def sender_released(self, studies: set[str]) -> None:
+        """A receive process's sender released its association (node/receive/processes.py): as _on_released."""
+        if self.on_released is not None:
+            self.on_released(set(studies))
+
     def _on_closed(self, event: evt.Event) -> None:  # aborted or dropped: the sender will send again
         with self._studies_lock:
             self._studies.pop(event.assoc, None)
