@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.config.schema import PluginSection, RunSection  # noqa: E402
+from node.run.heap import keep_freed_memory  # noqa: E402
 from node.results.sr_process import SrProcess  # noqa: E402
 from node.run.job_process import JobSpec, PluginCache, execute_job  # noqa: E402
 from node.synth import write_chest_ct  # noqa: E402
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         series_uid = __import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
         print(f"study: {len(files)} slices 512x512, {_mb(input_bytes)} on the spool; dciodvfy: "
               f"{'on' if validate else 'not installed (validation not timed)'}")
+        keep_freed_memory()  # as a worker process does (node/run/heap.py)
         cache = PluginCache({p: PluginSection() for p in a.plugins}, None, a.device)
         cache.preload(list(a.plugins))  # as a worker does when it starts
         sr_builder = SrProcess() if RunSection().use_sr_process() else None

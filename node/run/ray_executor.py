@@ -61,6 +61,9 @@ class PluginActor:
                  models_dir: Path | None, device: str, env: Mapping[str, str]) -> None:
         os.environ.update(env)  # before anything initialises CUDA; Ray sets CUDA_VISIBLE_DEVICES of GPU actors
         from node.logs import setup_logging
+        from node.run.heap import keep_freed_memory
+
+        keep_freed_memory()  # the actor's process is its own: jobs reuse its pages, as local workers do
 
         setup_logging(log_level)
         self.plugins = PluginCache(sections, models_dir, device)
