@@ -47,11 +47,11 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
     def elsewhere() -> int:  # slot 0 is the node process's own SCP
         return sum(v for i, v in enumerate(counts[:]) if i != index)
 
+    node_scp = client.proxy("scp")  # the node process's StoreSCP: commits instances, takes release hints
     scp = StoreSCP(cfg, Spool(Path(spool_root)), client.proxy("store"), client.proxy("audit"),  # type: ignore[arg-type]
                    min_free_mb=min_free_mb, ssl_context=ctx, index=client.proxy("index"),  # type: ignore[arg-type]
-                   committer=client.proxy("scp"),
+                   committer=node_scp,
                    reuse_port=True, established_elsewhere=elsewhere)
-    node_scp = client.proxy("scp")
 
     def released(studies: set[str]) -> None:  # the node process's assembler asks for the counts now
         try:

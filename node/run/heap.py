@@ -11,7 +11,6 @@ a worker's resident size stays at its peak, which run.memory_limit_mb watches as
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger("ainode.run")
@@ -23,13 +22,9 @@ NEVER_TRIM = 2**31 - 1
 
 def keep_freed_memory() -> bool:
     """Make this process's allocator keep freed memory (glibc only; elsewhere a no-op). True if applied."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+    try:  # by name, as node/lifeline.py loads it (find_library would run ldconfig at every worker start)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
         log.debug("mallopt not available; freed memory goes back to the system")
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))

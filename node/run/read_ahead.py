@@ -38,7 +38,7 @@ class ReadAhead:
         self._cond = threading.Condition()
         self._paused = False
         self._thread: threading.Thread | None = None
-        self.hits = self.misses = self.dropped = 0
+        self.hits = 0  # files taken from here
 
     def add(self, paths: Iterable[str]) -> None:
         """Queue files to read (when no job runs)."""
@@ -71,7 +71,6 @@ class ReadAhead:
             self._wanted.discard(path)  # a read under way is not kept when it ends
             entry = self._cache.pop(path, None)
             if entry is None:
-                self.misses += 1
                 return None
             self._bytes -= entry[1]
             self.hits += 1
@@ -93,7 +92,6 @@ class ReadAhead:
                 return
             del self._cache[path]
             self._bytes -= size
-            self.dropped += 1
 
     def _run(self) -> None:
         try:

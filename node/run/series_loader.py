@@ -116,13 +116,12 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> 
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
-    taken = [ahead.take(str(p)) for p in paths] if ahead is not None else [None] * len(paths)
-    missing = [p for p, t in zip(paths, taken) if t is None]
+    read = [ahead.take(str(p)) for p in paths] if ahead is not None else [None] * len(paths)
+    missing = [p for p, r in zip(paths, read) if r is None]
     if missing:
         with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
             fresh = iter(list(pool.map(read_file, missing)))
-        taken = [t if t is not None else next(fresh) for t in taken]
-    read = taken
+        read = [r if r is not None else next(fresh) for r in read]
     datasets = [ds for ds, _ in read]
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)

@@ -175,8 +175,7 @@ class WorkerPool:
         with self._lock:
             index = self._ahead_slot.get(meta.study_uid)
             if index is None:
-                fits = [i for i, s in enumerate(self.slots) if hasattr(self._processes[i], "read_ahead")
-                        and any(s.may_run(p) for p in plugins)]
+                fits = [i for i, s in enumerate(self.slots) if any(s.may_run(p) for p in plugins)]
                 if not fits:
                     return
                 index = min(fits, key=lambda i: (i in self._busy, i in self._ahead_slot.values(), i))
@@ -190,7 +189,7 @@ class WorkerPool:
             paths = list(self._ahead[index])
             self._ahead[index].clear()
         if paths:
-            proc.read_ahead(paths)  # type: ignore[attr-defined] - only slots whose runner has it get paths
+            proc.read_ahead(paths)  # type: ignore[attr-defined] - could_take is set only for runners that have it
 
     def wake(self) -> None:
         """Jobs were queued: claim now rather than at the next poll."""
