@@ -60,3 +60,16 @@ def test_the_receiver_installs_it():
     from node.receive import store_response
 
     assert DIMSEServiceProvider.send_msg is store_response.send_msg
+
+
+@pytest.mark.parametrize("context_id", [1, 127, 255])
+def test_the_pdu_sent_directly_is_what_pynetdicom_encodes(context_id):
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from node.receive.store_response import LAST_COMMAND_FRAGMENT, p_data_tf
+
+    command = success_command_set(CT, 7, "1.2.3.4.5")
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, LAST_COMMAND_FRAGMENT + command))
+    assert p_data_tf(context_id, command) == P_DATA_TF(pdata).encode()

@@ -42,7 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
-from node.receive import checks, store_response
+from node.receive import checks, dul_io, store_response
 from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
@@ -53,6 +53,7 @@ from node.store.db import InstanceMeta
 log = logging.getLogger("ainode.receive")
 
 store_response.install()  # C-STORE-RSP Success encoded directly (store_response.py says why)
+dul_io.install()  # no 1 ms polls, whole-PDU reads (dul_io.py says why)
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,

@@ -1,0 +1,114 @@
+"""node/receive/dul_io.py: whole-PDU reads, and reactor waits that end when their work arrives.
+
+The waits are checked with long limits (5 s) that end early: a wait that slept its whole length would
+fail, a slow machine would not.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+from node.receive import dul_io
+
+LONG = 5.0
+
+
+def _feed(sock: socket.socket, chunks: list[bytes], close: bool) -> threading.Thread:
+    def run() -> None:
+        for chunk in chunks:
+            sock.sendall(chunk)
+            time.sleep(0.01)
+        if close:
+            sock.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_recv_returns_exactly_the_bytes_asked_for_across_partial_reads():
+    a, b = socket.socketpair()
+    try:
+        payload = bytes(range(256)) * 2048  # 512 KiB, sent in uneven pieces
+        feeder = _feed(b, [payload[:1000], payload[1000:70000], payload[70000:]] + [b"next"], close=False)
+        got = dul_io.recv(SimpleNamespace(socket=a), len(payload))
+        assert isinstance(got, bytearray) and got == payload
+        assert dul_io.recv(SimpleNamespace(socket=a), 4) == b"next"  # nothing read beyond what was asked
+        feeder.join()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recv_returns_what_came_before_the_peer_closed():
+    a, b = socket.socketpair()
+    try:
+        feeder = _feed(b, [b"abc", b"de"], close=True)
+        got = dul_io.recv(SimpleNamespace(socket=a), 100)
+        feeder.join()
+        assert got == bytearray(b"abcde")
+    finally:
+        a.close()
+
+
+def _dul(sock: socket.socket) -> SimpleNamespace:
+    return SimpleNamespace(socket=SimpleNamespace(socket=sock, _is_connected=True), to_provider_queue=queue.Queue())
+
+
+def test_the_dul_wait_ends_when_the_socket_has_data():
+    a, b = socket.socketpair()
+    try:
+        threading.Timer(0.05, b.sendall, args=(b"x",)).start()
+        t0 = time.monotonic()
+        dul_io._dul_idle(_dul(a), LONG)
+        assert time.monotonic() - t0 < LONG / 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_dul_wait_is_a_plain_sleep_when_a_primitive_waits_or_the_socket_is_gone():
+    a, b = socket.socketpair()
+    try:
+        dul = _dul(a)
+        dul.to_provider_queue.put("primitive")
+        b.sendall(b"x")  # readable, but a queued primitive means the loop has work: it sleeps as before
+        t0 = time.monotonic()
+        dul_io._dul_idle(dul, 0.05)
+        assert time.monotonic() - t0 >= 0.05
+        closed = _dul(a)
+        closed.socket._is_connected = False
+        t0 = time.monotonic()
+        dul_io._dul_idle(closed, 0.05)
+        assert time.monotonic() - t0 >= 0.05
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_association_wait_ends_when_a_message_is_queued():
+    messages: queue.Queue = queue.Queue()
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=messages))
+    threading.Timer(0.05, messages.put, args=((1, "C-STORE-RQ"),)).start()
+    t0 = time.monotonic()
+    dul_io._association_idle(assoc, LONG)
+    assert time.monotonic() - t0 < LONG / 2
+    assert messages.get_nowait() == (1, "C-STORE-RQ")  # the wait leaves the message for the loop
+
+
+def test_sleeps_outside_the_two_reactor_loops_keep_their_length():
+    import pynetdicom.association
+    import pynetdicom.dul
+
+    import node.receive.scp  # noqa: F401 - installs dul_io on import
+
+    assert isinstance(pynetdicom.dul.time, dul_io._ReactorTime)
+    assert isinstance(pynetdicom.association.time, dul_io._ReactorTime)
+    t0 = time.monotonic()
+    pynetdicom.association.time.sleep(0.05)
+    assert time.monotonic() - t0 >= 0.05
+    assert pynetdicom.dul.time.monotonic() > 0  # everything else is the time module's
