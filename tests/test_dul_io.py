@@ -7,6 +7,7 @@ fail, a slow machine would not.
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import threading
 import time
@@ -92,7 +93,9 @@ def test_the_dul_wait_is_a_plain_sleep_when_a_primitive_waits_or_the_socket_is_g
 
 def test_the_association_wait_ends_when_a_message_is_queued():
     messages: queue.Queue = queue.Queue()
-    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=messages))
+    assoc = SimpleNamespace(dimse=SimpleNamespace(msg_queue=messages), dul=SimpleNamespace(),
+                            _reactor_checkpoint=threading.Event())
+    assoc._reactor_checkpoint.set()
     threading.Timer(0.05, messages.put, args=((1, "C-STORE-RQ"),)).start()
     t0 = time.monotonic()
     dul_io._association_idle(assoc, LONG)
@@ -112,3 +115,76 @@ def test_sleeps_outside_the_two_reactor_loops_keep_their_length():
     pynetdicom.association.time.sleep(0.05)
     assert time.monotonic() - t0 >= 0.05
     assert pynetdicom.dul.time.monotonic() > 0  # everything else is the time module's
+
+
+def _echo_pair(monkeypatch):  # type: ignore[no-untyped-def]
+    """A pynetdicom acceptor and an established association to it, with dul_io installed and IDLE_WAIT
+    long: any hand-over that failed to wake its thread would stall an exchange for LONG seconds."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    import node.receive.scp  # noqa: F401 - installs dul_io on import
+    from tests.support.net import free_port
+
+    monkeypatch.setattr(dul_io, "IDLE_WAIT", LONG)
+    ended = threading.Event()
+    scp = AE(ae_title="WAKE_SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_RELEASED, lambda e: ended.set()),
+                                            (evt.EVT_ABORTED, lambda e: ended.set())])
+    scu = AE(ae_title="WAKE_SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", port, ae_title="WAKE_SCP")
+    assert assoc.is_established
+    return server, assoc, ended
+
+
+def test_idle_reactors_wait_long_and_every_hand_over_wakes_them(monkeypatch):  # type: ignore[no-untyped-def]
+    server, assoc, ended = _echo_pair(monkeypatch)
+    try:
+        calls = {"dul": 0, "association": 0}
+        dul_idle, association_idle = dul_io._dul_idle, dul_io._association_idle
+
+        def counting(name, fn):  # type: ignore[no-untyped-def]
+            def wrapped(*args):  # type: ignore[no-untyped-def]
+                calls[name] += 1
+                return fn(*args)
+            return wrapped
+
+        monkeypatch.setattr(dul_io, "_dul_idle", counting("dul", dul_idle))
+        monkeypatch.setattr(dul_io, "_association_idle", counting("association", association_idle))
+        time.sleep(0.5)  # idle: 1 ms waits would be ~500 per thread; these last LONG unless woken
+        assert calls["dul"] < 20 and calls["association"] < 20, calls
+        t0 = time.monotonic()
+        for _ in range(20):  # request read off the socket, message queued, response handed to the DUL
+            assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()  # A-RELEASE queued for the acceptor's association, its reply handed to its DUL
+        assert ended.wait(LONG / 2)
+        assert time.monotonic() - t0 < LONG / 2
+    finally:
+        server.shutdown()
+
+
+def test_an_abort_ends_the_acceptor_at_once_with_long_waits(monkeypatch):  # type: ignore[no-untyped-def]
+    server, assoc, ended = _echo_pair(monkeypatch)
+    try:
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assoc.abort()
+        assert ended.wait(LONG / 2)
+    finally:
+        server.shutdown()  # joins the acceptor's threads
+    assert time.monotonic() - t0 < LONG / 2
+
+
+def test_the_wakeup_is_closed_when_its_dul_thread_ends_and_late_pokes_are_dropped():
+    wakeup = dul_io._Wakeup()
+    wakeup.poke()
+    assert select.select([wakeup], [], [], 0)[0]
+    wakeup.drain()
+    assert not select.select([wakeup], [], [], 0)[0]
+    wakeup.close()
+    wakeup.poke()  # after the close: no write to a descriptor number the process may have reused
+    wakeup.close()

@@ -12,19 +12,26 @@ Here, with the same loops and the same code around them:
 - the DUL thread's idle sleep is a wait, of the same length at most, for its socket to become readable;
 - the association thread's sleep is a wait, of the same length at most, for a message on its queue.
 
-Idle CPU is as before: each thread still wakes at least once a millisecond to check its timers and flags.
+Each DUL thread also gets an eventfd (`_Wakeup`) that the other threads write to when they give it work
+(a primitive to send, an event, the kill flag), and each association thread is told when its DUL queues an
+A-RELEASE or A-ABORT for it. With every source of work able to wake them, both loops wait up to 20 ms
+instead of 1 ms: with 4 associations, 8 threads woke 8,000 times a second to find nothing, each time taking
+the GIL from the threads that were writing instances. Timers (ARTIM, network timeout) are checked up to
+20 ms later than before; nothing else waits longer. Without os.eventfd (not Linux), the waits stay 1 ms.
+
 Only the sleeps inside the two reactor loops change (they are told apart by the calling code object);
 pynetdicom's other sleeps keep their lengths. Relies on pynetdicom 3's internals (pinned < 4).
 """
 
 from __future__ import annotations
 
+import os
 import select
 import ssl
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import association as _association
 from pynetdicom import dul as _dul
@@ -32,6 +39,111 @@ from pynetdicom.transport import AssociationSocket
 
 _DUL_LOOP = _dul.DULServiceProvider.run_reactor.__code__
 _ASSOCIATION_LOOP = _association.Association._run_reactor.__code__
+_make_target = _dul.make_target
+# How long an idle reactor loop waits when everything that gives it work also wakes it.
+IDLE_WAIT = 0.02
+
+
+class _Wakeup:
+    """An eventfd the other threads write to when they give a DUL thread work; closed when that thread ends.
+
+    Writes after the close are dropped under the lock, so a late poke never reaches a reused descriptor."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def poke(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.eventfd_write(self._fd, 1)
+                except BlockingIOError:  # counter full: already readable
+                    pass
+
+    def drain(self) -> None:
+        """Called only by the DUL thread itself, which is also the one that closes."""
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _wake_association(dul: _dul.DULServiceProvider) -> None:
+    messages = dul.assoc.dimse.msg_queue
+    with messages.not_empty:
+        messages.not_empty.notify_all()
+
+
+def _attach(dul: _dul.DULServiceProvider, wakeup: _Wakeup) -> None:
+    """Make every hand-over of work to `dul` from another thread poke `wakeup`, and wake the association
+    loop whenever the DUL queues a primitive for it or another thread asks it to pause."""
+
+    def poking(put: Callable[..., None]) -> Callable[..., None]:
+        def put_and_poke(*args: Any, **kwargs: Any) -> None:
+            put(*args, **kwargs)
+            if threading.current_thread() is not dul:
+                wakeup.poke()
+
+        return put_and_poke
+
+    dul.event_queue.put = poking(dul.event_queue.put)  # type: ignore[method-assign]
+    dul.to_provider_queue.put = poking(dul.to_provider_queue.put)  # type: ignore[method-assign]
+    kill = dul.kill_dul
+
+    def kill_and_poke() -> None:
+        kill()
+        if threading.current_thread() is not dul:
+            wakeup.poke()
+
+    dul.kill_dul = kill_and_poke  # type: ignore[method-assign]
+    user_put = dul.to_user_queue.put
+
+    def put_and_tell(*args: Any, **kwargs: Any) -> None:
+        user_put(*args, **kwargs)
+        _wake_association(dul)
+
+    dul.to_user_queue.put = put_and_tell  # type: ignore[method-assign]
+    # A thread that sends on the association (send_c_store, release, ...) clears the checkpoint and spins
+    # until the association loop reaches it: wake the loop so it gets there at once.
+    checkpoint = dul.assoc._reactor_checkpoint
+    clear = checkpoint.clear
+
+    def clear_and_tell() -> None:
+        clear()
+        _wake_association(dul)
+
+    checkpoint.clear = clear_and_tell  # type: ignore[method-assign]
+    dul._ainode_wakeup = wakeup  # type: ignore[attr-defined]
+
+
+def make_target(target_fn: Callable[[], None]) -> Callable[[], None]:
+    """pynetdicom.dul.make_target: a DUL thread runs with its `_Wakeup` attached, and closes it on exit."""
+    inner = _make_target(target_fn)
+    dul = getattr(target_fn, "__self__", None)
+    if not isinstance(dul, _dul.DULServiceProvider) or not hasattr(os, "eventfd"):
+        return inner
+
+    def run() -> None:
+        wakeup = _Wakeup()
+        _attach(dul, wakeup)
+        try:
+            inner()
+        finally:
+            dul._ainode_wakeup = None  # type: ignore[attr-defined]
+            wakeup.close()
+            _wake_association(dul)  # it checks whether its DUL still runs
+
+    return run
 
 
 def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -62,18 +174,36 @@ def _dul_idle(dul: _dul.DULServiceProvider, seconds: float) -> None:
         return
     if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select() cannot see
         return
+    wakeup: _Wakeup | None = getattr(dul, "_ainode_wakeup", None)
     try:
-        select.select([sock], [], [], seconds)
+        if wakeup is None:
+            select.select([sock], [], [], seconds)
+            return
+        wakeup.drain()  # then look: work handed over after this point also leaves the eventfd readable
+        if dul._kill_thread or not dul.event_queue.empty() or not dul.to_provider_queue.empty():
+            return
+        select.select([sock, wakeup], [], [], max(seconds, IDLE_WAIT))
     except (OSError, ValueError):  # closed meanwhile: the loop finds out on its next look
         time.sleep(seconds)
 
 
 def _association_idle(assoc: _association.Association, seconds: float) -> None:
-    """Until a decoded DIMSE message is queued for the association, or `seconds` pass."""
+    """Until a decoded DIMSE message is queued for the association, or `seconds` pass.
+
+    While its DUL runs with a `_Wakeup`, this wait is also woken when the DUL queues a primitive for the
+    association or ends, and when another thread asks the loop to pause, so it may be IDLE_WAIT long; a
+    primitive already queued keeps it at `seconds` (the loop may not consume it)."""
     messages = assoc.dimse.msg_queue
+    dul = assoc.dul
+    wait = seconds
     with messages.not_empty:
-        if not messages._qsize():  # type: ignore[attr-defined]
-            messages.not_empty.wait(seconds)
+        if messages._qsize():  # type: ignore[attr-defined]
+            return
+        if not assoc._reactor_checkpoint.is_set():  # another thread waits for the loop to pause
+            return
+        if getattr(dul, "_ainode_wakeup", None) is not None and dul.to_user_queue.empty():
+            wait = max(seconds, IDLE_WAIT)
+        messages.not_empty.wait(wait)
 
 
 class _ReactorTime:
@@ -102,4 +232,5 @@ class _ReactorTime:
 def install() -> None:
     AssociationSocket.recv = recv  # type: ignore[method-assign]
     _dul.time = _ReactorTime()  # type: ignore[assignment]
+    _dul.make_target = make_target  # type: ignore[attr-defined]
     _association.time = _ReactorTime()  # type: ignore[assignment]
