@@ -188,3 +188,19 @@ def test_the_wakeup_is_closed_when_its_dul_thread_ends_and_late_pokes_are_droppe
     wakeup.close()
     wakeup.poke()  # after the close: no write to a descriptor number the process may have reused
     wakeup.close()
+
+
+def test_without_a_descriptor_for_the_wakeup_the_association_keeps_the_short_waits(monkeypatch):  # type: ignore[no-untyped-def]
+    def no_descriptor() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(dul_io, "_Wakeup", no_descriptor)
+    server, assoc, ended = _echo_pair(monkeypatch)
+    try:
+        t0 = time.monotonic()
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert ended.wait(LONG / 2)
+        assert time.monotonic() - t0 < LONG / 2
+    finally:
+        server.shutdown()

@@ -134,7 +134,11 @@ def make_target(target_fn: Callable[[], None]) -> Callable[[], None]:
         return inner
 
     def run() -> None:
-        wakeup = _Wakeup()
+        try:
+            wakeup = _Wakeup()
+        except OSError:  # out of descriptors: this DUL keeps the 1 ms waits
+            inner()
+            return
         _attach(dul, wakeup)
         try:
             inner()
