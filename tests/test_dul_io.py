@@ -204,3 +204,44 @@ def test_without_a_descriptor_for_the_wakeup_the_association_keeps_the_short_wai
         assert time.monotonic() - t0 < LONG / 2
     finally:
         server.shutdown()
+
+
+def test_each_dul_closes_its_wakeup_when_its_association_ends():
+    """Closed by the DUL thread itself, not by garbage collection: with gc off, 50 associations leave no
+    descriptor behind."""
+    import gc
+    import os
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    import node.receive.scp  # noqa: F401 - installs dul_io on import
+    from tests.support.net import free_port
+
+    scp = AE(ae_title="FD_SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    scu = AE(ae_title="FD_SCU")
+    scu.add_requested_context(Verification)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        def one() -> None:
+            assoc = scu.associate("127.0.0.1", port, ae_title="FD_SCP")
+            assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+
+        one()
+        time.sleep(0.3)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            one()
+        deadline = time.monotonic() + LONG
+        while len(os.listdir("/proc/self/fd")) > before and time.monotonic() < deadline:
+            time.sleep(0.05)  # the last DUL threads finish closing
+        assert len(os.listdir("/proc/self/fd")) <= before
+    finally:
+        if was_enabled:
+            gc.enable()
+        server.shutdown()
