@@ -245,3 +245,40 @@ def test_each_dul_closes_its_wakeup_when_its_association_ends():
         if was_enabled:
             gc.enable()
         server.shutdown()
+
+
+def test_a_release_hint_survives_the_connection_closing_before_evt_released():
+    """The A-RELEASE-RP wakes the sender, whose close the DUL thread may handle before the association thread
+    raises EVT_RELEASED: the hint goes out once, from whichever handler comes first; an abort sends none."""
+    from node.receive.scp import StoreSCP
+
+    scp = StoreSCP.__new__(StoreSCP)  # only the two handlers and their bookkeeping
+    scp._studies, scp._studies_lock = {}, threading.Lock()
+    hints: list[set[str]] = []
+    scp.on_released = hints.append
+
+    class Assoc:  # hashable, as the handlers key their bookkeeping by association
+        def __init__(self, state: str, is_aborted: bool = False) -> None:
+            self.dul = SimpleNamespace(state_machine=SimpleNamespace(current_state=state))
+            self.is_released, self.is_aborted, self.is_rejected = False, is_aborted, False
+
+    assoc = Assoc
+
+    closing = assoc("Sta13")  # RP sent, peer closed, EVT_RELEASED not raised yet
+    scp._studies[closing] = {"1.2.3"}
+    scp._on_closed(SimpleNamespace(assoc=closing))
+    scp._on_released(SimpleNamespace(assoc=closing))
+    assert hints == [{"1.2.3"}]
+
+    released = assoc("Sta13")  # the usual order: EVT_RELEASED first
+    scp._studies[released] = {"4.5.6"}
+    scp._on_released(SimpleNamespace(assoc=released))
+    scp._on_closed(SimpleNamespace(assoc=released))
+    assert hints == [{"1.2.3"}, {"4.5.6"}]
+
+    dropped = assoc("Sta6")  # connection dropped mid-association
+    aborted = assoc("Sta13", is_aborted=True)  # this node aborted
+    for a in (dropped, aborted):
+        scp._studies[a] = {"7.8.9"}
+        scp._on_closed(SimpleNamespace(assoc=a))
+    assert hints == [{"1.2.3"}, {"4.5.6"}] and not scp._studies

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -162,6 +162,18 @@ class ReceiveCounters:
     duplicates: int = 0
     refused: int = 0
     bytes: int = 0
+
+
+def _released(assoc: Any) -> bool:
+    """The association was released, or is closing after this node answered the sender's A-RELEASE-RQ (an
+    acceptor waits in pynetdicom's Sta13 for the peer's close after its A-RELEASE-RP). An A-ABORT or
+    A-ASSOCIATE-RJ this node sent also leads to Sta13; is_aborted / is_rejected tell them apart once
+    pynetdicom has set them, and a hint that slips through only has the node ask the PACS for counts early."""
+    if getattr(assoc, "is_released", False):
+        return True
+    dul = getattr(assoc, "dul", None)
+    state = getattr(getattr(dul, "state_machine", None), "current_state", None)
+    return state == "Sta13" and not getattr(assoc, "is_aborted", False) and not getattr(assoc, "is_rejected", False)
 
 
 class StoreSCP:
@@ -370,9 +382,15 @@ class StoreSCP:
         if self.on_released is not None:
             self.on_released(set(studies))
 
-    def _on_closed(self, event: evt.Event) -> None:  # aborted or dropped: the sender will send again
+    def _on_closed(self, event: evt.Event) -> None:
+        """Aborted or dropped: the sender will send again, no hint. Closed after a release: the hint is passed
+        here if EVT_RELEASED has not passed it yet. The A-RELEASE-RP wakes the peer, whose close the DUL
+        thread can handle before the association thread raises EVT_RELEASED; the pop under the lock makes
+        whichever comes first pass it, once."""
         with self._studies_lock:
-            self._studies.pop(event.assoc, None)
+            studies = self._studies.pop(event.assoc, None)
+        if studies and self.on_released is not None and _released(event.assoc):
+            self.on_released(studies)
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
