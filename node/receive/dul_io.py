@@ -88,41 +88,29 @@ def _attach(dul: _dul.DULServiceProvider, wakeup: _Wakeup) -> None:
     """Make every hand-over of work to `dul` from another thread poke `wakeup`, and wake the association
     loop whenever the DUL queues a primitive for it or another thread asks it to pause."""
 
-    def poking(put: Callable[..., None]) -> Callable[..., None]:
-        def put_and_poke(*args: Any, **kwargs: Any) -> None:
-            put(*args, **kwargs)
+    def then_poke(fn: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: Any, **kwargs: Any) -> None:
+            fn(*args, **kwargs)
             if threading.current_thread() is not dul:
                 wakeup.poke()
 
-        return put_and_poke
+        return call
 
-    dul.event_queue.put = poking(dul.event_queue.put)  # type: ignore[method-assign]
-    dul.to_provider_queue.put = poking(dul.to_provider_queue.put)  # type: ignore[method-assign]
-    kill = dul.kill_dul
+    def then_tell(fn: Callable[..., None]) -> Callable[..., None]:
+        def call(*args: Any, **kwargs: Any) -> None:
+            fn(*args, **kwargs)
+            _wake_association(dul)
 
-    def kill_and_poke() -> None:
-        kill()
-        if threading.current_thread() is not dul:
-            wakeup.poke()
+        return call
 
-    dul.kill_dul = kill_and_poke  # type: ignore[method-assign]
-    user_put = dul.to_user_queue.put
-
-    def put_and_tell(*args: Any, **kwargs: Any) -> None:
-        user_put(*args, **kwargs)
-        _wake_association(dul)
-
-    dul.to_user_queue.put = put_and_tell  # type: ignore[method-assign]
+    dul.event_queue.put = then_poke(dul.event_queue.put)  # type: ignore[method-assign]
+    dul.to_provider_queue.put = then_poke(dul.to_provider_queue.put)  # type: ignore[method-assign]
+    dul.kill_dul = then_poke(dul.kill_dul)  # type: ignore[method-assign]
+    dul.to_user_queue.put = then_tell(dul.to_user_queue.put)  # type: ignore[method-assign]
     # A thread that sends on the association (send_c_store, release, ...) clears the checkpoint and spins
     # until the association loop reaches it: wake the loop so it gets there at once.
     checkpoint = dul.assoc._reactor_checkpoint
-    clear = checkpoint.clear
-
-    def clear_and_tell() -> None:
-        clear()
-        _wake_association(dul)
-
-    checkpoint.clear = clear_and_tell  # type: ignore[method-assign]
+    checkpoint.clear = then_tell(checkpoint.clear)  # type: ignore[method-assign]
     dul._ainode_wakeup = wakeup  # type: ignore[attr-defined]
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
@@ -164,16 +165,14 @@ class ReceiveCounters:
     bytes: int = 0
 
 
-def _released(assoc: Any) -> bool:
+def _released(assoc: Association) -> bool:
     """The association was released, or is closing after this node answered the sender's A-RELEASE-RQ (an
     acceptor waits in pynetdicom's Sta13 for the peer's close after its A-RELEASE-RP). An A-ABORT or
     A-ASSOCIATE-RJ this node sent also leads to Sta13; is_aborted / is_rejected tell them apart once
     pynetdicom has set them, and a hint that slips through only has the node ask the PACS for counts early."""
-    if getattr(assoc, "is_released", False):
+    if assoc.is_released:
         return True
-    dul = getattr(assoc, "dul", None)
-    state = getattr(getattr(dul, "state_machine", None), "current_state", None)
-    return state == "Sta13" and not getattr(assoc, "is_aborted", False) and not getattr(assoc, "is_rejected", False)
+    return assoc.dul.state_machine.current_state == "Sta13" and not assoc.is_aborted and not assoc.is_rejected
 
 
 class StoreSCP:
@@ -372,10 +371,7 @@ class StoreSCP:
                           reason="too many pending connections (pynetdicom limit)")
 
     def _on_released(self, event: evt.Event) -> None:
-        with self._studies_lock:
-            studies = self._studies.pop(event.assoc, None)
-        if studies and self.on_released is not None:
-            self.on_released(studies)
+        self._forget_studies(event.assoc, hint=True)
 
     def sender_released(self, studies: set[str]) -> None:
         """A receive process's sender released its association (node/receive/processes.py): as _on_released."""
@@ -387,9 +383,13 @@ class StoreSCP:
         here if EVT_RELEASED has not passed it yet. The A-RELEASE-RP wakes the peer, whose close the DUL
         thread can handle before the association thread raises EVT_RELEASED; the pop under the lock makes
         whichever comes first pass it, once."""
+        self._forget_studies(event.assoc, hint=_released(event.assoc))
+
+    def _forget_studies(self, assoc: object, hint: bool) -> None:
+        """Drop the association's studies; with `hint`, pass them to on_released (the sender is done)."""
         with self._studies_lock:
-            studies = self._studies.pop(event.assoc, None)
-        if studies and self.on_released is not None and _released(event.assoc):
+            studies = self._studies.pop(assoc, None)
+        if studies and hint and self.on_released is not None:
             self.on_released(studies)
 
     def _on_echo(self, event: evt.Event) -> int:
