@@ -475,6 +475,7 @@ def main() -> int:
                     unavailable[key] = str(exc)
                     print(f"{key}: not available ({exc})", file=sys.stderr)
                     continue
+                rx.pause()  # a node started here would otherwise idle through the peers' first round
                 running[key] = rx
             # Rounds, not one receiver after another: each round sends once to every receiver, so a host
             # that gets busier or quieter during the run slows every receiver alike and the ratios hold.
