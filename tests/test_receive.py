@@ -152,10 +152,12 @@ def test_write_failure_answers_out_of_resources_never_success(node_factory):
 
 
 def test_sigterm_exits_cleanly(node_factory):
+    # Stopped as soon as it listens: its worker processes (and theirs) are still starting.
     node = node_factory()
     assert node.stop() == 0
     events = [x["event"] for x in node.audit_records()]
     assert events[-1] == "node-stop"
+    assert "Traceback" not in node.log_path.read_text(), node.log_path.read_text()
 
 
 def test_below_free_space_threshold_answers_out_of_resources_and_keeps_nothing(node_factory):

@@ -127,7 +127,10 @@ class SrProcess:
         self.close()
         self._start()
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """`wait`: until the process has ended. A worker that is ending waits: its exit removes the
+        semaphores of the pool's queues, and a process still starting would fail to open them (a traceback
+        on the node's stderr when it is stopped seconds after it started)."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)

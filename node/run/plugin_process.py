@@ -110,6 +110,8 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
     while True:
         spec = runs.get()
         if spec is None:
+            if sr_builder is not None:
+                sr_builder.close(wait=True)
             return
         ahead.pause()  # reading ahead would slow the job
         loaded = prefetcher.take(spec)
