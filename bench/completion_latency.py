@@ -1,6 +1,7 @@
 """Completion to results in the PACS: ct_lung on a 300-slice 512x512 CT, completion by counts (issue 8).
 
     .venv/bin/python bench/completion_latency.py [--slices 300] [--repeat 3] [--quiet-period 60] [--first-job]
+                                                 [--transfer-syntax JPEG2000Lossless] [--pace 30]
 
 A real Orthanc holds a synthetic CT and is, in the node's config, both the queryable source (the node asks
 it by C-FIND how many instances the study has, node/assemble/evidence.py) and the destination of the
@@ -26,13 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from push_study import print_table, push_study, ts  # noqa: E402
 
+from node.synth.chest_ct import SUPPORTED_SYNTAXES  # noqa: E402
+
 TARGET_OVERHEAD_S = 2.0
 TARGET_PLUGIN_S = 5.0
 OVERHEAD = "completion → SEG+SR in PACS, minus plugin compute"
 PLUGIN = "plugin compute (ct_lung)"
 
 
-def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = True) -> dict[str, float | None]:
+def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = True,
+            transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None) -> dict[str, float | None]:
     def config(orthanc) -> dict:
         pacs = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
         return {
@@ -42,7 +46,8 @@ def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = Tr
             "rules": [{"name": "lung", "series": {"modality": "CT"}, "plugin": "ct_lung", "destinations": ["pacs"]}],
         }
 
-    run = push_study(work, slices=slices, seed=seed, node_config=config, modalities=("SEG", "SR"), warm_up=warm_up)
+    run = push_study(work, slices=slices, seed=seed, node_config=config, modalities=("SEG", "SR"), warm_up=warm_up,
+                     transfer_syntax=transfer_syntax, pace=pace)
     done = run.first("study-complete")
     if done.get("reason") != "counts-matched":
         raise RuntimeError(f"the study completed by {done.get('reason')!r}, not by counts: check the node's log")
@@ -60,6 +65,7 @@ def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = Tr
         "Orthanc → node C-STORE (whole study)": run.t_sent - run.t_send,
         "last instance stored → study-complete (counts)": complete - last_rx,
         "study-complete → job-start (route, queue)": start - complete,
+        "slices the worker read (and decoded) while the study arrived": t.get("read_ahead_files", 0),
         "load (read + decode the series)": t["load_s"],
         PLUGIN: t["plugin_s"],
         "build (SEG + SR, written)": t["build_s"] if validate is not None else None,
@@ -80,16 +86,23 @@ def main() -> int:
     ap.add_argument("--quiet-period", type=float, default=60.0)
     ap.add_argument("--first-job", action="store_true",
                     help="measure a fresh node's first job (no warm-up study before the measured one)")
+    ap.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian", choices=sorted(SUPPORTED_SYNTAXES),
+                    help="how the CT is encoded, stored in Orthanc and pushed to the node (default uncompressed)")
+    ap.add_argument("--pace", type=float, default=None, metavar="PER_S",
+                    help="push the measured study at this many instances a second, as a scanner sends "
+                         "(default: all at once, as fast as Orthanc sends)")
     args = ap.parse_args()
     runs = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="ainode-bench-") as d:
-            runs.append(one_run(Path(d), args.slices, args.quiet_period, seed=i, warm_up=not args.first_job))
+            runs.append(one_run(Path(d), args.slices, args.quiet_period, seed=i, warm_up=not args.first_job,
+                                transfer_syntax=args.transfer_syntax, pace=args.pace))
             print(f"run {i + 1}/{args.repeat}: completion → SEG+SR in PACS "
                   f"{runs[-1]['completion → SEG+SR in PACS']:.2f} s", file=sys.stderr)
     which = "a fresh node's first job" if args.first_job else "after one warm-up study"
     print_table(f"Completion → results in PACS, ct_lung, {args.slices}-slice 512x512 CT, completion by counts "
-                f"(quiet period {args.quiet_period:g} s), {which}, median of {args.repeat}", runs)
+                f"(quiet period {args.quiet_period:g} s), {which}, {args.transfer_syntax}, "
+                f"{f'{args.pace:g} instances/s' if args.pace else 'pushed at once'}, median of {args.repeat}", runs)
     overhead = statistics.median(r[OVERHEAD] for r in runs)
     plugin = statistics.median(r[PLUGIN] for r in runs)
     print()

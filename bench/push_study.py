@@ -60,14 +60,30 @@ def wait_warm(node: NodeProcess, timeout: float = 120.0) -> None:
     time.sleep(1.0)  # its SR process finishes its imports
 
 
+def _paced_send(orthanc: OrthancServer, study_id: str, per_second: float) -> None:
+    """Push the study's instances in order of InstanceNumber, one batch a second, as a scanner sends a
+    series while it reconstructs it."""
+    instances = [i for s in orthanc.series_of_study(study_id) for i in orthanc.instances_of_series(s["ID"])]
+    instances.sort(key=lambda i: int(i["MainDicomTags"].get("InstanceNumber") or 0))
+    ids = [i["ID"] for i in instances]
+    batch = max(1, round(per_second))
+    start = time.monotonic()
+    for k in range(0, len(ids), batch):
+        time.sleep(max(0.0, start + k / batch - time.monotonic()))
+        orthanc.send_instances_to_modality("ainode", ids[k:k + batch])
+
+
 def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wanted: set[str],
-                   timeout: float) -> tuple[float, float, dict[str, float], list[dict]]:
-    """Have Orthanc push one study to the node; wait until Orthanc lists every wanted result modality in
-    it and the node has recorded sending them. (send asked, send returned, when each was listed, the
-    study's audit records)."""
+                   timeout: float, pace: float | None = None) -> tuple[float, float, dict[str, float], list[dict]]:
+    """Have Orthanc push one study to the node (at once, or `pace` instances a second); wait until Orthanc
+    lists every wanted result modality in it and the node has recorded sending them. (send asked, send
+    returned, when each was listed, the study's audit records)."""
     study_id = orthanc.find_study(study_uid)
     t_send = time.time()
-    orthanc.send_study_to_modality("ainode", study_id)
+    if pace:
+        _paced_send(orthanc, study_id, pace)
+    else:
+        orthanc.send_study_to_modality("ainode", study_id)
     t_sent = time.time()
     deadline = time.monotonic() + timeout
     listed: dict[str, float] = {}
@@ -91,18 +107,22 @@ def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wa
 
 
 def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[OrthancServer], dict],
-               modalities: Iterable[str] = ("SR",), timeout: float = 600, warm_up: bool = False) -> PushRun:
+               modalities: Iterable[str] = ("SR",), timeout: float = 600, warm_up: bool = False,
+               transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None) -> PushRun:
     """Write a `slices`-slice 512x512 chest CT, upload it to a fresh Orthanc, start the node with
     `node_config(orthanc)`, let Orthanc push the study to the node and wait until Orthanc lists every
     result modality in `modalities` and the node has recorded sending them.
 
     `warm_up`: first push another study of the same size through the node, not measured: a node in
-    service has run jobs before, and its worker reuses the memory they used (node/run/heap.py)."""
+    service has run jobs before, and its worker reuses the memory they used (node/run/heap.py).
+    `transfer_syntax`: how the CT is encoded (a name node.synth accepts); Orthanc stores and pushes it so.
+    `pace`: instances a second for the measured study (default: all at once, as fast as Orthanc sends)."""
     wanted = set(modalities)
     thickness = 1.0 if slices >= 300 else 2.5
-    synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=thickness, seed=seed)
-    first = write_chest_ct(work / "warm-up", slices=slices, slice_thickness=thickness, seed=seed + 10_000) \
-        if warm_up else None
+    synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=thickness, seed=seed,
+                           transfer_syntax=transfer_syntax)
+    first = write_chest_ct(work / "warm-up", slices=slices, slice_thickness=thickness, seed=seed + 10_000,
+                           transfer_syntax=transfer_syntax) if warm_up else None
     with OrthancServer(work / "orthanc", aet="ORTHANC") as orthanc:
         orthanc.upload_files(synth.files)
         if first is not None:
@@ -114,7 +134,7 @@ def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[Ort
             if first is not None:
                 _send_and_wait(orthanc, node, first.study_uid, wanted, timeout)
                 time.sleep(1.0)  # the node idle again, as before a study arrives
-            t_send, t_sent, listed, recs = _send_and_wait(orthanc, node, synth.study_uid, wanted, timeout)
+            t_send, t_sent, listed, recs = _send_and_wait(orthanc, node, synth.study_uid, wanted, timeout, pace)
         finally:
             node.stop()
             node.kill()

@@ -24,11 +24,21 @@ class RedactLibraryValues(logging.Filter):
         return True
 
 
+class DropDecoderTracebacks(logging.Filter):
+    """pydicom logs a traceback for each decoding plugin that fails on a frame, then raises an error that
+    names every plugin's failure; the node reports that error (with the file) where it matters. The
+    tracebacks only fill the log, and a worker that reads arriving files ahead would log one per bad file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.name.startswith("pydicom.pixels.decoders"))
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s", "%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(RedactLibraryValues())
+    handler.addFilter(DropDecoderTracebacks())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

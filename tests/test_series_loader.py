@@ -3,13 +3,16 @@ syntax the generator writes, and the loader's checks still name the file or inst
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 
-from node.run.series_loader import SeriesLoadError, read_file, load_series
+from node.run.decode_pool import DecodeError, decode_files, slow_to_decode
+from node.run.series_loader import SeriesLoadError, load_series, read_file, read_file_decoded
 from node.synth import write_chest_ct
 from node.synth.chest_ct import SUPPORTED_SYNTAXES
 
@@ -97,4 +100,51 @@ def test_errors_name_what_is_wrong(tmp_path):
     odd.SeriesInstanceUID = pydicom.dcmread(r.files[0]).SeriesInstanceUID
     odd.save_as(r.files[0], enforce_file_format=True)
     with pytest.raises(SeriesLoadError, match=r"32x32 differs from 48x48|48x48 differs from 32x32"):
+        load_series(r.files)
+
+
+COMPRESSED_SLOW = ("JPEG2000Lossless", "JPEGLSLossless")
+
+
+@pytest.mark.parametrize("ts_name", COMPRESSED_SLOW)
+def test_compressed_slices_decode_in_processes_as_pydicom_decodes_them(tmp_path, ts_name):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax=ts_name, **{**SMALL, "slices": 20})
+    paths = [str(f) for f in r.files]
+    arrays = decode_files(paths, processes=2)
+    assert all(np.array_equal(a, pydicom.dcmread(p).pixel_array) for a, p in zip(arrays, paths))
+    assert not mp.active_children(), "decoding processes end with the call"
+    assert slow_to_decode(read_file(paths[0])[0])
+    vol, headers = load_series(list(reversed(r.files)))  # 20 slices: in processes where there are 2 CPUs
+    assert np.array_equal(vol.pixels, reference(r.files)[0])
+    assert all("PixelData" not in h for h in headers)
+
+
+def test_rle_is_decoded_in_the_jobs_process(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="RLELossless", **SMALL)
+    assert not slow_to_decode(read_file(r.files[0])[0]), "RLE decodes faster than a slice crosses a pipe"
+
+
+def test_a_slice_that_cannot_be_decoded_is_named(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
+    bad = r.files[7]
+    rewrite([bad], lambda ds: setattr(ds, "PixelData", encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])))
+    with pytest.raises(DecodeError, match=rf"{bad}: its pixel data cannot be decoded"):
+        decode_files([str(f) for f in r.files], processes=2)
+    assert not mp.active_children()
+    with pytest.raises(SeriesLoadError, match=rf"series .*: {bad}: its pixel data cannot be decoded"):
+        load_series(r.files)
+
+
+def test_read_ahead_decodes_compressed_slices(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    ds, pixels = read_file_decoded(r.files[0])
+    assert "PixelData" not in ds
+    assert np.array_equal(pixels, pydicom.dcmread(r.files[0]).pixel_array)
+
+
+def test_a_slice_decoded_in_the_jobs_process_is_named_too(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="RLELossless", **SMALL)
+    bad = r.files[4]
+    rewrite([bad], lambda ds: setattr(ds, "PixelData", encapsulate([b"\x00" * 64])))
+    with pytest.raises(SeriesLoadError, match=rf"series .*: {bad}: its pixel data cannot be decoded"):
         load_series(r.files)

@@ -26,7 +26,7 @@ from node.run.heap import keep_freed_memory
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 from node.run.prefetch import Prefetcher
 from node.run.read_ahead import ReadAhead
-from node.run.series_loader import read_file
+from node.run.series_loader import read_file_decoded
 
 log = logging.getLogger("ainode.run")
 
@@ -82,7 +82,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
         mp.current_process().daemon = False
         sr_builder = SrProcess()
     plugins = PluginCache(sections, models_dir, device)
-    ahead = ReadAhead(read_ahead_bytes, read_file)
+    ahead = ReadAhead(read_ahead_bytes, read_file_decoded)
     prefetcher = Prefetcher(plugins, ahead)
     plugins.preload(preload)
     conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn

@@ -26,7 +26,8 @@ class _Pending:
 
     def _load(self, plugin, ahead: ReadAhead | None) -> None:  # type: ignore[no-untyped-def]
         try:
-            self.result = load_input(self.spec, plugin, ahead)
+            # In this process alone: decoding processes would take the CPUs from the job that runs now.
+            self.result = load_input(self.spec, plugin, ahead, decode_processes=1)
         except Exception as exc:  # noqa: BLE001 - the job reports it when it loads its input itself
             log.info("prefetch failed job_id=%d error=%s", self.spec.job_id, type(exc).__name__)
 

@@ -1,6 +1,6 @@
 """Reads a study's files in an idle worker process while the study is still arriving.
 
-Reading a 300-slice CT (header parse, pixel bytes) costs a job about 0.8 s of one core after the last image.
+Reading a 300-slice CT (header parse, pixel bytes; compressed pixel data is decoded too) costs a job about 0.8 s of one core after the last image.
 While a study arrives, the receiver (bound by the GIL) leaves the other core mostly free, so the node names
 each new file that some rule could take (WorkerPool.arrived) to an idle worker, which reads it here, and
 load_series takes it from here instead of reading it again.
@@ -107,7 +107,7 @@ class ReadAhead:
                     continue
             try:
                 item = self._read(path)
-                size = os.path.getsize(path)
+                size = max(os.path.getsize(path), getattr(item[1], "nbytes", 0))  # decoded pixels outweigh a compressed file
             except Exception as exc:  # noqa: BLE001 - the job reads the file itself and reports its error
                 log.debug("read-ahead failed path=%s error=%s", path, type(exc).__name__)
                 with self._cond:

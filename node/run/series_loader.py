@@ -3,7 +3,9 @@
 Uncompressed little-endian pixel data (what most PACS send, and what the node spools as received) is read
 straight from the file into the volume: the header is parsed up to the pixel data, and the pixel bytes
 are viewed with numpy, without pydicom's per-slice decoding. Compressed (or otherwise unusual) pixel data
-goes through pydicom's decoders. Files are read by a few threads, so file I/O overlaps header parsing.
+goes through pydicom's decoders; JPEG 2000, JPEG-LS and JPEG in several processes when there are more than
+a few slices (decode_pool.py: those decoders hold the GIL). Files are read by a few threads, so file I/O overlaps header
+parsing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
+from node.run.decode_pool import DecodeError, decode_files, pixels_of, processes_for, slow_to_decode
 
 if TYPE_CHECKING:
     from node.run.read_ahead import ReadAhead
@@ -108,11 +111,23 @@ def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     return ds, pixels
 
 
-def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> tuple[SeriesVolume, list[Dataset]]:
+def read_file_decoded(path: Path | str) -> tuple[Dataset, np.ndarray]:
+    """read_file, with compressed pixel data decoded as well: for reading ahead, in a worker that is idle
+    while the study arrives, so the job does not decode those slices after it is complete."""
+    ds, pixels = read_file(path)
+    if pixels is None:
+        pixels = pixels_of(ds, str(path))
+        del ds.PixelData
+    return ds, pixels
+
+
+def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
+                decode_processes: int | None = None) -> tuple[SeriesVolume, list[Dataset]]:
     """Volume (slices sorted along the plane normal) and the headers in the same order.
 
     The returned datasets have no pixel data, to keep memory to one copy of the volume. Files that `ahead`
-    has read already are taken from it.
+    has read already are taken from it. `decode_processes`: how many processes decode JPEG 2000, JPEG-LS
+    and JPEG slices (default: one per CPU, decode_pool.processes_for; 1 decodes them in this process).
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
@@ -134,6 +149,17 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> 
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     order = np.argsort(positions @ normal, kind="stable")
     read = [read[i] for i in order]
+    undecoded = [k for k, (ds, stored) in enumerate(read) if stored is None and slow_to_decode(ds)]
+    processes = processes_for(len(undecoded)) if decode_processes is None else decode_processes
+    if undecoded and processes > 1:  # JPEG 2000, JPEG-LS, JPEG: decoded in processes, side by side
+        try:
+            arrays = decode_files([str(paths[order[k]]) for k in undecoded], processes)
+        except DecodeError as exc:
+            raise SeriesLoadError(f"series {series_uid}: {exc}") from None
+        for k, arr in zip(undecoded, arrays):
+            ds = read[k][0]
+            del ds.PixelData
+            read[k] = (ds, arr)
     datasets = [ds for ds, _ in read]
     positions = positions[order]
     rows, cols = int(first.Rows), int(first.Columns)
@@ -146,7 +172,7 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> 
 
     def to_units(k: int, item: tuple[Dataset, np.ndarray | None]) -> None:  # numpy releases the GIL
         ds, stored = item
-        arr = ds.pixel_array if stored is None else stored
+        arr = pixels_of(ds, ds.filename) if stored is None else stored
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         if slope == 1:
@@ -158,7 +184,10 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None) -> 
             del ds.PixelData
 
     with ThreadPoolExecutor(CONVERT_THREADS) as pool:  # slices convert in parallel
-        list(pool.map(to_units, range(len(read)), read))
+        try:
+            list(pool.map(to_units, range(len(read)), read))
+        except DecodeError as exc:
+            raise SeriesLoadError(f"series {series_uid}: {exc}") from None
     del read
     if len(datasets) > 1:
         gaps = np.diff(positions @ normal)

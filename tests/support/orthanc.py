@@ -232,6 +232,15 @@ class OrthancServer:
                                    "Timeout": int(timeout + 0.5)})
         return r.json()["ID"]
 
+    def send_instances_to_modality(self, modality_name: str, orthanc_instance_ids: list[str],
+                                   timeout: float = 300) -> None:
+        """C-STORE these instances to a registered modality over one association; returns when every one
+        was acknowledged (raises on failure)."""
+        r = self.client.post(f"modalities/{modality_name}/store",
+                             json={"Resources": orthanc_instance_ids, "Synchronous": True,
+                                   "Timeout": int(timeout + 0.5)}, timeout=timeout + 10)
+        r.raise_for_status()
+
     def job_state(self, job_id: str) -> str:
         return self.client.get_json(f"jobs/{job_id}")["State"]
 
