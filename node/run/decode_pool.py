@@ -84,7 +84,9 @@ def processes_for(files: int) -> int:
 
 def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    # "__main__": the caller's main module is imported once, in the forkserver, and not again in every
+    # process it forks (multiprocessing re-imports it in each otherwise: a Ray worker's imports Ray).
+    ctx.set_forkserver_preload(["__main__", __name__])
     return ctx
 
 
@@ -121,16 +123,27 @@ def decode_files(paths: Sequence[str], processes: int | None = None) -> list[np.
     out: list[np.ndarray | None] = [None] * len(paths)
     readers: dict[Connection, list[int]] = {}  # each process's pipe -> the indices it has yet to send
     procs = []
+    here: list[int] = []  # files of a process that could not start: decoded in this one
     try:
         for k in range(n):
             share = list(range(k * len(paths) // n, (k + 1) * len(paths) // n))  # neighbours: files read in order
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_decode_share, args=(writer, [str(paths[i]) for i in share]),
                                name=f"ainode-decode-{k}", daemon=True)
-            proc.start()
-            writer.close()
+            try:
+                proc.start()
+            except Exception as exc:  # noqa: BLE001 - no process (a limit, a main module that starts one)
+                log.warning("decode process not started; decoding its files=%d in the job's process error=%s",
+                            len(share), f"{type(exc).__name__}: {exc}")
+                reader.close()
+                here.extend(share)
+                continue
+            finally:
+                writer.close()
             procs.append(proc)
             readers[reader] = share
+        for i in here:
+            out[i] = decode_file(str(paths[i]))
         while readers:
             for reader in wait(list(readers)):
                 left = readers[reader]
