@@ -1,5 +1,6 @@
 """Files of an arriving study are read by an idle worker, and the job takes them instead of reading again."""
 
+import subprocess
 import threading
 import time
 
@@ -98,4 +99,27 @@ def test_an_idle_worker_reads_the_study_while_it_arrives(tmp_path, node_factory)
     end = wait_until(job_end, 120, "the job to end")
     assert end["outcome"] == "success", end
     assert end["timings"].get("read_ahead_files", 0) >= 30, end["timings"]  # the last few may come late
+    assert node.stop() == 0
+
+
+def test_a_worker_decodes_a_jpeg2000_series_in_processes(tmp_path, node_factory):
+    """A real node, read-ahead off: the job decodes the compressed series in decoding processes started from
+    its worker (daemonic: without an SR process nothing else clears the flag; forkserver), without falling
+    back to decoding in the worker."""
+    node = node_factory({"assemble": {"quiet_period_s": 1.0}, "run": {"read_ahead_mb": 0, "sr_process": False},
+                         "rules": [{"name": "lung", "series": {"modality": "CT"}, "plugin": "ct_lung"}]})
+    ct = write_chest_ct(tmp_path / "ct", slices=40, slice_thickness=5.0, transfer_syntax="JPEG2000Lossless")
+    wait_until(lambda: "worker ready" in node.log_path.read_text(), 120, "the worker to be warm")
+    r = subprocess.run(["storescu", "-xv", "-aec", node.ae_title, "127.0.0.1", str(node.port),  # -xv: JPEG 2000
+                        *map(str, ct.files)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+    def job_end():
+        return next((r for r in node.audit_records() if r["event"] == "job-end"), None)
+
+    end = wait_until(job_end, 180, "the job to end")
+    assert end["outcome"] == "success", end
+    assert "read_ahead_files" not in end["timings"]
+    log = node.log_path.read_text()
+    assert "decode process" not in log and "Traceback" not in log, log[-3000:]
     assert node.stop() == 0
