@@ -70,7 +70,7 @@ def _paced_send(orthanc: OrthancServer, study_id: str, per_second: float) -> Non
     start = time.monotonic()
     for k in range(0, len(ids), batch):
         time.sleep(max(0.0, start + k / batch - time.monotonic()))
-        orthanc.send_instances_to_modality("ainode", ids[k:k + batch])
+        orthanc.send_study_to_modality("ainode", ids[k:k + batch])
 
 
 def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wanted: set[str],

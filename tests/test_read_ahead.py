@@ -9,7 +9,7 @@ import numpy as np
 from node.config.schema import Rule
 from node.route.rules import could_take
 from node.run.read_ahead import ReadAhead
-from node.run.series_loader import load_series, read_file
+from node.run.series_loader import load_series, read_file, read_file_decoded
 from node.store import InstanceMeta
 from node.synth import write_chest_ct
 from tests.support.pipeline import send
@@ -80,6 +80,18 @@ def test_load_series_takes_files_read_ahead_and_gives_the_same_volume(tmp_path):
     assert ahead.hits == 8 and ahead.holds(map(str, ct.files)) == 0
     assert np.array_equal(vol.pixels, plain.pixels) and vol.sop_instance_uids == plain.sop_instance_uids
     assert [h.SOPInstanceUID for h in headers] == [h.SOPInstanceUID for h in plain_headers]
+
+
+def test_read_ahead_budget_counts_decoded_pixels_not_the_compressed_file(tmp_path):
+    ct = write_chest_ct(tmp_path, slices=10, rows=64, cols=64, transfer_syntax="JPEG2000Lossless")
+    decoded = 64 * 64 * 2
+    assert all(p.stat().st_size < decoded for p in ct.files)
+    ahead = ReadAhead(budget_bytes=3 * decoded, read=read_file_decoded)
+    ahead.add([str(p) for p in ct.files[:5]])
+    wait_until(lambda: ahead.holds(map(str, ct.files[2:5])) == 3, 10, "the last three read ahead")
+    assert ahead.held_bytes == 3 * decoded and ahead.holds(map(str, ct.files)) == 3  # the first two dropped
+    vol, _ = load_series(ct.files, ahead)
+    assert np.array_equal(vol.pixels, load_series(ct.files)[0].pixels)
 
 
 def test_an_idle_worker_reads_the_study_while_it_arrives(tmp_path, node_factory):

@@ -148,3 +148,30 @@ def test_a_slice_decoded_in_the_jobs_process_is_named_too(tmp_path):
     rewrite([bad], lambda ds: setattr(ds, "PixelData", encapsulate([b"\x00" * 64])))
     with pytest.raises(SeriesLoadError, match=rf"series .*: {bad}: its pixel data cannot be decoded"):
         load_series(r.files)
+
+
+def test_prefetch_decodes_in_the_worker_alone_and_the_job_in_processes(tmp_path, monkeypatch):
+    """The next job's input, loaded while a job runs, must not start decoding processes that would take the
+    running job's CPUs; the job's own load does."""
+    from node.run import series_loader
+    from node.run.job_process import JobSpec, PluginCache, load_input
+    from node.run.prefetch import Prefetcher
+
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
+    calls = []
+
+    def recording(paths, processes=None):  # type: ignore[no-untyped-def]
+        calls.append(processes)
+        return decode_files(paths, processes)
+
+    monkeypatch.setattr(series_loader, "decode_files", recording)
+    monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
+    spec = JobSpec(job_id=1, study_uid=r.study_uid, plugin="none", series={r.series_uid: list(map(str, r.files))},
+                   temp_dir=str(tmp_path), validate=False)
+    prefetcher = Prefetcher(PluginCache({}))
+    prefetcher.start(spec)
+    loaded = prefetcher.take(spec)
+    assert loaded is not None and calls == []
+    assert np.array_equal(loaded.volumes[0].pixels, reference(r.files)[0])
+    load_input(spec, None)
+    assert calls == [2]

@@ -103,7 +103,7 @@ def _decode_share(conn: Connection, paths: list[str]) -> None:
             except DecodeError as exc:
                 conn.send(("error", str(exc)))
                 return
-    except (BrokenPipeError, EOFError):  # the job's process is gone: nothing waits for the rest
+    except BrokenPipeError:  # the job's process is gone: nothing waits for the rest
         return
     finally:
         conn.close()

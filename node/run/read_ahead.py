@@ -1,8 +1,9 @@
 """Reads a study's files in an idle worker process while the study is still arriving.
 
-Reading a 300-slice CT (header parse, pixel bytes; compressed pixel data is decoded too) costs a job about 0.8 s of one core after the last image.
-While a study arrives, the receiver (bound by the GIL) leaves the other core mostly free, so the node names
-each new file that some rule could take (WorkerPool.arrived) to an idle worker, which reads it here, and
+Reading a 300-slice CT (header parse, pixel bytes) costs a job about 0.8 s of one core after the last
+image, and decoding a compressed one (JPEG 2000: 6 s) far more. While a study arrives, the receiver (bound
+by the GIL) leaves the other core mostly free, so the node names each new file that some rule could take
+(WorkerPool.arrived) to an idle worker, which reads it here, decoding compressed pixel data too, and
 load_series takes it from here instead of reading it again.
 
 Reading pauses while a job runs (it would slow the job) and keeps to a memory budget: the oldest files are
@@ -107,7 +108,8 @@ class ReadAhead:
                     continue
             try:
                 item = self._read(path)
-                size = max(os.path.getsize(path), getattr(item[1], "nbytes", 0))  # decoded pixels outweigh a compressed file
+                # Decoded pixels outweigh a compressed file: the budget counts what is held.
+                size = max(os.path.getsize(path), getattr(item[1], "nbytes", 0))
             except Exception as exc:  # noqa: BLE001 - the job reads the file itself and reports its error
                 log.debug("read-ahead failed path=%s error=%s", path, type(exc).__name__)
                 with self._cond:

@@ -4,8 +4,8 @@ Uncompressed little-endian pixel data (what most PACS send, and what the node sp
 straight from the file into the volume: the header is parsed up to the pixel data, and the pixel bytes
 are viewed with numpy, without pydicom's per-slice decoding. Compressed (or otherwise unusual) pixel data
 goes through pydicom's decoders; JPEG 2000, JPEG-LS and JPEG in several processes when there are more than
-a few slices (decode_pool.py: those decoders hold the GIL). Files are read by a few threads, so file I/O overlaps header
-parsing.
+a few slices (decode_pool.py: those decoders hold the GIL). Files are read by a few threads, so file I/O
+overlaps header parsing.
 """
 
 from __future__ import annotations

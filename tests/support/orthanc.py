@@ -218,28 +218,20 @@ class OrthancServer:
         """PUT /modalities/{name}: register a DICOM peer (the node) at runtime."""
         self.client.modalities.configure(name, {"AET": aet, "Host": host, "Port": port})
 
-    def send_study_to_modality(self, modality_name: str, study_orthanc_id: str, synchronous: bool = True,
+    def send_study_to_modality(self, modality_name: str, resources: str | list[str], synchronous: bool = True,
                                timeout: float = 300) -> str | None:
-        """C-STORE a study (or any resource id) to a registered modality.
+        """C-STORE a study (or any resource id, or a list of them, over one association) to a registered
+        modality.
 
         Synchronous: returns when every instance was acknowledged (raises on failure), None.
         Otherwise: the id of the Orthanc job (GET /jobs/{id} for its State)."""
         if synchronous:
-            self.client.modalities.send(modality_name, study_orthanc_id, timeout=timeout)
+            self.client.modalities.send(modality_name, resources, timeout=timeout)
             return None
         r = self.client.post(f"modalities/{modality_name}/store",
-                             json={"Resources": [study_orthanc_id], "Synchronous": False,
-                                   "Timeout": int(timeout + 0.5)})
+                             json={"Resources": [resources] if isinstance(resources, str) else resources,
+                                   "Synchronous": False, "Timeout": int(timeout + 0.5)})
         return r.json()["ID"]
-
-    def send_instances_to_modality(self, modality_name: str, orthanc_instance_ids: list[str],
-                                   timeout: float = 300) -> None:
-        """C-STORE these instances to a registered modality over one association; returns when every one
-        was acknowledged (raises on failure)."""
-        r = self.client.post(f"modalities/{modality_name}/store",
-                             json={"Resources": orthanc_instance_ids, "Synchronous": True,
-                                   "Timeout": int(timeout + 0.5)}, timeout=timeout + 10)
-        r.raise_for_status()
 
     def job_state(self, job_id: str) -> str:
         return self.client.get_json(f"jobs/{job_id}")["State"]
