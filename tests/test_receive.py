@@ -151,6 +151,19 @@ def test_write_failure_answers_out_of_resources_never_success(node_factory):
     store.close()
 
 
+def test_temp_file_that_cannot_be_created_answers_out_of_resources(node_factory):
+    node = node_factory({"assemble": {"quiet_period_s": 3600}})
+    f = pydicom.data.get_testdata_file("CT_small.dcm")
+    tmp = node.var / "spool" / ".tmp"
+    tmp.rmdir()
+    tmp.write_text("in the way")  # a file where the temp folder should be: opening a temp file fails
+    r = storescu(node, [f], extra=["-v"])
+    assert "Refused: OutOfResources" in r.stdout + r.stderr, r.stdout + r.stderr
+    refused = [x for x in node.audit_records() if x["event"] == "instance-refused"]
+    assert refused and refused[-1]["status"] == "0xA700" and "spool write failed" in refused[-1]["reason"]
+    assert not list((node.var / "spool").rglob("*.dcm"))
+
+
 def test_sigterm_exits_cleanly(node_factory):
     # Stopped as soon as it listens: its worker processes (and theirs) are still starting.
     node = node_factory()

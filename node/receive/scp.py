@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -199,8 +199,9 @@ class StoreSCP:
         self._server: ThreadedAssociationServer | None = None
         self._port = cfg.port  # the bound port once started (differs when cfg.port is 0)
         self.ae = self._make_ae()
-        # Spool files are written and fsynced here while the association thread checks the header.
-        self._writer = ThreadPoolExecutor(max_workers=max(2, cfg.max_associations), thread_name_prefix="spool-write")
+        # Headers are checked here while the association thread writes the instance's file (_on_store).
+        self._checker = ThreadPoolExecutor(max_workers=max(2, cfg.max_associations),
+                                           thread_name_prefix="store-check")
         # Called with the studies an association stored instances of, when its sender releases it
         # (node/assemble/assembler.py Assembler.sender_done).
         self.on_released: Callable[[set[str]], None] | None = None
@@ -208,6 +209,8 @@ class StoreSCP:
         self.on_indexed: Callable[[InstanceMeta], None] | None = None
         self._studies: dict[object, set[str]] = {}  # association -> studies it stored instances of
         self._studies_lock = threading.Lock()
+        self._storing = 0  # C-STORE handlers running now, in every association of this process
+        self._storing_lock = threading.Lock()
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.cfg.ae_title)
@@ -296,7 +299,7 @@ class StoreSCP:
     def stop(self) -> None:
         self.stop_accepting()
         self.ae.shutdown()
-        self._writer.shutdown(wait=True)
+        self._checker.shutdown(wait=True)
 
     # ---- association events -------------------------------------------
 
@@ -484,16 +487,17 @@ class StoreSCP:
             return self._refuse(back.status, back.reason, calling, ip, sop_uid)
         return SUCCESS
 
-    @staticmethod
-    def _discard(pending: Future) -> None:  # type: ignore[type-arg]
-        """Delete the temp file of an instance that is not kept (its write may still be running)."""
-        try:
-            tmp = pending.result()
-        except Exception:  # noqa: BLE001 - the write failed: write_temp removed its file
-            return
-        tmp.unlink(missing_ok=True)
-
     def _on_store(self, event: evt.Event) -> Dataset | int:
+        with self._storing_lock:
+            self._storing += 1
+            alone = self._storing == 1
+        try:
+            return self._store(event, alone)
+        finally:
+            with self._storing_lock:
+                self._storing -= 1
+
+    def _store(self, event: evt.Event, alone: bool) -> Dataset | int:
         calling, ip, _ = self._peer(event)
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
         limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
@@ -515,13 +519,29 @@ class StoreSCP:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
             return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,
                                 rq_uid or None, free_mb=free // 2**20)
-        # The bytes go to a temp file, fsynced, while the header is checked (an fsync does not hold the
-        # GIL, so its wait overlaps the checks); the file reaches the spool folder only once every check
-        # has passed and the instance is new, else it is deleted.
-        pending = self._writer.submit(self.spool.write_temp, encoded)
+        # The file is written first; the file reaches the spool folder only once every check has passed
+        # and the instance is new. The durable write is one system call that holds no GIL
+        # (Spool.finish_temp). With no other C-STORE running, the header is checked on another thread
+        # during that call, submitted once the file is open and right before the write (a thread that
+        # did Python work of its own after submitting would keep the GIL from the check until done).
+        # With others running, their Python fills the wait, and a hand-off to another thread would
+        # only add GIL switches: the check runs here, after the write.
+        try:
+            tmp, fd = self.spool.open_temp()
+        except OSError as exc:
+            log.error("spool write failed errno=%s path=%s", exc.errno, self.spool.tmp)
+            return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip,
+                                rq_uid or None)
+        args = (encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+        checking = self._checker.submit(self._check, *args) if alone else None
+        write_error: OSError | None = None
+        try:
+            self.spool.finish_temp(tmp, fd, encoded)
+        except OSError as exc:  # finish_temp removed the file
+            write_error = exc
         published = False
         try:
-            checked = self._check(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+            checked = checking.result() if checking is not None else self._check(*args)
             if isinstance(checked, Dataset):
                 return checked
             ds, (sop_uid, study_uid, series_uid, sop_class) = checked
@@ -529,14 +549,16 @@ class StoreSCP:
                 return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
             path = self.spool.instance_path(study_uid, series_uid, sop_uid)
             try:
-                self.spool.publish(pending.result(), path)
+                if write_error is not None:
+                    raise write_error
+                self.spool.publish(tmp, path)
                 published = True
             except OSError as exc:
                 log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
                 return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
         finally:
             if not published:
-                self._discard(pending)
+                tmp.unlink(missing_ok=True)
 
         meta = instance_meta(ds, path=str(path), size=len(encoded), transfer_syntax=str(transfer_syntax),
                              calling_ae=calling, checked=(sop_uid, study_uid, series_uid, sop_class))

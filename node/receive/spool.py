@@ -1,4 +1,5 @@
-"""Durable file writes into the spool: temp file, fsync, rename, fsync the directory.
+"""Durable file writes into the spool: temp file written synchronously (O_DSYNC, else fsync), rename,
+fsync the directory.
 
 After `write_durable` returns, the file survives a power cut; before it
 returns, only a `.part` file in the temp folder can exist, which the start-up
@@ -14,6 +15,7 @@ import uuid
 from pathlib import Path
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_O_DSYNC = getattr(os, "O_DSYNC", 0)  # 0 where the platform has none: finish_temp fsyncs instead
 
 
 class BadUID(ValueError):
@@ -108,17 +110,30 @@ class Spool:
         return len(data)
 
     def write_temp(self, data: bytes) -> Path:
-        """Write `data` to a new temp file and fsync it; `publish` moves it into place, or the caller
-        deletes it. The receiver runs this while it checks the data set's header (the fsync releases
-        the GIL), so the fsync's wait overlaps that work. Raises OSError on failure."""
+        """Write `data` to a new temp file, durably; `publish` moves it into place, or the caller deletes
+        it. Raises OSError on failure."""
+        return self.finish_temp(*self.open_temp(), data)
+
+    def open_temp(self) -> tuple[Path, int]:
+        """A new temp file, open for a durable write (`finish_temp`). Raises OSError."""
         tmp = self.temp_path()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DSYNC, 0o640)
+
+    def finish_temp(self, tmp: Path, fd: int, data: bytes) -> Path:
+        """Write `data` to the file `open_temp` gave and close it; on disk when this returns.
+
+        The file is opened O_DSYNC, so one write() call carries the data to disk and its size and
+        blocks with it (what fdatasync makes durable; the rename and its folder fsync in `publish` do
+        the rest). That call holds no GIL from start to end: the receiver checks the data set's header
+        on another thread meanwhile. A separate fsync() would need the GIL again between the two calls,
+        and get it only once the header check let go. Raises OSError (the file is then removed)."""
         try:
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            if not _O_DSYNC:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)

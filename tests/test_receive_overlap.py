@@ -1,0 +1,71 @@
+"""The header check runs beside the durable write when it is the only C-STORE, after it when others run:
+either way a good instance is kept, a bad one refused, and no temp file is left."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pydicom
+import pydicom.data
+import pytest
+
+from node.audit import AuditLog
+from node.config.schema import NodeSection
+from node.receive.scp import StoreSCP
+from node.receive.spool import Spool
+from node.store import Store
+from tests.support.net import free_port
+
+
+@pytest.fixture
+def scp(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'ainode.db'}")
+    audit = AuditLog(tmp_path / "audit.jsonl", node_ae="AINODE")
+    scp = StoreSCP(NodeSection(ae_title="AINODE", host="127.0.0.1", port=free_port()), Spool(tmp_path / "spool"),
+                   store, audit)
+    scp.start()
+    yield scp
+    scp.stop()
+    audit.close()
+    store.close()
+
+
+def send(scp: StoreSCP, path) -> str:
+    r = subprocess.run(["storescu", "-v", "-aec", "AINODE", "127.0.0.1", str(scp.port), str(path)],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["alone", "beside-another-store"])
+def test_check_thread_follows_the_load_and_the_outcome_does_not(scp, tmp_path, busy):
+    threads: list[str] = []
+    check = scp._check
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return check(*args)
+
+    scp._check = recording
+    if busy:
+        scp._storing = 1  # as if another association's C-STORE were running now
+    good = pydicom.data.get_testdata_file("CT_small.dcm")
+    bad_ds = pydicom.dcmread(good)
+    bad_ds.SOPInstanceUID = bad_ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    bad_ds.PixelData = bad_ds.PixelData[:-2]  # shorter than Rows x Columns x BitsAllocated say
+    bad = tmp_path / "bad.dcm"
+    bad_ds.save_as(bad)
+
+    assert "Refused" not in send(scp, good)
+    out = send(scp, bad)
+    assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in out, out
+
+    on_checker = [name.startswith("store-check") for name in threads]
+    assert on_checker == [not busy, not busy]
+    assert scp.store.has_instance(str(pydicom.dcmread(good).SOPInstanceUID))
+    assert not scp.store.has_instance(str(bad_ds.SOPInstanceUID))
+    assert len(list(scp.spool.root.rglob("*.dcm"))) == 1
+    assert not list(scp.spool.tmp.iterdir())
+    events = [json.loads(line)["event"] for line in scp.audit.path.read_text().splitlines()]
+    assert events.count("instance-stored") == 1 and events.count("instance-refused") == 1
