@@ -175,3 +175,62 @@ def test_prefetch_decodes_in_the_worker_alone_and_the_job_in_processes(tmp_path,
     assert np.array_equal(loaded.volumes[0].pixels, reference(r.files)[0])
     load_input(spec, None)
     assert calls == [2]
+
+
+def _forkserver_children() -> list[int]:
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver._forkserver_pid
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == server and fields[0] not in "ZX":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _waits_in_open(pid: int, path: Path) -> bool:
+    """Blocked opening `path` (a FIFO no one writes to)."""
+    try:
+        return (Path(f"/proc/{pid}/wchan").read_text() in ("fifo_open", "wait_for_partner")
+                or Path(f"/proc/{pid}/syscall").read_text().split()[0] == "257")  # openat, x86-64
+    except OSError:
+        return False
+
+
+def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_process(tmp_path, caplog):
+    """Killed for memory, say: its files are decoded in the caller and the volume is whole."""
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    files = r.files[:4]
+    held = tmp_path / "held.dcm"  # the second process's first file: a FIFO, so that process waits in open()
+    os.mkfifo(held)
+    paths = [str(files[0]), str(files[1]), str(held), str(files[3])]
+    result: dict[str, object] = {}
+    caller = threading.Thread(target=lambda: result.update(arrays=decode_files(paths, processes=2)), daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 60
+    waiting: list[int] = []
+    while not waiting:
+        assert time.monotonic() < deadline, "no decoding process reached the FIFO"
+        time.sleep(0.1)
+        try:
+            waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid, held)]
+        except AttributeError:  # the forkserver has not started yet
+            pass
+    held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
+    shutil.copy(files[2], held)
+    os.kill(waiting[0], signal.SIGKILL)
+    caller.join(60)
+    assert not caller.is_alive()
+    arrays = result["arrays"]
+    assert all(np.array_equal(a, pydicom.dcmread(f).pixel_array) for a, f in zip(arrays, files))
+    assert "decode process died; decoding its files=2 in the job's process" in caplog.text
