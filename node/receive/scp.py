@@ -235,6 +235,13 @@ class StoreSCP:
     # ---- lifecycle -----------------------------------------------------
 
     def start(self) -> None:
+        # pynetdicom's server runs a full gc.collect() every 60th turn of its accept loop (every 30 s), for
+        # association threads it found were not collected. The process's start-up objects (imports, the
+        # store, the config: about 200,000) made each one take 120 ms holding the GIL, a stall for every
+        # association. Frozen, they are left out of every collection; what is made later is still seen. The
+        # collection first keeps start-up garbage out of the frozen set (it would never be freed).
+        gc.collect()
+        gc.freeze()
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -252,11 +259,6 @@ class StoreSCP:
         else:
             self._server = self._start_own_server(handlers)
         self._port = self._server.server_address[1]
-        # pynetdicom's server runs a full gc.collect() every 60th turn of its accept loop (every 30 s), for
-        # association threads it found were not collected. The process's start-up objects (imports, the
-        # store, the config: about 200,000) made each one take 120 ms holding the GIL, a stall for every
-        # association. Frozen, they are left out of every collection; what is made later is still seen.
-        gc.freeze()
         log.info("listening ae_title=%s host=%s port=%d tls=%s", self.cfg.ae_title, self.cfg.host, self.port,
                  "on" if self.ssl_context else "off")
 
