@@ -282,3 +282,25 @@ def test_a_release_hint_survives_the_connection_closing_before_evt_released():
         scp._studies[a] = {"7.8.9"}
         scp._on_closed(SimpleNamespace(assoc=a))
     assert hints == [{"1.2.3"}, {"4.5.6"}] and not scp._studies
+
+
+def test_a_loop_passing_the_checkpoint_is_never_seen_as_paused_by_a_sender():
+    """pydicom/pynetdicom#875: a sender that cleared the checkpoint just after the loop found it set saw
+    `_is_paused` True, sent, and the still-running loop could take its reply off the queue."""
+    from types import SimpleNamespace
+
+    assoc = SimpleNamespace(_reactor_checkpoint=threading.Event(), _is_paused=False)
+    assoc._reactor_checkpoint.set()
+    dul_io.close_pause_window(assoc)
+    assoc._is_paused = True  # the loop, about to look at the checkpoint
+    assert assoc._reactor_checkpoint.wait() is True  # set: the loop runs on ...
+    assert assoc._is_paused is False  # ... and no sender that clears from now on takes it for paused
+    assoc._reactor_checkpoint.clear()  # a sender
+    assoc._is_paused = True  # the loop's next pass
+    waiting = threading.Thread(target=assoc._reactor_checkpoint.wait)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and assoc._is_paused is True  # now it is paused, and the sender may go on
+    assoc._reactor_checkpoint.set()
+    waiting.join(5)
+    assert not waiting.is_alive()

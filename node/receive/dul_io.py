@@ -110,8 +110,40 @@ def _attach(dul: _dul.DULServiceProvider, wakeup: _Wakeup) -> None:
     # A thread that sends on the association (send_c_store, release, ...) clears the checkpoint and spins
     # until the association loop reaches it: wake the loop so it gets there at once.
     checkpoint = dul.assoc._reactor_checkpoint
+    close_pause_window(dul.assoc)
     checkpoint.clear = then_tell(checkpoint.clear)  # type: ignore[method-assign]
     dul._ainode_wakeup = wakeup  # type: ignore[attr-defined]
+
+
+def close_pause_window(assoc: Any) -> None:
+    """Make pynetdicom's reactor pause safe: a sender must never see a loop that is running on as paused.
+
+    A sending thread clears `_reactor_checkpoint`, waits until `_is_paused` is True, sends its request and
+    takes the reply off the DIMSE queue. The loop sets `_is_paused = True`, then waits on the checkpoint,
+    then sets it False and looks at the queue. A clear between the loop's wait returning (still set) and
+    its `_is_paused = False` showed the sender a loop that was about to look at the queue: under load the
+    loop could take the reply (pynetdicom logs "Received unexpected C-ECHO service message") and the
+    sender waited out its DIMSE timeout (pydicom/pynetdicom#875; once in a CI run here). Now the clear
+    and the loop's look at the checkpoint take one lock, and a loop that finds it set marks itself not
+    paused before it lets go of the lock, so a sender clearing after that waits for the loop's next pass.
+    """
+    checkpoint: threading.Event = assoc._reactor_checkpoint
+    lock = threading.Lock()
+    clear, wait = checkpoint.clear, checkpoint.wait
+
+    def locked_clear() -> None:
+        with lock:
+            clear()
+
+    def pause_or_pass(timeout: float | None = None) -> bool:
+        with lock:
+            if checkpoint.is_set():
+                assoc._is_paused = False
+                return True
+        return wait(timeout)  # `_is_paused` stays True, as the loop set it: the sender may go on
+
+    checkpoint.clear = locked_clear  # type: ignore[method-assign]
+    checkpoint.wait = pause_or_pass  # type: ignore[method-assign]
 
 
 def make_target(target_fn: Callable[[], None]) -> Callable[[], None]:
