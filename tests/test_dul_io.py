@@ -197,6 +197,7 @@ def test_without_a_descriptor_for_the_wakeup_the_association_keeps_the_short_wai
     monkeypatch.setattr(dul_io, "_Wakeup", no_descriptor)
     server, assoc, ended = _echo_pair(monkeypatch)
     try:
+        assert assoc._reactor_checkpoint.wait.__name__ == "pause_or_pass"  # the pause window is closed here too
         t0 = time.monotonic()
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()

@@ -110,7 +110,6 @@ def _attach(dul: _dul.DULServiceProvider, wakeup: _Wakeup) -> None:
     # A thread that sends on the association (send_c_store, release, ...) clears the checkpoint and spins
     # until the association loop reaches it: wake the loop so it gets there at once.
     checkpoint = dul.assoc._reactor_checkpoint
-    close_pause_window(dul.assoc)
     checkpoint.clear = then_tell(checkpoint.clear)  # type: ignore[method-assign]
     dul._ainode_wakeup = wakeup  # type: ignore[attr-defined]
 
@@ -147,16 +146,20 @@ def close_pause_window(assoc: Any) -> None:
 
 
 def make_target(target_fn: Callable[[], None]) -> Callable[[], None]:
-    """pynetdicom.dul.make_target: a DUL thread runs with its `_Wakeup` attached, and closes it on exit."""
+    """pynetdicom.dul.make_target: a DUL thread closes its association's pause window (close_pause_window:
+    with or without a wakeup) and runs with its `_Wakeup` attached, which it closes on exit."""
     inner = _make_target(target_fn)
     dul = getattr(target_fn, "__self__", None)
-    if not isinstance(dul, _dul.DULServiceProvider) or not hasattr(os, "eventfd"):
+    if not isinstance(dul, _dul.DULServiceProvider):
         return inner
 
     def run() -> None:
+        close_pause_window(dul.assoc)
         try:
-            wakeup = _Wakeup()
+            wakeup = _Wakeup() if hasattr(os, "eventfd") else None
         except OSError:  # out of descriptors: this DUL keeps the 1 ms waits
+            wakeup = None
+        if wakeup is None:
             inner()
             return
         _attach(dul, wakeup)
