@@ -420,6 +420,11 @@ class StoreSCP:
                           sop_instance_uid=sop_uid, status=f"0x{code:04X}", reason=comment, **extra)
         return _status(code, comment)
 
+    def _spool_write_failed(self, exc: OSError, folder: object, calling: str, ip: str,
+                            sop_uid: str | None) -> Dataset:
+        log.error("spool write failed errno=%s path=%s", exc.errno, folder)
+        return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
+
     def _duplicate(self, calling: str, ip: str, study_uid: str, series_uid: str, sop_uid: str) -> int:
         """The instance is already held: keep the first copy, answer Success, audit the repeat."""
         self.counters.duplicates += 1
@@ -537,9 +542,7 @@ class StoreSCP:
         try:
             tmp, fd = self.spool.open_temp()
         except OSError as exc:
-            log.error("spool write failed errno=%s path=%s", exc.errno, self.spool.tmp)
-            return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip,
-                                rq_uid or None)
+            return self._spool_write_failed(exc, self.spool.tmp, calling, ip, rq_uid or None)
         args = (encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
         checking = self._checker.submit(self._check, *args) if alone else None
         write_error: OSError | None = None
@@ -556,14 +559,13 @@ class StoreSCP:
             if self.store.has_instance(sop_uid):
                 return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
             path = self.spool.instance_path(study_uid, series_uid, sop_uid)
+            if write_error is not None:
+                return self._spool_write_failed(write_error, self.spool.tmp, calling, ip, sop_uid)
             try:
-                if write_error is not None:
-                    raise write_error
                 self.spool.publish(tmp, path)
                 published = True
             except OSError as exc:
-                log.error("spool write failed errno=%s path=%s", exc.errno, path.parent)
-                return self._refuse(OUT_OF_RESOURCES, f"spool write failed: {exc.strerror}", calling, ip, sop_uid)
+                return self._spool_write_failed(exc, path.parent, calling, ip, sop_uid)
         finally:
             if not published:
                 tmp.unlink(missing_ok=True)
