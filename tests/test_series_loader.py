@@ -192,8 +192,8 @@ def _forkserver_children() -> list[int]:
     return found
 
 
-def _waits_in_open(pid: int, path: Path) -> bool:
-    """Blocked opening `path` (a FIFO no one writes to)."""
+def _waits_in_open(pid: int) -> bool:
+    """Blocked in open() (of a FIFO no one writes to)."""
     try:
         return (Path(f"/proc/{pid}/wchan").read_text() in ("fifo_open", "wait_for_partner")
                 or Path(f"/proc/{pid}/syscall").read_text().split()[0] == "257")  # openat, x86-64
@@ -223,7 +223,7 @@ def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_proc
         assert time.monotonic() < deadline, "no decoding process reached the FIFO"
         time.sleep(0.1)
         try:
-            waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid, held)]
+            waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid)]
         except AttributeError:  # the forkserver has not started yet
             pass
     held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
