@@ -23,7 +23,12 @@ from typing import Callable, Iterable
 log = logging.getLogger("ainode.run")
 
 MAX_AGE_S = 300.0  # a file read ahead that no job took by then belongs to a study no job will read here
-NICE = 10  # the reading thread yields the CPU to the receiver and to jobs
+# The reading thread yields the CPU to the receiver and to jobs. Reading a CT slice ahead costs 1-2 ms of
+# CPU (mostly pydicom's header parse). With every core receiving (node.receive_processes: 2, 4
+# associations) a thread at nice 10 still took about 2 ms a slice and slowed the receive by 10-20%; at
+# nice 19 it takes about half that and still reads the slices before the study completes. Not SCHED_IDLE:
+# the thread may hold the GIL when a job starts, and at SCHED_IDLE it could wait long for a CPU to let go.
+NICE = 19
 
 
 class ReadAhead:
