@@ -192,6 +192,9 @@ class StoreSCP:
         self.store = store
         self.index = index or GroupCommit(store)  # the associations' store rows, committed together
         self.committer = committer or self  # a receive process: the node process's StoreSCP (rpc proxy)
+        # Whether to look for a duplicate before the file is published: a local query, but a round trip to
+        # the node process from a receive process, where commit_instance finds the duplicate instead.
+        self._duplicates_first = committer is None
         self.reuse_port = reuse_port
         self.established_elsewhere = established_elsewhere
         self.audit = audit
@@ -556,7 +559,7 @@ class StoreSCP:
             if isinstance(checked, Dataset):
                 return checked
             ds, (sop_uid, study_uid, series_uid, sop_class) = checked
-            if self.store.has_instance(sop_uid):
+            if self._duplicates_first and self.store.has_instance(sop_uid):
                 return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
             path = self.spool.instance_path(study_uid, series_uid, sop_uid)
             if write_error is not None:
