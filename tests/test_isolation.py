@@ -1,5 +1,7 @@
 """A plugin that hangs, exhausts memory or crashes fails only its own job; the node goes on serving."""
 
+from pathlib import Path
+
 from node.synth import write_chest_ct
 from tests.support.pipeline import send
 from tests.support.wait import wait_until
@@ -8,7 +10,9 @@ BAD = {"hang": "HangPlugin", "hog": "HogPlugin", "crash": "CrashPlugin"}
 
 
 def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, test_plugins):
-    plugins = {name: {"entry": f"tests.plugins.misbehaving:{cls}"} for name, cls in BAD.items()}
+    record = tmp_path / "scratch-folders.txt"
+    plugins = {name: {"entry": f"tests.plugins.misbehaving:{cls}", "options": {"record": str(record)}}
+               for name, cls in BAD.items()}
     plugins["ct_lung"] = {}
     rules = [{"name": name, "study": {"calling_ae": name.upper()}, "plugin": name} for name in BAD]
     rules.append({"name": "lung", "study": {"calling_ae": "GOOD"}, "plugin": "ct_lung"})
@@ -32,4 +36,9 @@ def test_hang_memory_hog_and_crash_fail_only_their_jobs(tmp_path, node_factory, 
     status = node.cli("status", "--config", str(node.config_path)).stdout
     assert status.count("state=failed") == 3 and "state=done-no-destination" in status
     assert node.proc.poll() is None
+    # Each killed plugin had written into its scratch folder: in the spool's temp folder, and removed
+    # once its process was gone (a folder in /tmp would have stayed, with whatever image data it held).
+    scratch = record.read_text().split()
+    assert len(scratch) == 3
+    assert all(Path(d).parent == node.var / "spool" / ".tmp" and not Path(d).exists() for d in scratch), scratch
     assert node.stop() == 0

@@ -7,7 +7,7 @@ from pydicom import dcmread
 
 from node.maintain import reconcile
 from node.receive.header import instance_meta
-from node.receive.spool import Spool
+from node.receive.spool import Spool, scratch_prefix
 from node.store import NewJob, Store
 from node.synth import write_chest_ct
 
@@ -36,6 +36,9 @@ def test_reconcile_fixes_and_reports_each_kind_of_leftover(tmp_path):
     orphan = put(spool, store, a.files[3], index=False)  # written durably, crash before its row
     copy = put(spool, store, a.files[0], index=False)  # a second copy of an indexed instance
     (spool.tmp / "cut-off.part").write_bytes(b"half a file")
+    scratch = spool.tmp / f"{scratch_prefix(7)}x1y2"  # a plugin's scratch folder, its job cut off
+    (scratch / "sub").mkdir(parents=True)
+    (scratch / "sub" / "input.nii").write_bytes(b"voxels")
     junk = orphan.parent / "1.2.3.junk.dcm"
     junk.write_bytes(b"not DICOM")
 
@@ -53,7 +56,7 @@ def test_reconcile_fixes_and_reports_each_kind_of_leftover(tmp_path):
     stale.write_bytes(b"stale")
 
     report = reconcile(store, spool, results)
-    assert report.partial_files_removed == 1
+    assert report.partial_files_removed == 2 and not scratch.exists()
     assert report.orphans_indexed == 1 and store.has_instance(str(dcmread(a.files[3]).SOPInstanceUID))
     assert report.duplicate_copies_removed == 1 and not copy.exists() and indexed.exists()
     assert report.purge_leftovers_removed == 2 and not any(p.exists() for p in b_paths)
@@ -61,7 +64,7 @@ def test_reconcile_fixes_and_reports_each_kind_of_leftover(tmp_path):
     assert (spool.root / ".quarantine" / junk.name).exists()  # moved aside, not deleted
     assert report.missing_instance_files == 1
     assert report.stale_result_files_removed == 1 and not stale.exists()
-    assert report.fixed() == 7
+    assert report.fixed() == 8
 
     again = reconcile(store, spool, results)  # idempotent: nothing left to fix
     assert again.fixed() == 0 and again.missing_instance_files == 1

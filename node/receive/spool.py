@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -59,6 +60,14 @@ def remove_files(paths: list[str], root: Path) -> int:
                 except OSError:
                     pass  # not empty, or already gone
     return n
+
+
+def scratch_prefix(job_id: int | str) -> str:
+    """Name prefix of a job's scratch folder (StudyInput.scratch_dir) in the spool's temp folder.
+
+    Not in /tmp: a plugin may write image data there, and a job process killed mid-run (timeout, crash)
+    leaves its folder behind; in the spool the node deletes it (remove_scratch, remove_partials)."""
+    return f"job{job_id}-scratch-"
 
 
 class Spool:
@@ -160,10 +169,22 @@ class Spool:
             raise
         _fsync_dir(dest.parent)
 
+    def remove_scratch(self, job_id: int) -> int:
+        """Delete the scratch folder a job's killed process left behind (scratch_prefix)."""
+        return self._remove_dirs(f"{scratch_prefix(job_id)}*")
+
+    def _remove_dirs(self, pattern: str) -> int:
+        n = 0
+        for d in self.tmp.glob(pattern):
+            shutil.rmtree(d, ignore_errors=True)
+            n += 1
+        return n
+
     def remove_partials(self) -> int:
-        """Delete temp files of writes that never completed (a crash mid-receive)."""
+        """Delete temp files of writes that never completed (a crash mid-receive) and the scratch folders
+        of jobs that were running then."""
         n = 0
         for p in self.tmp.glob("*.part"):
             p.unlink(missing_ok=True)
             n += 1
-        return n
+        return n + self._remove_dirs(f"{scratch_prefix('*')}*")

@@ -21,6 +21,7 @@ from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
 from node.monitor.stats import output_stats
 from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
+from node.receive.spool import scratch_prefix
 from node.results.build import AlgorithmInfo, BuiltObject, SrBuilder, build_results
 from node.results.fallback import build_fallbacks
 from node.results.validate import PendingValidation, start_dciodvfy
@@ -43,7 +44,8 @@ class JobSpec:
     study_uid: str
     plugin: str
     series: dict[str, list[str]]  # series UID -> instance file paths
-    temp_dir: str  # where result temp files go (the spool's temp folder, reaped after a crash)
+    temp_dir: str  # where result temp files and the plugin's scratch folder go (the spool's temp folder,
+    # reaped after a crash)
     validate: bool
     priors: dict[str, list[str]] = field(default_factory=dict)  # prior series UID -> files (rule's `priors:`)
     # Viewer fallbacks some destination of the job needs instead of SEG ("GSPS", "SC"), and how many key
@@ -232,7 +234,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
 
     stage("plugin")
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"ainode-job{spec.job_id}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(spec.job_id), dir=spec.temp_dir) as scratch:
         result = _run_plugin(plugin, StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options,
                                                 prepared=loaded.prepared, priors=loaded.priors), timings)
     timings["plugin_s"] = round(time.perf_counter() - t, 3)

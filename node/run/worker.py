@@ -310,6 +310,7 @@ class WorkerPool:
         except JobFailed as exc:
             if exc.restart:
                 proc.restart()
+                self.spool.remove_scratch(job.id)  # its process is gone; what it wrote there is not kept
             self._failed(job, str(exc), timings, t0)
             return
         except OSError as exc:
