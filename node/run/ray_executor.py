@@ -15,7 +15,9 @@ Ray is imported only here and only with executor ray, so a single server needs n
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
@@ -54,6 +56,37 @@ def _import_ray():  # type: ignore[no-untyped-def]
     return ray
 
 
+SCRATCH_PREFIX = "ainode-ray-"
+
+
+def claim_scratch(parent: Path | None = None) -> tuple[Path, int]:
+    """A scratch folder for this actor's process, and the descriptor whose lock marks it in use.
+
+    A job's shipped series and its results are staged in the folder. An actor killed mid-job (run.timeout_s,
+    run.memory_limit_mb) never removes them, so a new actor first deletes every actor folder on this machine
+    whose lock no live process holds (the kernel drops the lock when its process dies, kill -9 included)."""
+    parent = Path(parent or tempfile.gettempdir())
+    for old in parent.glob(f"{SCRATCH_PREFIX}*"):
+        try:
+            fd = os.open(old / ".lock", os.O_RDONLY)
+        except OSError:  # no lock file (yet, or an older layout): leave it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live actor's
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+    # Locked before it gets a name another actor's sweep would match.
+    new = Path(tempfile.mkdtemp(prefix=f".{SCRATCH_PREFIX}new-", dir=parent))
+    fd = os.open(new / ".lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends
+    scratch = parent / f"{SCRATCH_PREFIX}{new.name.rsplit('-', 1)[-1]}"
+    new.rename(scratch)
+    return scratch, fd
+
+
 class PluginActor:
     """Runs inside a Ray worker process: the plugins stay loaded between jobs."""
 
@@ -68,7 +101,8 @@ class PluginActor:
         setup_logging(log_level)
         self.plugins = PluginCache(sections, models_dir, device)
         self.plugins.preload(preload)
-        self.scratch = Path(tempfile.mkdtemp(prefix="ainode-ray-"))
+        self.scratch, self._scratch_lock = claim_scratch()
+        atexit.register(shutil.rmtree, self.scratch, True)  # an actor that ends normally; claim_scratch the rest
 
     def where(self) -> dict:
         import ray
