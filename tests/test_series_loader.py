@@ -108,6 +108,15 @@ def test_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(SeriesLoadError, match=r"32x32 differs from 48x48|48x48 differs from 32x32"):
         load_series(r.files)
 
+    r = write_chest_ct(tmp_path / "cut", **SMALL)  # cut off inside the pixel data element's header
+    with open(r.files[2], "rb") as f:
+        pydicom.dcmread(f, stop_before_pixels=True)
+        header = f.tell()  # where the pixel data element starts
+    Path(r.files[2]).write_bytes(Path(r.files[2]).read_bytes()[:header + 10])
+    with pytest.raises(SeriesLoadError, match=rf"{r.files[2]}: cannot be read as DICOM \(error: .*\); check the "
+                                              r"file with dcmdump"):
+        load_series(r.files)
+
 
 COMPRESSED_SLOW = ("JPEG2000Lossless", "JPEGLSLossless")
 

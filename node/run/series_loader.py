@@ -60,9 +60,9 @@ def _native_pixels(ds: Dataset, data: bytes, pos: int) -> np.ndarray | None:
     """The stored values of uncompressed little-endian pixel data at `pos` of the file's bytes (just after
     the header), as pydicom's pixel_array gives them; None where pydicom must decode (any doubt).
 
-    The array is a read-only view of `data`, not a copy: a second buffer the size of the slice, filled
-    while the first is alive, costs a page fault per 4 KB (about 0.5 ms a CT slice, as much as the
-    header parse), and reading ahead does this for every file as it arrives, beside the receiver."""
+    The array is a read-only view of `data`, not a copy: a second buffer the size of the slice is a copy
+    plus a page fault per 4 KB while the first is alive (reading 300 CT slices ahead: 0.85 -> 0.71 ms a
+    slice), and reading ahead does this for every file as it arrives, beside the receiver."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or "Rows" not in ds or "Columns" not in ds:
@@ -70,8 +70,9 @@ def _native_pixels(ds: Dataset, data: bytes, pos: int) -> np.ndarray | None:
     dtype = _native_dtype(ds)
     if dtype is None:
         return None
-    head = data[pos:pos + (12 if ts == ExplicitVRLittleEndian else 8)]
-    if head[:4] != PIXEL_DATA_TAG:
+    head_size = 12 if ts == ExplicitVRLittleEndian else 8
+    head = data[pos:pos + head_size]
+    if len(head) < head_size or head[:4] != PIXEL_DATA_TAG:  # a file cut short: pydicom says what is wrong
         return None
     if ts == ExplicitVRLittleEndian:
         if head[4:6] not in (b"OB", b"OW"):
@@ -102,10 +103,16 @@ def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     cost no system calls."""
     data = Path(path).read_bytes()
     fp = io.BytesIO(data)
-    ds = dcmread(fp, stop_before_pixels=True)
-    pixels = _native_pixels(ds, data, fp.tell())
-    if pixels is None:
-        ds = dcmread(io.BytesIO(data))
+    try:
+        ds = dcmread(fp, stop_before_pixels=True)
+        pixels = _native_pixels(ds, data, fp.tell())
+        if pixels is None:
+            ds = dcmread(io.BytesIO(data))
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's errors on a damaged file name neither file nor cause
+        raise SeriesLoadError(f"{path}: cannot be read as DICOM ({type(exc).__name__}: {exc}); check the file "
+                              f"with dcmdump") from None
     ds.filename = str(path)  # as dcmread(path) sets it
     # pydicom keeps the BytesIO it read from, so every header would hold its whole file (158 MB for a
     # 300-slice CT, beside the volume) until the job ends; nothing reads it again.
