@@ -192,9 +192,6 @@ class StoreSCP:
         self.store = store
         self.index = index or GroupCommit(store)  # the associations' store rows, committed together
         self.committer = committer or self  # a receive process: the node process's StoreSCP (rpc proxy)
-        # Whether to look for a duplicate before the file is published: a local query, but a round trip to
-        # the node process from a receive process, where commit_instance finds the duplicate instead.
-        self._duplicates_first = committer is None
         self.reuse_port = reuse_port
         self.established_elsewhere = established_elsewhere
         self.audit = audit
@@ -559,7 +556,9 @@ class StoreSCP:
             if isinstance(checked, Dataset):
                 return checked
             ds, (sop_uid, study_uid, series_uid, sop_class) = checked
-            if self._duplicates_first and self.store.has_instance(sop_uid):
+            # Looked up before the file is published where the store is local. From a receive process it
+            # would be a round trip to the node process: commit_instance finds the duplicate there instead.
+            if self.committer is self and self.store.has_instance(sop_uid):
                 return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
             path = self.spool.instance_path(study_uid, series_uid, sop_uid)
             if write_error is not None:
