@@ -1,6 +1,6 @@
-"""A Ray actor's scratch folder: a new actor deletes those of actors that died (killed mid-job, their
-shipped series still staged there) and leaves those of live ones alone. No Ray needed: the folders are
-claimed by plain processes, as PluginActor does."""
+"""A Ray actor's scratch folder: an actor that ends normally removes its own; a new actor deletes those of
+actors that were killed (mid-job, their shipped series still staged there) and leaves live ones' alone.
+No Ray needed: the folders are claimed by plain processes, as PluginActor does."""
 
 import subprocess
 import sys
@@ -22,6 +22,7 @@ time.sleep(float(sys.argv[2]))
 def test_a_new_actor_removes_dead_actors_scratch_and_keeps_live_ones(tmp_path):
     dead = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path), "0"], capture_output=True, text=True,
                           check=True).stdout.strip()
+    assert not (tmp_path / dead).exists()  # an actor that ends normally removes its own folder
     live = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "60"], stdout=subprocess.PIPE, text=True)
     try:
         live_dir = live.stdout.readline().strip()

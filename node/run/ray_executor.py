@@ -64,7 +64,8 @@ def claim_scratch(parent: Path | None = None) -> tuple[Path, int]:
 
     A job's shipped series and its results are staged in the folder. An actor killed mid-job (run.timeout_s,
     run.memory_limit_mb) never removes them, so a new actor first deletes every actor folder on this machine
-    whose lock no live process holds (the kernel drops the lock when its process dies, kill -9 included)."""
+    whose lock no live process holds (the kernel drops the lock when its process dies, kill -9 included).
+    A process that ends normally removes its own folder."""
     parent = Path(parent or tempfile.gettempdir())
     for old in parent.glob(f"{SCRATCH_PREFIX}*"):
         try:
@@ -84,6 +85,7 @@ def claim_scratch(parent: Path | None = None) -> tuple[Path, int]:
     fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends
     scratch = parent / f"{SCRATCH_PREFIX}{new.name.rsplit('-', 1)[-1]}"
     new.rename(scratch)
+    atexit.register(shutil.rmtree, scratch, True)  # a process that ends normally removes its own
     return scratch, fd
 
 
@@ -102,7 +104,6 @@ class PluginActor:
         self.plugins = PluginCache(sections, models_dir, device)
         self.plugins.preload(preload)
         self.scratch, self._scratch_lock = claim_scratch()
-        atexit.register(shutil.rmtree, self.scratch, True)  # an actor that ends normally; claim_scratch the rest
 
     def where(self) -> dict:
         import ray
