@@ -1,5 +1,6 @@
 """Files of an arriving study are read by an idle worker, and the job takes them instead of reading again."""
 
+import os
 import subprocess
 import threading
 import time
@@ -68,6 +69,22 @@ def test_read_ahead_reads_when_idle_keeps_to_its_budget_and_gives_each_file_once
     gate.set()
     time.sleep(0.2)
     assert ahead.holds([p["f"]]) == 0  # and the read under way is not kept
+
+
+def test_reading_ahead_runs_at_the_lowest_priority_and_the_caller_keeps_its_own():
+    seen = []
+
+    def read(path: str) -> tuple:  # runs on the reading thread
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return (None, None)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ahead = ReadAhead(budget_bytes=2**20, read=read)
+    ahead.add(["/x.dcm"])
+    wait_until(lambda: seen, 10, "the file read ahead")
+    # nice 19: it takes only the CPU that receivers and jobs leave (read_ahead.py says what 10 cost)
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread only
 
 
 def test_load_series_takes_files_read_ahead_and_gives_the_same_volume(tmp_path):
