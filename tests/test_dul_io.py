@@ -305,3 +305,54 @@ def test_a_loop_passing_the_checkpoint_is_never_seen_as_paused_by_a_sender():
     assoc._reactor_checkpoint.set()
     waiting.join(5)
     assert not waiting.is_alive()
+
+
+def test_a_loop_woken_from_its_pause_stays_paused_for_the_next_sender():
+    """The second window of pynetdicom#875 (a CI failure here, 2026-12): a loop paused in the checkpoint is
+    woken by one sender's set, and the next sender clears before the loop runs on. That sender sees
+    `_is_paused` True and sends; the loop must not then look at the queue until the sender is done."""
+    checkpoint = threading.Event()
+    assoc = SimpleNamespace(_reactor_checkpoint=checkpoint, _is_paused=False)
+    real_wait = checkpoint.wait
+
+    def descheduled_after_waking(timeout=None):  # type: ignore[no-untyped-def]
+        got = real_wait(timeout)
+        time.sleep(0.1)  # the window, made wide: the loop thread is not run right after its wake-up
+        return got
+
+    checkpoint.wait = descheduled_after_waking  # type: ignore[method-assign]
+    dul_io.close_pause_window(assoc)
+    checkpoint.clear()  # the first sender holds the loop paused
+    sending = threading.Event()  # set while a sender relies on the loop being paused
+    looks: list[bool] = []
+    stop = threading.Event()
+
+    def loop() -> None:  # pynetdicom's Association._run_reactor, reduced to its pause
+        while not stop.is_set():
+            assoc._is_paused = True
+            checkpoint.wait()
+            assoc._is_paused = False
+            looks.append(sending.is_set())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        deadline = time.monotonic() + LONG
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        checkpoint.set()  # the first sender is done
+        time.sleep(0.02)  # the loop has woken and not yet run on
+        checkpoint.clear()  # the next sender
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        sending.set()  # it sends and waits for its reply
+        time.sleep(0.3)
+        sending.clear()
+        checkpoint.set()
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        checkpoint.set()
+        thread.join(LONG)
+    assert looks and not any(looks), looks

@@ -122,9 +122,10 @@ def close_pause_window(assoc: Any) -> None:
     then sets it False and looks at the queue. A clear between the loop's wait returning (still set) and
     its `_is_paused = False` showed the sender a loop that was about to look at the queue: under load the
     loop could take the reply (pynetdicom logs "Received unexpected C-ECHO service message") and the
-    sender waited out its DIMSE timeout (pydicom/pynetdicom#875; once in a CI run here). Now the clear
+    sender waited out its DIMSE timeout (pydicom/pynetdicom#875; twice in CI runs here). Now the clear
     and the loop's look at the checkpoint take one lock, and a loop that finds it set marks itself not
     paused before it lets go of the lock, so a sender clearing after that waits for the loop's next pass.
+    The same holds for a loop woken from its pause: it passes only through that locked look.
     """
     checkpoint: threading.Event = assoc._reactor_checkpoint
     lock = threading.Lock()
@@ -135,11 +136,16 @@ def close_pause_window(assoc: Any) -> None:
             clear()
 
     def pause_or_pass(timeout: float | None = None) -> bool:
-        with lock:
-            if checkpoint.is_set():
-                assoc._is_paused = False
-                return True
-        return wait(timeout)  # `_is_paused` stays True, as the loop set it: the sender may go on
+        while True:
+            with lock:
+                if checkpoint.is_set():
+                    assoc._is_paused = False
+                    return True
+            # Paused: `_is_paused` stays True, as the loop set it, and the sender may go on. Woken by its
+            # set, the loop looks again under the lock: the next sender may have cleared in between, and
+            # still sees a paused loop, so the loop must stay paused too.
+            if not wait(timeout):
+                return False
 
     checkpoint.clear = locked_clear  # type: ignore[method-assign]
     checkpoint.wait = pause_or_pass  # type: ignore[method-assign]
