@@ -52,7 +52,9 @@ class NodeProcess:
 
         if not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+        # The node may be writing a record now: a line without its newline is not complete yet.
+        *complete, _partial = self.audit_path.read_text().split("\n")
+        return [json.loads(line) for line in complete if line.strip()]
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
