@@ -89,8 +89,8 @@ def main() -> int:
     ap.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian", choices=sorted(SUPPORTED_SYNTAXES),
                     help="how the CT is encoded, stored in Orthanc and pushed to the node (default uncompressed)")
     ap.add_argument("--pace", type=float, default=None, metavar="PER_S",
-                    help="push the measured study at this many instances a second, as a scanner sends "
-                         "(default: all at once, as fast as Orthanc sends)")
+                    help="push the measured study at this many instances a second, in one batch each second, "
+                         "as a scanner sends (default: all at once, as fast as Orthanc sends)")
     args = ap.parse_args()
     runs = []
     for i in range(args.repeat):
