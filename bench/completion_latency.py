@@ -1,7 +1,7 @@
 """Completion to results in the PACS: ct_lung on a 300-slice 512x512 CT, completion by counts (issue 8).
 
     .venv/bin/python bench/completion_latency.py [--slices 300] [--repeat 3] [--quiet-period 60] [--first-job]
-                                                 [--transfer-syntax JPEG2000Lossless] [--pace 30]
+                                                 [--transfer-syntax JPEG2000Lossless] [--pace 30 [--steady]]
 
 A real Orthanc holds a synthetic CT and is, in the node's config, both the queryable source (the node asks
 it by C-FIND how many instances the study has, node/assemble/evidence.py) and the destination of the
@@ -36,7 +36,8 @@ PLUGIN = "plugin compute (ct_lung)"
 
 
 def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = True,
-            transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None) -> dict[str, float | None]:
+            transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None,
+            steady: bool = False) -> dict[str, float | None]:
     def config(orthanc) -> dict:
         pacs = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
         return {
@@ -47,7 +48,7 @@ def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = Tr
         }
 
     run = push_study(work, slices=slices, seed=seed, node_config=config, modalities=("SEG", "SR"), warm_up=warm_up,
-                     transfer_syntax=transfer_syntax, pace=pace)
+                     transfer_syntax=transfer_syntax, pace=pace, steady=steady)
     done = run.first("study-complete")
     if done.get("reason") != "counts-matched":
         raise RuntimeError(f"the study completed by {done.get('reason')!r}, not by counts: check the node's log")
@@ -62,7 +63,7 @@ def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = Tr
     validate = t.get("validate_s")  # older nodes counted validation in build_s
     worker = (end - start) - sum(t.get(k, 0.0) for k in ("load_s", "prepare_s", "plugin_s", "build_s", "validate_s"))
     return {
-        "Orthanc → node C-STORE (whole study)": run.t_sent - run.t_send,
+        f"{'this script' if steady else 'Orthanc'} → node C-STORE (whole study)": run.t_sent - run.t_send,
         "last instance stored → study-complete (counts)": complete - last_rx,
         "study-complete → job-start (route, queue)": start - complete,
         "slices the worker read (and decoded) while the study arrived": t.get("read_ahead_files", 0),
@@ -79,6 +80,14 @@ def one_run(work: Path, slices: int, quiet: float, seed: int, warm_up: bool = Tr
     }
 
 
+def pace_label(args: argparse.Namespace) -> str:
+    if not args.pace:
+        return "pushed at once"
+    if args.steady:
+        return f"{args.pace:g} instances/s, one at a time over one association"
+    return f"{args.pace:g} instances/s, Orthanc pushing a batch a second"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slices", type=int, default=300)
@@ -91,18 +100,23 @@ def main() -> int:
     ap.add_argument("--pace", type=float, default=None, metavar="PER_S",
                     help="push the measured study at this many instances a second, in one batch each second, "
                          "as a scanner sends (default: all at once, as fast as Orthanc sends)")
+    ap.add_argument("--steady", action="store_true",
+                    help="with --pace: one instance every 1/PER_S s over one association (sent by this script "
+                         "as AE ORTHANC), as a scanner's auto-send does, instead of Orthanc's batch a second")
     args = ap.parse_args()
+    if args.steady and not args.pace:
+        ap.error("--steady needs --pace PER_S")
     runs = []
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="ainode-bench-") as d:
             runs.append(one_run(Path(d), args.slices, args.quiet_period, seed=i, warm_up=not args.first_job,
-                                transfer_syntax=args.transfer_syntax, pace=args.pace))
+                                transfer_syntax=args.transfer_syntax, pace=args.pace, steady=args.steady))
             print(f"run {i + 1}/{args.repeat}: completion → SEG+SR in PACS "
                   f"{runs[-1]['completion → SEG+SR in PACS']:.2f} s", file=sys.stderr)
     which = "a fresh node's first job" if args.first_job else "after one warm-up study"
     print_table(f"Completion → results in PACS, ct_lung, {args.slices}-slice 512x512 CT, completion by counts "
                 f"(quiet period {args.quiet_period:g} s), {which}, {args.transfer_syntax}, "
-                f"{f'{args.pace:g} instances/s' if args.pace else 'pushed at once'}, median of {args.repeat}", runs)
+                f"{pace_label(args)}, median of {args.repeat}", runs)
     overhead = statistics.median(r[OVERHEAD] for r in runs)
     plugin = statistics.median(r[PLUGIN] for r in runs)
     print()

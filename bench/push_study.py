@@ -73,14 +73,43 @@ def _paced_send(orthanc: OrthancServer, study_id: str, per_second: float) -> Non
         orthanc.send_study_to_modality("ainode", ids[k:k + batch])
 
 
+def _steady_send(node: NodeProcess, files: list[Path], per_second: float) -> None:
+    """Send the study to the node over one association, one instance every 1/`per_second` s in order of
+    InstanceNumber, as a scanner sends a series while it reconstructs it. Sent from here as AE ORTHANC
+    (Orthanc pushes a batch per REST call, not one instance at a time over one association); Orthanc holds
+    the same files, so the node's C-FIND counts match once every one has arrived."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    headers = [(int(dcmread(f, stop_before_pixels=True).InstanceNumber), f) for f in files]
+    first = dcmread(files[0], stop_before_pixels=True)
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(first.SOPClassUID, [first.file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    if not assoc.is_established:
+        raise RuntimeError(f"the node refused the association; node log: {node.log_path}")
+    try:
+        start = time.monotonic()
+        for k, (_, f) in enumerate(sorted(headers)):
+            time.sleep(max(0.0, start + k / per_second - time.monotonic()))
+            status = assoc.send_c_store(f)
+            if getattr(status, "Status", None) != 0x0000:
+                raise RuntimeError(f"C-STORE of {f} answered {status}; node log: {node.log_path}")
+    finally:
+        assoc.release()
+
+
 def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wanted: set[str],
-                   timeout: float, pace: float | None = None) -> tuple[float, float, dict[str, float], list[dict]]:
-    """Have Orthanc push one study to the node (at once, or `pace` instances a second); wait until Orthanc
-    lists every wanted result modality in it and the node has recorded sending them. (send asked, send
-    returned, when each was listed, the study's audit records)."""
+                   timeout: float, pace: float | None = None,
+                   steady: list[Path] | None = None) -> tuple[float, float, dict[str, float], list[dict]]:
+    """Have Orthanc push one study to the node (at once, or `pace` instances a second; or send `steady`, its
+    files, from here at `pace`); wait until Orthanc lists every wanted result modality in it and the node has
+    recorded sending them. (send asked, send returned, when each was listed, the study's audit records)."""
     study_id = orthanc.find_study(study_uid)
     t_send = time.time()
-    if pace:
+    if pace and steady:
+        _steady_send(node, steady, pace)
+    elif pace:
         _paced_send(orthanc, study_id, pace)
     else:
         orthanc.send_study_to_modality("ainode", study_id)
@@ -108,7 +137,8 @@ def _send_and_wait(orthanc: OrthancServer, node: NodeProcess, study_uid: str, wa
 
 def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[OrthancServer], dict],
                modalities: Iterable[str] = ("SR",), timeout: float = 600, warm_up: bool = False,
-               transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None) -> PushRun:
+               transfer_syntax: str = "ExplicitVRLittleEndian", pace: float | None = None,
+               steady: bool = False) -> PushRun:
     """Write a `slices`-slice 512x512 chest CT, upload it to a fresh Orthanc, start the node with
     `node_config(orthanc)`, let Orthanc push the study to the node and wait until Orthanc lists every
     result modality in `modalities` and the node has recorded sending them.
@@ -116,7 +146,8 @@ def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[Ort
     `warm_up`: first push another study of the same size through the node, not measured: a node in
     service has run jobs before, and its worker reuses the memory they used (node/run/heap.py).
     `transfer_syntax`: how the CT is encoded (a name node.synth accepts); Orthanc stores and pushes it so.
-    `pace`: instances a second for the measured study (default: all at once, as fast as Orthanc sends)."""
+    `pace`: instances a second for the measured study (default: all at once, as fast as Orthanc sends), in
+    one batch a second from Orthanc; with `steady`, one instance every 1/pace s over one association."""
     wanted = set(modalities)
     thickness = 1.0 if slices >= 300 else 2.5
     synth = write_chest_ct(work / "ct", slices=slices, slice_thickness=thickness, seed=seed,
@@ -134,7 +165,8 @@ def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[Ort
             if first is not None:
                 _send_and_wait(orthanc, node, first.study_uid, wanted, timeout)
                 time.sleep(1.0)  # the node idle again, as before a study arrives
-            t_send, t_sent, listed, recs = _send_and_wait(orthanc, node, synth.study_uid, wanted, timeout, pace)
+            t_send, t_sent, listed, recs = _send_and_wait(orthanc, node, synth.study_uid, wanted, timeout, pace,
+                                                          synth.files if steady else None)
         finally:
             node.stop()
             node.kill()
