@@ -356,3 +356,63 @@ def test_a_loop_woken_from_its_pause_stays_paused_for_the_next_sender():
         checkpoint.set()
         thread.join(LONG)
     assert looks and not any(looks), looks
+
+
+def test_the_loop_pausing_itself_to_release_on_a_network_timeout_does_not_wait_on_itself():
+    """pynetdicom's reactor, on a network timeout with network_timeout_response "A-RELEASE", sets
+    `_is_paused`, waits on the checkpoint and calls release() from the loop thread; release() clears the
+    checkpoint and waits for `_is_paused`. The loop's own clear must leave it True, or it spins for ever."""
+    out: dict[str, bool] = {}
+
+    class Loop(threading.Thread):  # the association thread: pynetdicom's Association is a Thread
+        def run(self) -> None:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()  # set: passes, and marks the loop as running on
+            self._reactor_checkpoint.clear()  # release(), from the loop itself
+            deadline = time.monotonic() + LONG
+            while not self._is_paused and time.monotonic() < deadline:
+                time.sleep(0.0001)
+            out["paused"] = self._is_paused
+            self._reactor_checkpoint.set()
+
+    loop = Loop()
+    loop._reactor_checkpoint = threading.Event()  # type: ignore[attr-defined]
+    loop._reactor_checkpoint.set()  # type: ignore[attr-defined]
+    loop._is_paused = False  # type: ignore[attr-defined]
+    dul_io.close_pause_window(loop)
+    loop.start()
+    loop.join(LONG * 2)
+    assert out == {"paused": True}
+    other = threading.Thread(target=loop._reactor_checkpoint.clear)  # type: ignore[attr-defined]
+    loop._is_paused = False  # type: ignore[attr-defined]
+    other.start()
+    other.join()
+    assert loop._is_paused is False  # type: ignore[attr-defined] - a sender's clear does not mark the loop paused
+
+
+def test_a_requestor_set_to_release_on_a_network_timeout_releases(monkeypatch):  # type: ignore[no-untyped-def]
+    """The same, through pynetdicom: an idle association whose network timeout ends it with A-RELEASE."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    import node.receive.scp  # noqa: F401 - installs dul_io on import
+    from tests.support.net import free_port
+
+    released = threading.Event()
+    scp = AE(ae_title="NT_SCP")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_RELEASED, lambda e: released.set())])
+    try:
+        scu = AE(ae_title="NT_SCU")
+        scu.add_requested_context(Verification)
+        scu.network_timeout = 0.5
+        assoc = scu.associate("127.0.0.1", port, ae_title="NT_SCP")
+        assert assoc.is_established
+        assoc.network_timeout_response = "A-RELEASE"
+        assert released.wait(LONG)  # the acceptor saw the requestor's A-RELEASE
+        assoc.join(LONG)
+        assert assoc.is_released and not assoc.is_alive()
+    finally:
+        server.shutdown()

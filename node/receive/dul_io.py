@@ -134,6 +134,11 @@ def close_pause_window(assoc: Any) -> None:
     def locked_clear() -> None:
         with lock:
             clear()
+            if threading.current_thread() is assoc:
+                # The loop pausing itself to send: pynetdicom's network-timeout A-RELEASE (`_is_paused = True`,
+                # wait, release(), which clears and waits for `_is_paused`). Its wait here just set the flag
+                # False; the loop is the caller, so it is not looking at the queue, and must not wait on itself.
+                assoc._is_paused = True
 
     def pause_or_pass(timeout: float | None = None) -> bool:
         while True:
