@@ -115,6 +115,7 @@ class NodeService:
                                      dicomweb={n: d.with_resolved_paths(tls_base) for n, d in cfg.dicomweb.items()})
         self.workers.on_results = self.dispatcher.wake
         self.scp.on_indexed = self.workers.arrived
+        self.workers.receiving = self.scp.established_count
         self.requests = RequestHandler(self.store, self.audit)
         self.purger = Purger(self.store, self.audit, self.spool, paths.results_dir,
                              cfg.storage.retention_hours, cfg.storage.purge_interval_s)

@@ -152,3 +152,35 @@ def test_a_worker_decodes_a_jpeg2000_series_in_processes(tmp_path, node_factory)
     log = node.log_path.read_text()
     assert "decode process" not in log and "Traceback" not in log, log[-3000:]
     assert node.stop() == 0
+
+
+def test_files_are_held_while_the_receive_can_use_every_cpu_and_dropped_once_their_job_starts():
+    """WorkerPool's hand-over: with as many associations as CPUs, reading ahead would take CPU the receive can
+    use (bench/receive_rate.py, 4 associations on 2 CPUs); and a study whose job started is read by that job."""
+    from collections import OrderedDict, deque
+    from types import SimpleNamespace
+
+    from node.run.worker import READ_AHEAD_QUEUE, WorkerPool
+
+    pool = WorkerPool.__new__(WorkerPool)  # only the hand-over and its bookkeeping
+    pool._lock, pool._busy, pool._ahead_slot = threading.Lock(), set(), OrderedDict()
+    pool._ahead = [deque(maxlen=READ_AHEAD_QUEUE)]
+    pool.slots = [SimpleNamespace(may_run=lambda plugin: True)]
+    pool.could_take = lambda meta: frozenset({"ct_lung"})
+    pool._cpus = 2
+    associations = {"n": 2}
+    pool.receiving = lambda: associations["n"]
+    handed: list[list[str]] = []
+    worker = SimpleNamespace(read_ahead=handed.append)
+
+    pool.arrived(_meta(path="/a1", study_uid="A"))
+    pool.arrived(_meta(path="/b1", study_uid="B"))
+    pool._hand_over(0, worker)
+    assert handed == []  # held: 2 associations on 2 CPUs
+    associations["n"] = 1
+    pool.arrived(_meta(path="/a2", study_uid="A"))
+    pool._forget("A")  # A's job started
+    pool._hand_over(0, worker)
+    assert handed == [["/b1"]]
+    pool._hand_over(0, worker)
+    assert handed == [["/b1"]]  # each file once

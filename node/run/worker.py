@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import threading
 import time
@@ -49,6 +50,13 @@ class Runner(Protocol):
     def ready(self, timeout: float) -> bool: ...
     def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int, on_stage: Callable[[str], None],
             abandon: Callable[[], bool], next_job: Callable[[], JobSpec | None] | None = None) -> JobOutput: ...
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class WorkerPool:
@@ -129,12 +137,17 @@ class WorkerPool:
         self._prefetching: dict[int, int] = {}  # slot index -> job id it prefetches
         self._busy: set[int] = set()  # slot indexes running a job
         self.could_take = could_take if ahead_mb and any(hasattr(p, "read_ahead") for p in self._processes) else None
-        self._ahead: list[deque[str]] = [deque(maxlen=READ_AHEAD_QUEUE) for _ in self.slots]  # paths to hand over
+        # (study UID, path) of the files to hand over, per slot
+        self._ahead: list[deque[tuple[str, str]]] = [deque(maxlen=READ_AHEAD_QUEUE) for _ in self.slots]
         self._ahead_slot: OrderedDict[str, int] = OrderedDict()  # study UID -> slot reading it ahead
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wakeups = [threading.Event() for _ in self.slots]  # one per slot loop: wake() rouses them all
         self.on_results: Callable[[], None] | None = None  # called when a job's results are recorded (dispatch)
+        # Associations being received on, over all receive processes: while there are as many as CPUs, the
+        # receive can use every core and files are not handed over to be read ahead (_hand_over).
+        self.receiving: Callable[[], int] | None = None
+        self._cpus = _cpus()
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -182,14 +195,27 @@ class WorkerPool:
                 self._ahead_slot[meta.study_uid] = index
                 if len(self._ahead_slot) > READ_AHEAD_STUDIES:
                     self._ahead_slot.popitem(last=False)
-            self._ahead[index].append(meta.path)
+            self._ahead[index].append((meta.study_uid, meta.path))
 
     def _hand_over(self, index: int, proc: Runner) -> None:
+        if self.receiving is not None and self.receiving() >= self._cpus:
+            return  # held until fewer associations send: reading ahead would take CPU the receive can use
         with self._lock:
-            paths = list(self._ahead[index])
+            paths = [path for _, path in self._ahead[index]]
             self._ahead[index].clear()
         if paths:
             proc.read_ahead(paths)  # type: ignore[attr-defined] - could_take is set only for runners that have it
+
+    def _forget(self, study_uid: str) -> None:
+        """A job of the study started: its job reads the files not handed over yet, so they are dropped (read
+        later, they would be read for nothing and held until read_ahead.MAX_AGE_S)."""
+        with self._lock:
+            self._ahead_slot.pop(study_uid, None)
+            for queue in self._ahead:
+                if any(study == study_uid for study, _ in queue):
+                    kept = [item for item in queue if item[0] != study_uid]
+                    queue.clear()
+                    queue.extend(kept)
 
     def wake(self) -> None:
         """Jobs were queued: claim now rather than at the next poll."""
@@ -231,6 +257,7 @@ class WorkerPool:
                 self._hand_over(index, proc)
                 self._wakeups[index].wait(self.poll_interval_s)
                 continue
+            self._forget(job.study_uid)
             with self._lock:
                 self._running.add(job.id)
                 self._busy.add(index)
