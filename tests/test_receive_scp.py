@@ -76,3 +76,27 @@ def test_check_thread_follows_the_load_and_the_outcome_does_not(scp, tmp_path, b
 def test_start_up_objects_are_left_out_of_pynetdicoms_periodic_collections(scp):
     """pynetdicom's server calls gc.collect() every 30 s; over a node's start-up heap that held the GIL 120 ms."""
     assert gc.get_freeze_count() > 10_000
+
+
+def test_a_durable_write_of_several_chunks_gives_them_in_order_across_short_writes(tmp_path, monkeypatch):
+    """The receiver writes the file meta group and the data set as received with one writev (node/receive/
+    spool.py finish_temp): not joined first, and a short write goes on where it stopped."""
+    import os
+
+    spool = Spool(tmp_path / "spool")
+    chunks = [b"M" * 300, b"", bytes(range(256)) * 40]
+    calls = []
+    writev = os.writev
+
+    def short(fd, buffers):  # type: ignore[no-untyped-def] - at most 1000 bytes a call
+        calls.append(sum(len(b) for b in buffers))
+        left, out = 1000, []
+        for b in buffers:
+            out.append(bytes(b[:left]))
+            left -= len(out[-1])
+        return writev(fd, out)
+
+    monkeypatch.setattr(os, "writev", short)
+    tmp = spool.finish_temp(*spool.open_temp(), *chunks)
+    assert tmp.read_bytes() == b"".join(chunks)
+    assert len(calls) == 11 and calls[0] == 300 + 10240

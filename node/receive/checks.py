@@ -129,21 +129,17 @@ class _Walker:
                 pos += length
 
 
-def scan(part10: bytes, transfer_syntax: UID, max_bytes: int) -> dict[int, Element]:
-    """Check that every element of a Part-10 stream lies wholly inside it; the top-level elements by tag.
+def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int) -> dict[int, Element]:
+    """Check that every element of a data set, as a C-STORE carries it (no preamble, no file meta), lies
+    wholly inside it; the top-level elements by tag.
 
     Catches what pydicom reads without complaint: truncation anywhere (in a header, in a value, in a
     sequence), an unknown explicit VR, garbage after the last element. A deflated data set is inflated
-    first, up to `max_bytes` (a small deflated stream can inflate to gigabytes).
+    first, up to `max_bytes` (a small deflated stream can inflate to gigabytes). The receiver scans the
+    data set itself, not the file it writes (file meta + data set): building that in memory copied 0.5 MB
+    per CT slice under the GIL.
     """
-    if len(part10) < 132 or part10[128:132] != b"DICM":
-        raise CannotUnderstand("no DICM prefix")
-    pos = 132
-    meta = _Walker(part10, implicit=False, little=True)
-    while pos + 2 <= len(part10) and part10[pos:pos + 2] == b"\x02\x00":  # the file meta group written by the SCP
-        _, _, length, pos = meta.header(pos, len(part10))
-        pos += length
-    body = part10[pos:]
+    body = data_set
     if transfer_syntax.is_deflated:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:

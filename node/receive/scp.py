@@ -451,7 +451,7 @@ class StoreSCP:
                     log.exception("on_indexed failed")
         return is_new
 
-    def _check(self, encoded: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,
+    def _check(self, data_set: bytes, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,
                limit: int) -> Dataset | tuple[Dataset, tuple[str, str, str, str]]:
         """The decoded header and its (SOP instance, study, series, SOP class) UIDs; or the refusal status.
 
@@ -461,7 +461,7 @@ class StoreSCP:
         """
         sop_uid: str | None = None
         try:
-            elements = checks.scan(encoded, transfer_syntax, limit)
+            elements = checks.scan(data_set, transfer_syntax, limit)
             ds = read_header(data_set, transfer_syntax)
             ids = checks.identity(ds)
             sop_uid = ids[0]
@@ -483,15 +483,15 @@ class StoreSCP:
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
                                 calling, ip, sop_uid or rq_uid or None)
 
-    def _store_returned(self, encoded: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str,
+    def _store_returned(self, prefix: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str,
                         rq_uid: str, limit: int) -> Dataset | int:
         """A result an external service (deid) sends back: checked, then handed to node.deid.returns."""
-        checked = self._check(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+        checked = self._check(data_set, transfer_syntax, calling, ip, rq_uid, limit)
         if isinstance(checked, Dataset):
             return checked
         sop_uid = checked[1][0]
         try:
-            back = self.returns.receive(encoded, calling, ip)
+            back = self.returns.receive(prefix + data_set, calling, ip)
         except Exception as exc:  # noqa: BLE001 - never Success for a result not queued
             log.error("returned result not handled calling_ae=%s error=%s", calling, type(exc).__name__)
             return self._refuse(OUT_OF_RESOURCES, f"returned result not stored: {type(exc).__name__}",
@@ -520,15 +520,16 @@ class StoreSCP:
             return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
                                 f"({len(data_set) // 2**20} MB)", calling, ip, rq_uid or None)
         try:
-            encoded = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax) + data_set
+            prefix = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax)
         except Exception as exc:  # noqa: BLE001 - a request whose UIDs pydicom cannot encode
             return self._refuse(CANNOT_UNDERSTAND, f"cannot encode file meta: {type(exc).__name__}", calling, ip,
                                 rq_uid or None)
         if self.returns is not None and self.returns.handles(calling):
-            return self._store_returned(encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+            return self._store_returned(prefix, data_set, transfer_syntax, calling, ip, rq_uid, limit)
 
+        size = len(prefix) + len(data_set)  # the file: file meta + data set, written with one call
         free = shutil.disk_usage(self.spool.root).free
-        if free - len(encoded) < self.min_free_bytes:
+        if free - size < self.min_free_bytes:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
             return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,
                                 rq_uid or None, free_mb=free // 2**20)
@@ -543,11 +544,11 @@ class StoreSCP:
             tmp, fd = self.spool.open_temp()
         except OSError as exc:
             return self._spool_write_failed(exc, self.spool.tmp, calling, ip, rq_uid or None)
-        args = (encoded, data_set, transfer_syntax, calling, ip, rq_uid, limit)
+        args = (data_set, transfer_syntax, calling, ip, rq_uid, limit)
         checking = self._checker.submit(self._check, *args) if alone else None
         write_error: OSError | None = None
         try:
-            self.spool.finish_temp(tmp, fd, encoded)
+            self.spool.finish_temp(tmp, fd, prefix, data_set)
         except OSError as exc:  # finish_temp removed the file
             write_error = exc
         published = False
@@ -572,7 +573,7 @@ class StoreSCP:
             if not published:
                 tmp.unlink(missing_ok=True)
 
-        meta = instance_meta(ds, path=str(path), size=len(encoded), transfer_syntax=str(transfer_syntax),
+        meta = instance_meta(ds, path=str(path), size=size, transfer_syntax=str(transfer_syntax),
                              calling_ae=calling, checked=(sop_uid, study_uid, series_uid, sop_class))
         try:
             is_new = self.committer.commit_instance(meta, {"calling_ae": calling, "peer_ip": ip})
@@ -586,7 +587,7 @@ class StoreSCP:
             path.unlink(missing_ok=True)
             return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
         self.counters.stored += 1
-        self.counters.bytes += len(encoded)
+        self.counters.bytes += size
         with self._studies_lock:
             self._studies.setdefault(event.assoc, set()).add(study_uid)
         return SUCCESS

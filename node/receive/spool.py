@@ -128,19 +128,26 @@ class Spool:
         tmp = self.temp_path()
         return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DSYNC, 0o640)
 
-    def finish_temp(self, tmp: Path, fd: int, data: bytes) -> Path:
-        """Write `data` to the file `open_temp` gave and close it; on disk when this returns.
+    def finish_temp(self, tmp: Path, fd: int, *chunks: bytes) -> Path:
+        """Write `chunks`, one after the other, to the file `open_temp` gave and close it; on disk when this
+        returns.
 
-        The file is opened O_DSYNC, so one write() call carries the data to disk and its size and
+        The file is opened O_DSYNC, so one writev() call carries the data to disk and its size and
         blocks with it (what fdatasync makes durable; the rename and its folder fsync in `publish` do
         the rest). That call holds no GIL from start to end: the receiver checks the data set's header
         on another thread meanwhile. A separate fsync() would need the GIL again between the two calls,
-        and get it only once the header check let go. Raises OSError (the file is then removed)."""
+        and get it only once the header check let go. The chunks (a file meta group and the data set
+        as received) are not joined first: that would copy the data set under the GIL. Raises OSError
+        (the file is then removed)."""
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            views = [memoryview(c) for c in chunks if len(c)]
+            while views:
+                n = os.writev(fd, views)
+                while views and n >= len(views[0]):  # a short write (a signal, a full disk) goes on from there
+                    n -= len(views[0])
+                    views.pop(0)
+                if views and n:
+                    views[0] = views[0][n:]
             if not _O_DSYNC:
                 os.fsync(fd)
         except BaseException:
