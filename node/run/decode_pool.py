@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import warnings
 from multiprocessing.connection import Connection, wait
 from typing import Sequence
@@ -25,6 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+from node.cpus import usable_cpus
 from node.lifeline import die_with_parent
 
 log = logging.getLogger("ainode.run")
@@ -75,11 +75,7 @@ def slow_to_decode(ds: Dataset) -> bool:
 
 def processes_for(files: int) -> int:
     """How many processes decode `files` files: one per CPU this process may run on, each with a fair share."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
+    return max(1, min(usable_cpus(), files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
 
 
 def _context() -> mp.context.BaseContext:

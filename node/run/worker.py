@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import threading
 import time
@@ -18,6 +17,7 @@ from typing import Callable, Mapping, Protocol
 
 from node.audit import AuditLog
 from node.config.schema import FORWARD, PluginSection, Source
+from node.cpus import usable_cpus
 from node.monitor.records import record_agreements
 from node.priors.config import PriorsSpec
 from node.priors.retrieve import PriorRetriever
@@ -50,13 +50,6 @@ class Runner(Protocol):
     def ready(self, timeout: float) -> bool: ...
     def run(self, spec: JobSpec, *, timeout_s: float, memory_limit_mb: int, on_stage: Callable[[str], None],
             abandon: Callable[[], bool], next_job: Callable[[], JobSpec | None] | None = None) -> JobOutput: ...
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class WorkerPool:
@@ -147,7 +140,7 @@ class WorkerPool:
         # Associations being received on, over all receive processes: while there are as many as CPUs, the
         # receive can use every core and files are not handed over to be read ahead (_hand_over).
         self.receiving: Callable[[], int] | None = None
-        self._cpus = _cpus()
+        self._cpus = usable_cpus()
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
