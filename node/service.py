@@ -21,6 +21,7 @@ from node.maintain.instances import Liveness
 from node.models.lock import verify_models
 from node.monitor.watch import DriftWatch
 from node.receive import Spool, StoreSCP
+from node.receive.accept_turns import AcceptTurns
 from node.receive.processes import ReceiveProcesses
 from node.ris.config import resolve_paths
 from node.route import Router
@@ -67,7 +68,9 @@ class NodeService:
                                       pseudonyms)
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
                             ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None,
-                            returns=returns, reuse_port=cfg.node.receive_processes > 1,
+                            returns=returns,
+                            turns=AcceptTurns.create(cfg.node.receive_processes) if cfg.node.receive_processes > 1
+                            else None,
                             established_elsewhere=lambda: self.receivers.elsewhere() if self.receivers else 0)
         self.receivers: ReceiveProcesses | None = None  # node.receive_processes > 1: started with the SCP
         self._tls_base = tls_base
@@ -161,9 +164,10 @@ class NodeService:
         self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
         self._maintenance.start()
         self.scp.start()
-        if self.cfg.node.receive_processes > 1:
+        if self.scp.turns is not None:  # node.receive_processes > 1
             self.receivers = ReceiveProcesses(
-                self.cfg.node.receive_processes, self.cfg.node, self.scp.port, self.spool,
+                self.cfg.node.receive_processes, self.cfg.node, self.scp.listening_socket(), self.scp.turns,
+                self.spool,
                 {"store": self.store, "audit": self.audit, "index": self.scp.index, "scp": self.scp},
                 Path(tempfile.mkdtemp(prefix="ainode-rx-")),  # a Unix socket path must be short
                 tls_base=self._tls_base, min_free_mb=self.cfg.storage.min_free_mb)

@@ -4,14 +4,18 @@ audits every instance, and the receive processes die with it."""
 import os
 import signal
 import subprocess
+from pathlib import Path
+from collections import Counter
+from contextlib import ExitStack
 
 import pytest
 
 from pydantic import ValidationError
+from pydicom import dcmread
 
 from node.config.schema import NodeConfig
 from node.synth import write_chest_ct
-from tests.support.pipeline import events, query
+from tests.support.pipeline import events, held_association, query
 from tests.support.wait import wait_until
 
 
@@ -25,10 +29,24 @@ def children(pid: int) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing.spawn" in line]
 
 
+def connections(port: int) -> list[str]:
+    """IPv4 TCP connections on the node's port that the node has not closed yet: established, or closed by
+    the peer only (the kernel's table; states 01 and 08)."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [r for r in rows if r.split()[1].endswith(f":{port:04X}") and r.split()[3] in ("01", "08")]
+
+
+def takers(node, count: int) -> dict[str, int]:
+    """{calling AE title: pid of the process that accepted it}, once `count` associations are audited (a
+    receive process audits through the node process, after the sender is told it is accepted)."""
+    wait_until(lambda: len(events(node, "association-accepted")) >= count, 10, "association records")
+    return {r["calling_ae"]: r["receiver_pid"] for r in events(node, "association-accepted")}
+
+
 def test_associations_spread_over_processes_and_every_instance_is_indexed_once(ct, node_factory):
     node = node_factory({"node": {"receive_processes": 2, "max_associations": 20}, "assemble": {"quiet_period_s": 60}})
     wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
-    groups = [ct.files[i::12] for i in range(12)]  # all 12 on one process: p = 2^-11
+    groups = [ct.files[i::12] for i in range(12)]
     senders = [subprocess.Popen(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, g)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for g in groups]
     for s in senders:
@@ -41,17 +59,47 @@ def test_associations_spread_over_processes_and_every_instance_is_indexed_once(c
     assert all(os.path.exists(p) for (p,) in query(node, "SELECT path FROM instances"))
     assert node.cli("audit", "verify", "--config", str(node.config_path)).returncode == 0
     # A resend is answered as duplicates, whichever process takes it; a receive process finds them in its
-    # commit (it skips the look-up that would be another round trip) and leaves no second file.
-    resends = [subprocess.Popen(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), str(f)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in ct.files[:8]]
-    for s in resends:  # 8 associations: all on one process with p = 2^-7
-        assert s.wait(60) == 0, s.stderr.read()
-    assert {r["receiver_pid"] for r in events(node, "association-accepted")[-8:]} == pids
-    assert len(events(node, "instance-duplicate")) == 8
+    # commit (it skips the look-up that would be another round trip) and leaves no second file. The held
+    # association is the node process's (it takes the first when idle), so the resends go to the other one
+    # as long as they do not overlap.
+    with held_association(node) as held:
+        assert held.send_c_store(dcmread(ct.files[8])).Status == 0  # a duplicate in the node process
+        resends = [subprocess.Popen(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), str(f)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in ct.files[:8]]
+        for s in resends:
+            assert s.wait(60) == 0, s.stderr.read()
+    takers(node, 12 + 1 + 8)
+    assert {r["receiver_pid"] for r in events(node, "association-accepted")[-9:]} == pids
+    assert len(events(node, "instance-duplicate")) == 9
     assert len(list((node.var / "spool").rglob("*.dcm"))) == len(ct.files)
     extra = [p for p in pids if p != node.proc.pid]
     assert node.stop() == 0
     assert not any(os.path.exists(f"/proc/{p}") for p in extra)
+
+
+def test_associations_are_taken_in_turns(ct, node_factory):
+    """The process with the fewest open connections takes the next one: 4 associations land 2:2 on 2
+    processes, always (the kernel's SO_REUSEPORT hash split them 2:2 in only 40% of tries), and one
+    association on an idle node goes to the node process."""
+    node = node_factory({"node": {"receive_processes": 2}})
+    wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
+    with held_association(node, "ALONE"):
+        pass
+    wait_until(lambda: not connections(node.port), 10, "the node to close the connection")
+    with ExitStack() as stack:
+        for i in range(4):
+            stack.enter_context(held_association(node, f"HOLD{i}"))
+    taken = takers(node, 5)
+    assert taken["ALONE"] == node.proc.pid
+    held = Counter(pid for ae, pid in taken.items() if ae.startswith("HOLD"))
+    assert sorted(held.values()) == [2, 2] and node.proc.pid in held
+    # Closed connections are counted off: the next burst is split evenly again.
+    wait_until(lambda: not connections(node.port), 10, "the node to close the connections")
+    with ExitStack() as stack:
+        for i in range(2):
+            stack.enter_context(held_association(node, f"AGAIN{i}"))
+    taken = takers(node, 7)
+    assert taken["AGAIN0"] != taken["AGAIN1"]
 
 
 def test_receive_processes_die_with_a_killed_node(ct, node_factory):

@@ -2,6 +2,7 @@
 and config errors that name the file at fault. Certificates come from a CA the test makes."""
 
 import shutil
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
 
 from node.config import load_config
 from node.config.load import ConfigError
@@ -72,6 +75,31 @@ def test_node_over_tls_takes_dcmtk_clients_with_a_trusted_certificate_only(pki, 
     log = node.log_path.read_text()
     assert f"peer_cert={pki.client.subject}" in log and "tls handshake failed" in log
     assert "CompressedSamples" not in log  # CT_small's patient name: no patient data in the log
+
+
+def test_receive_processes_take_tls_associations_in_turns(pki, node_factory):
+    """node.receive_processes 2 over TLS: a failed handshake is counted off at once, and while the node process
+    holds an association the next goes to the receive process, which handshakes and stores."""
+    node = node_factory({"node": {"tls": node_tls(pki), "receive_processes": 2}, "rules": []})
+    wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
+    assert dcmtk("storescu", node, CT_SMALL).returncode != 0  # plain TCP: no TLS hello
+    wait_until(lambda: len(events(node, "tls-handshake-failed")) == 1, 10, "the handshake failure audited")
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(pki.client.cert, pki.client.key)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, tls_args=(ctx, None))
+    assert held.is_established
+    try:
+        r = dcmtk("storescu", node, CT_SMALL, tls=with_cert(pki.client, pki))
+        assert r.returncode == 0, r.stderr
+    finally:
+        held.release()
+    wait_until(lambda: len(events(node, "association-accepted")) == 2, 10, "both associations audited")
+    takers = {a["calling_ae"]: a["receiver_pid"] for a in events(node, "association-accepted")}
+    assert takers["HOLDER"] == node.proc.pid and takers["MODALITY"] != node.proc.pid
+    assert len(events(node, "instance-stored")) == 1
 
 
 def test_scu_verifies_the_scp_certificate_and_presents_its_own(pki, node_factory, tmp_path):

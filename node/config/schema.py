@@ -52,8 +52,8 @@ class NodeSection(Strict):
     )
     max_associations: int = Field(10, ge=1, le=200)
     receive_processes: int = Field(
-        1, ge=1, le=64, description="Processes taking associations on node.port (SO_REUSEPORT). More than 1 "
-        "spreads parallel associations over the cores; the node process still writes every store row and "
+        1, ge=1, le=64, description="Processes taking associations on node.port, in turns (the one with the "
+        "fewest open takes the next). More than 1 spreads parallel associations over the cores; the node process still writes every store row and "
         "audit record. Not with deid (returned results are handled in the node process only).")
     max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
     network_timeout_s: float = Field(60, gt=0)

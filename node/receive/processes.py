@@ -2,7 +2,8 @@
 
 pynetdicom decodes PDUs and our checks parse headers in Python, under one GIL: one process receives on
 one core. With node.receive_processes: N the node process keeps its own SCP and starts N-1 receive
-processes that bind the same port with SO_REUSEPORT; the kernel spreads new associations over all N.
+processes that accept on its listening socket too, taking turns so that the associations spread evenly
+over all N (node/receive/accept_turns.py).
 A receive process checks each instance and makes its file durable itself; its store row and audit
 record are written by the node process (node/receive/rpc.py), so the durability order (file, row,
 audit record, then Success) and the single audit appender are unchanged. The receive processes die with
@@ -16,6 +17,7 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,13 +27,14 @@ from typing import Any
 
 from node.config.schema import NodeSection
 from node.lifeline import die_with_parent
+from node.receive.accept_turns import AcceptTurns
 from node.receive.rpc import RpcClient, RpcServer
 from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.receive")
 
 def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, min_free_mb: int,
-           rpc_path: str, authkey: bytes, counts: Any, control: Any, log_level: str) -> None:
+           rpc_path: str, authkey: bytes, counts: Any, turns: AcceptTurns, control: Any, log_level: str) -> None:
     die_with_parent()
     from node.logs import setup_logging
 
@@ -51,7 +54,7 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
     scp = StoreSCP(cfg, Spool(Path(spool_root)), client.proxy("store"), client.proxy("audit"),  # type: ignore[arg-type]
                    min_free_mb=min_free_mb, ssl_context=ctx, index=client.proxy("index"),  # type: ignore[arg-type]
                    committer=node_scp,
-                   reuse_port=True, established_elsewhere=elsewhere)
+                   turns=turns, established_elsewhere=elsewhere)
 
     def released(studies: set[str]) -> None:  # the node process's assembler asks for the counts now
         try:
@@ -83,10 +86,12 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
 class ReceiveProcesses:
     """The node process's side: the RPC server and the N-1 extra receive processes."""
 
-    def __init__(self, count: int, cfg: NodeSection, port: int, spool: Spool, targets: dict[str, Any],
-                 run_dir: Path, *, tls_base: Path | None, min_free_mb: int) -> None:
+    def __init__(self, count: int, cfg: NodeSection, listener: socket.socket, turns: AcceptTurns, spool: Spool,
+                 targets: dict[str, Any], run_dir: Path, *, tls_base: Path | None, min_free_mb: int) -> None:
+        """`listener`: the node process's listening socket; `turns`: the node process's AcceptTurns."""
         self.count = count
-        self.cfg = cfg.model_copy(update={"port": port})
+        self.listener, self.turns = listener, turns
+        self.cfg = cfg.model_copy(update={"port": listener.getsockname()[1]})
         self.spool, self.tls_base, self.min_free_mb = spool, tls_base, min_free_mb
         authkey = secrets.token_bytes(32)
         self.rpc_path = run_dir / "receive.sock"
@@ -111,7 +116,8 @@ class ReceiveProcesses:
             parent, child = self._ctx.Pipe()
             p = self._ctx.Process(target=_child, name=f"ainode-receive-{i}", daemon=True, args=(
                 i, self.cfg, str(self.tls_base) if self.tls_base else None, str(self.spool.root), self.min_free_mb,
-                str(self.rpc_path), self.authkey, self.counts, child, level))
+                str(self.rpc_path), self.authkey, self.counts, self.turns.for_process(i, self.listener), child,
+                level))
             p.start()
             self._procs.append((p, parent))
         deadline = time.monotonic() + timeout

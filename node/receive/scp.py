@@ -45,6 +45,7 @@ from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
 from node.receive import checks, dul_io, store_response
+from node.receive.accept_turns import AcceptTurns, turn_taking
 from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
@@ -113,21 +114,6 @@ class TlsAssociationServer(ThreadedAssociationServer):
         super().process_request_thread(tls, client_address)
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """Binds with SO_REUSEPORT, so that several receive processes listen on node.port and the kernel
-    spreads new connections over them (node.receive_processes)."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
-        super().server_bind()
-
-
-class TlsReusePortServer(TlsAssociationServer):
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
-        super().server_bind()
-
-
 def tls_peer(assoc) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
     """(TLS version, peer certificate subject as 'CN=…,O=…') of an association; (None, None) without TLS."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
@@ -179,11 +165,12 @@ def _released(assoc: Association) -> bool:
 class StoreSCP:
     def __init__(self, cfg: NodeSection, spool: Spool, store: Store, audit: AuditLog, *, min_free_mb: int = 0,
                  ssl_context: ssl.SSLContext | None = None, returns=None,  # type: ignore[no-untyped-def]
-                 index: GroupCommit | None = None, committer=None, reuse_port: bool = False,
+                 index: GroupCommit | None = None, committer=None, turns: AcceptTurns | None = None,
                  established_elsewhere: Callable[[], int] | None = None) -> None:
-        """`index`, `committer`, `reuse_port` and `established_elsewhere` are for node.receive_processes > 1:
-        a receive process indexes and audits through the node process, shares the port, and counts the
-        associations the other processes hold against node.max_associations."""
+        """`index`, `committer`, `turns` and `established_elsewhere` are for node.receive_processes > 1:
+        a receive process indexes and audits through the node process, takes turns with the others to
+        accept on the port (node/receive/accept_turns.py), and counts the associations the other processes
+        hold against node.max_associations."""
         self.cfg = cfg
         self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
@@ -192,7 +179,7 @@ class StoreSCP:
         self.store = store
         self.index = index or GroupCommit(store)  # the associations' store rows, committed together
         self.committer = committer or self  # a receive process: the node process's StoreSCP (rpc proxy)
-        self.reuse_port = reuse_port
+        self.turns = turns
         self.established_elsewhere = established_elsewhere
         self.audit = audit
         self.counters = ReceiveCounters()
@@ -252,7 +239,7 @@ class StoreSCP:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        if self.ssl_context is None and not self.reuse_port:
+        if self.ssl_context is None and self.turns is None:
             self._server = self.ae.start_server(
                 (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers
             )
@@ -263,11 +250,11 @@ class StoreSCP:
                  "on" if self.ssl_context else "off")
 
     def _start_own_server(self, handlers: list) -> ThreadedAssociationServer:  # type: ignore[type-arg]
-        """What AE.start_server(block=False) does, with our server class (TLS handshake, SO_REUSEPORT)."""
-        if self.ssl_context is None:
-            cls: type[ThreadedAssociationServer] = ReusePortServer
-        else:
-            cls = TlsReusePortServer if self.reuse_port else TlsAssociationServer
+        """What AE.start_server(block=False) does, with our server class (TLS handshake, accepting in turns)."""
+        cls: type[ThreadedAssociationServer] = (ThreadedAssociationServer if self.ssl_context is None
+                                                else TlsAssociationServer)
+        if self.turns is not None:
+            cls = turn_taking(cls, self.turns)
         server = self.ae.make_server((self.cfg.host, self.cfg.port), ssl_context=self.ssl_context,
                                      evt_handlers=handlers, server_class=cls)
         if self.ssl_context is not None:
@@ -280,6 +267,11 @@ class StoreSCP:
     @property
     def port(self) -> int:
         return self._port
+
+    def listening_socket(self) -> socket.socket:
+        """The started server's socket, for the receive processes to accept on too (accept_turns.py)."""
+        assert self._server is not None and self._server.socket is not None, "StoreSCP.start() first"
+        return self._server.socket
 
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress run to their end."""
@@ -365,7 +357,7 @@ class StoreSCP:
                      peer_cert or "none")
         self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
                           tls_version=tls_version, peer_cert_subject=peer_cert,
-                          receiver_pid=os.getpid() if self.reuse_port else None)  # which receive process
+                          receiver_pid=os.getpid() if self.turns else None)  # which receive process
         if refused:
             self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
                               peer_port=port, sop_classes=refused,

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 
 def lung_config(orthanc, **dest: Any) -> dict:
@@ -23,6 +28,21 @@ def send(node, files, calling: str = "STORESCU", check: bool = True) -> subproce
     if check:
         assert r.returncode == 0, r.stderr
     return r
+
+
+@contextmanager
+def held_association(node, calling: str = "HOLDER") -> Iterator[Any]:
+    """An association to the node, open until the block ends (C-ECHO and CT C-STORE)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established, f"association {calling} -> {node.ae_title} not established"
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+        ae.shutdown()
 
 
 def result_instances(orthanc, study_uid: str) -> dict[str, int]:
