@@ -69,10 +69,10 @@ class NodeService:
         self.scp = StoreSCP(cfg.node, self.spool, self.store, self.audit, min_free_mb=cfg.storage.min_free_mb,
                             ssl_context=server_context(cfg.node.tls, tls_base) if cfg.node.tls else None,
                             returns=returns,
-                            turns=AcceptTurns.create(cfg.node.receive_processes) if cfg.node.receive_processes > 1
+                            turns=AcceptTurns.create(receivers) if (receivers := cfg.receive_process_count()) > 1
                             else None,
                             established_elsewhere=lambda: self.receivers.elsewhere() if self.receivers else 0)
-        self.receivers: ReceiveProcesses | None = None  # node.receive_processes > 1: started with the SCP
+        self.receivers: ReceiveProcesses | None = None  # more than 1 receive process: started with the SCP
         self._tls_base = tls_base
         self.forwarder = Forwarder(self.store, self.spool, paths.results_dir, cfg.destinations, deidentifier)
         self.assembler = Assembler(self.store, self.audit, cfg.assemble.quiet_period_s, sources=cfg.sources,
@@ -164,9 +164,9 @@ class NodeService:
         self._maintenance = threading.Thread(target=self._maintenance_loop, name="maintenance", daemon=True)
         self._maintenance.start()
         self.scp.start()
-        if self.scp.turns is not None:  # node.receive_processes > 1
+        if self.scp.turns is not None:  # more than 1 receive process
             self.receivers = ReceiveProcesses(
-                self.cfg.node.receive_processes, self.cfg.node, self.scp.listening_socket(), self.scp.turns,
+                self.scp.turns.processes, self.cfg.node, self.scp.listening_socket(), self.scp.turns,
                 self.spool,
                 {"store": self.store, "audit": self.audit, "index": self.scp.index, "scp": self.scp},
                 Path(tempfile.mkdtemp(prefix="ainode-rx-")),  # a Unix socket path must be short

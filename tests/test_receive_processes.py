@@ -15,7 +15,7 @@ from pydicom import dcmread
 
 from node.config.schema import NodeConfig
 from node.synth import write_chest_ct
-from tests.support.pipeline import events, held_association, query
+from tests.support.pipeline import events, held_association, query, send
 from tests.support.wait import wait_until
 
 
@@ -100,6 +100,23 @@ def test_associations_are_taken_in_turns(ct, node_factory):
             stack.enter_context(held_association(node, f"AGAIN{i}"))
     taken = takers(node, 7)
     assert taken["AGAIN0"] != taken["AGAIN1"]
+
+
+def test_a_receive_process_that_dies_takes_no_more_turns(ct, node_factory):
+    node = node_factory({"node": {"receive_processes": 2}})
+    wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
+    with held_association(node, "FIRST"), held_association(node, "SECOND"):
+        pass
+    child = takers(node, 2)["SECOND"]
+    assert child != node.proc.pid
+    os.kill(child, signal.SIGKILL)
+    wait_until(lambda: "receive process exited" in node.log_path.read_text(), 10, "the exit logged")
+    with ExitStack() as stack:
+        for i in range(3):
+            stack.enter_context(held_association(node, f"HOLD{i}"))
+    assert {takers(node, 5)[f"HOLD{i}"] for i in range(3)} == {node.proc.pid}
+    send(node, ct.files[:4])
+    wait_until(lambda: len(events(node, "instance-stored")) == 4, 10, "the instances stored")
 
 
 def test_receive_processes_die_with_a_killed_node(ct, node_factory):

@@ -22,6 +22,7 @@ BUNDLED_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 from node.audit.atna_config import AtnaSection  # noqa: E402
 from node.config.base import RetryPolicy, Strict  # noqa: E402
+from node.cpus import usable_cpus  # noqa: E402
 from node.config.tls import TlsSettings  # noqa: E402
 from node.deid.config import DeidSettings  # noqa: E402
 from node.config.dicomweb import DicomWebDestination  # noqa: E402
@@ -40,6 +41,9 @@ def _ae_title(value: str) -> str:
     return stripped
 
 
+AUTO_RECEIVE_PROCESSES_MAX = 4  # the node process writes every row and audit record: more add little
+
+
 class NodeSection(Strict):
     ae_title: str = "AINODE"
     host: str = "0.0.0.0"
@@ -51,10 +55,12 @@ class NodeSection(Strict):
         default_factory=list, description="Addresses or CIDR networks. Empty: any address."
     )
     max_associations: int = Field(10, ge=1, le=200)
-    receive_processes: int = Field(
-        1, ge=1, le=64, description="Processes taking associations on node.port, in turns (the one with the "
-        "fewest open takes the next). More than 1 spreads parallel associations over the cores; the node process still writes every store row and "
-        "audit record. Not with deid (returned results are handled in the node process only).")
+    receive_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        "auto", description="Processes taking associations on node.port, in turns (the one with the fewest open "
+        "takes the next). More than 1 spreads parallel associations over the cores; the node process still "
+        "writes every store row and audit record. auto: one per usable CPU, at most "
+        f"{AUTO_RECEIVE_PROCESSES_MAX} (1 with deid). Not above 1 with deid (returned results are handled in "
+        "the node process only).")
     max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
     network_timeout_s: float = Field(60, gt=0)
     tls: TlsSettings | None = Field(None, description="DICOM TLS on node.port (then TLS only). Default: plain TCP.")
@@ -396,9 +402,15 @@ class NodeConfig(Strict):
         ]
     )
 
+    def receive_process_count(self) -> int:
+        """node.receive_processes, with auto resolved for this machine (and this config's deid)."""
+        if self.node.receive_processes != "auto":
+            return self.node.receive_processes
+        return 1 if self.deid is not None else min(usable_cpus(), AUTO_RECEIVE_PROCESSES_MAX)
+
     @model_validator(mode="after")
     def _receive_processes_without_deid(self) -> "NodeConfig":
-        if self.node.receive_processes > 1 and self.deid is not None:
+        if self.node.receive_processes != "auto" and self.node.receive_processes > 1 and self.deid is not None:
             raise ValueError("node.receive_processes > 1 cannot be combined with deid yet (results returned by "
                              "an external service are handled in the node process): set node.receive_processes: 1")
         return self

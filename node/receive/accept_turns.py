@@ -25,6 +25,7 @@ from pynetdicom.transport import RequestHandler
 
 DEFER_S = 0.05  # how long a process whose turn it is not leaves a pending connection to the others
 POLL_S = 0.002
+RETIRED = 2**30  # the count of a process that has exited
 
 
 class AcceptTurns:
@@ -47,8 +48,16 @@ class AcceptTurns:
         """A receive process's turns: pass it to that process when it is spawned (the socket travels then)."""
         return AcceptTurns(self.counts, index, listener)
 
+    @property
+    def processes(self) -> int:
+        return len(self.counts)
+
     def publish(self, open_connections: int) -> None:
         self.counts[self.index] = open_connections
+
+    def retire(self, index: int) -> None:
+        """That process has exited: it never has the turn again."""
+        self.counts[index] = RETIRED
 
     def my_turn(self) -> bool:
         counts = self.counts[:]

@@ -102,12 +102,14 @@ class ReceiveProcesses:
         self._procs: list[tuple[Any, Any]] = []
         self._ctx = ctx
         self._stopped = threading.Event()
+        self._dead: set[int] = set()  # indexes of receive processes that exited while the node ran
 
     def start(self, own_established: Callable[[], int], timeout: float = 60.0) -> None:
         """Start the receive processes; `own_established` counts the node process's own associations."""
         def publish() -> None:
             while not self._stopped.is_set():
                 self.counts[0] = own_established()
+                self._check_alive()
                 self._stopped.wait(0.2)
 
         threading.Thread(target=publish, name="receive-counts", daemon=True).start()
@@ -127,6 +129,17 @@ class ReceiveProcesses:
                                    f"within {timeout:.0f} s (node.receive_processes)")
             conn.recv()
         log.info("receive processes listening count=%d port=%d", self.count, self.cfg.port)
+
+    def _check_alive(self) -> None:
+        """A receive process that died takes no more turns (the others would wait DEFER_S for it at every
+        accept) and holds no associations; the node keeps receiving on the processes left."""
+        for i, (p, _) in enumerate(list(self._procs), start=1):
+            if p.exitcode is not None and i not in self._dead and not self._stopped.is_set():
+                self._dead.add(i)
+                self.turns.retire(i)
+                self.counts[i] = 0
+                log.error("receive process exited, receiving on the others process=%s exitcode=%s port=%d",
+                          p.name, p.exitcode, self.cfg.port)
 
     def elsewhere(self) -> int:
         """Associations the extra receive processes hold (node.max_associations counts all)."""

@@ -23,7 +23,9 @@ class NodeProcess:
         self.port = free_port()
         self.ae_title = ae_title
         cfg: dict[str, Any] = {
-            "node": {"ae_title": ae_title, "host": "127.0.0.1", "port": self.port},
+            # One receive process unless a test asks for more: the default (auto, one per CPU) would start
+            # another process per node on the CI machine, and which one takes an association would vary.
+            "node": {"ae_title": ae_title, "host": "127.0.0.1", "port": self.port, "receive_processes": 1},
             "storage": {"root": str(self.workdir / "var"), "min_free_mb": 50},
             "assemble": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
         }
