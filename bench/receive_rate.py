@@ -9,7 +9,8 @@ into N groups sent by N storescu processes in parallel. Each figure is the media
 be there, else the run fails). All receivers run at once and are sent to in rounds (one send to each
 per round), so a shared host's load, which drifts over minutes, weighs on every receiver alike; the
 target lines also give each round's own ratio. A node is stopped between its rounds (idle, it uses a few
-% of a core); the C++ peers idle at well under 1%.
+% of a core); the C++ peers idle at well under 1%. `ainode` is the node with one receive process
+(node.receive_processes: 1); `ainode-mp` is its default (auto: one receive process per CPU, at most 4).
 
 Durability is not the same for all three, and the table says so: DCMTK storescp writes each file
 and answers without fsync (it has no option for it); Orthanc fsyncs each stored file
@@ -291,7 +292,7 @@ def settle(pid: int, timeout: float = 90.0) -> None:
 
 class Ainode:
     key, label, durability = "ainode", "ainode", "fsync file+dir, SQLite"
-    processes = 1  # node.receive_processes
+    processes: int | str = 1  # node.receive_processes (default auto: AinodeProcesses)
 
     def __init__(self, work: Path) -> None:
         self.work, self.aet, self.port = work, "AINODE", free_port()
@@ -374,14 +375,25 @@ class Ainode:
         self._stop()
 
 
-class AinodeProcesses(Ainode):
-    """The node with one receive process per CPU (node.receive_processes)."""
+def _auto_receive_processes() -> int:
+    """What node.receive_processes: auto (the default) starts here: one per usable CPU, at most 4."""
+    try:
+        from node.config.schema import NodeConfig
+        return NodeConfig().receive_process_count()
+    except ImportError:
+        return min(len(os.sched_getaffinity(0)), 4)
 
-    key, label = "ainode-mp", f"ainode, {os.cpu_count()} receive proc"
-    processes = os.cpu_count() or 1
+
+class AinodeProcesses(Ainode):
+    """The node as configured by default: node.receive_processes auto (one receive process per CPU, at most 4)."""
+
+    key, label = "ainode-mp", f"ainode, {_auto_receive_processes()} receive proc"
+    processes = "auto"  # type: ignore[assignment]
 
     def _start(self) -> None:
         super()._start()
+        if _auto_receive_processes() == 1:
+            return
         deadline = time.monotonic() + 60  # the port answers before the extra receive processes listen
         while "receive processes listening" not in (self.work / "node.log").read_text(errors="replace"):
             if time.monotonic() > deadline:
