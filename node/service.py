@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from node.monitor.watch import DriftWatch
 from node.receive import Spool, StoreSCP
 from node.receive.accept_turns import AcceptTurns
 from node.receive.processes import ReceiveProcesses
+from node.receive.rpc import run_dir
 from node.ris.config import resolve_paths
 from node.route import Router
 from node.route.rules import could_take
@@ -169,7 +169,7 @@ class NodeService:
                 self.scp.turns.processes, self.cfg.node, self.scp.listening_socket(), self.scp.turns,
                 self.spool,
                 {"store": self.store, "audit": self.audit, "index": self.scp.index, "scp": self.scp},
-                Path(tempfile.mkdtemp(prefix="ainode-rx-")),  # a Unix socket path must be short
+                run_dir(),
                 tls_base=self._tls_base, min_free_mb=self.cfg.storage.min_free_mb)
             self.receivers.start(lambda: len(self.scp._established()))
         self.assembler.open_since = time.time()

@@ -10,16 +10,32 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any, Mapping
 
 log = logging.getLogger("ainode.receive")
+RUN_PREFIX = "ainode-rx-"
 
 
 class RemoteError(RuntimeError):
     """The node process raised something that could not be sent back as it was."""
+
+
+def run_dir() -> Path:
+    """A private folder for the socket (a Unix socket path must be short, so in the temp folder), named for
+    this process. Folders of node processes that are gone (killed with kill -9: a clean stop removes its
+    own) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{RUN_PREFIX}*"):
+        pid = old.name[len(RUN_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and old.stat().st_uid == os.getuid():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-"))
 
 
 class RpcServer:
@@ -37,9 +53,10 @@ class RpcServer:
         while not self._closed:
             try:
                 conn = self._listener.accept()
-            except (OSError, EOFError):  # closed, or a peer that failed authentication
+            except (OSError, EOFError, AuthenticationError) as exc:  # closed, or a peer without the authkey
                 if self._closed:
                     return
+                log.warning("receive rpc connection refused in its handshake error=%s", type(exc).__name__)
                 continue
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), name="receive-rpc-conn", daemon=True).start()
