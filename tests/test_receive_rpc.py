@@ -3,8 +3,10 @@ folder, answered only for a caller with the authkey."""
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
@@ -25,9 +27,13 @@ class Target:
 
 
 @pytest.fixture
-def private(tmp_path, monkeypatch):
-    monkeypatch.setattr(rpc.tempfile, "tempdir", str(tmp_path))
-    return tmp_path
+def private(monkeypatch):
+    """A temp folder of this test's own, with a short path: a Unix socket path may have 107 bytes at most,
+    and pytest's tmp_path under xdist is longer."""
+    folder = tempfile.mkdtemp(prefix="rpc-", dir="/tmp")
+    monkeypatch.setattr(rpc.tempfile, "tempdir", folder)
+    yield Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_calls_round_trip_and_raise_what_the_node_process_raised(private):
