@@ -23,7 +23,7 @@ from typing import Any
 
 from pynetdicom.transport import RequestHandler
 
-DEFER_S = 0.05  # how long a process whose turn it is not leaves a pending connection to the others
+DEFER_S = 0.25  # how long a process whose turn it is not leaves a pending connection to the others
 POLL_S = 0.002
 RETIRED = 2**30  # the count of a process that has exited
 
