@@ -166,8 +166,7 @@ class NodeService:
         self.scp.start()
         if self.scp.turns is not None:  # more than 1 receive process
             self.receivers = ReceiveProcesses(
-                self.scp.turns.processes, self.cfg.node, self.scp.listening_socket(), self.scp.turns,
-                self.spool,
+                self.cfg.node, self.scp.listening_socket(), self.scp.turns, self.spool,
                 {"store": self.store, "audit": self.audit, "index": self.scp.index, "scp": self.scp},
                 run_dir(),
                 tls_base=self._tls_base, min_free_mb=self.cfg.storage.min_free_mb)

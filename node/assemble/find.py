@@ -16,6 +16,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT_FIND
 
 from node.config.schema import Source
+from node.receive.dul_io import os_socket
 
 
 class QueryError(Exception):
@@ -112,7 +113,7 @@ def _series_counts(assoc: Association, src: Source, study_uid: str) -> dict[str,
 
 def _no_nagle(assoc: Association) -> None:
     """pynetdicom leaves Nagle's algorithm on: each C-FIND then waits ~40 ms for a delayed ACK."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = os_socket(assoc)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -23,6 +23,8 @@ from typing import Any
 
 from pynetdicom.transport import RequestHandler
 
+from node.receive.dul_io import os_socket
+
 DEFER_S = 0.25  # how long a process whose turn it is not leaves a pending connection to the others
 POLL_S = 0.002
 RETIRED = 2**30  # the count of a process that has exited
@@ -88,7 +90,7 @@ class _HeldRequestHandler(RequestHandler):
 
 def _connected(assoc: Any) -> bool:
     """Its socket is open (pynetdicom closes a dropped connection's socket but may keep the object)."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = os_socket(assoc)
     return sock is not None and sock.fileno() != -1
 
 
@@ -107,7 +109,7 @@ class TurnTakingServer:
     request_queue_size = 64  # connections wait here while the processes take turns; socketserver's is 5
     daemon_threads = True  # each connection's thread now lives as long as its association: never wait for it
     _open = 0
-    _open_lock = threading.Lock()
+    _open_lock: threading.Lock  # one per server class: turn_taking() sets it
 
     def server_bind(self) -> None:
         if self.turns.listener is None:

@@ -44,6 +44,12 @@ _make_target = _dul.make_target
 IDLE_WAIT = 0.02
 
 
+def os_socket(assoc: Any) -> Any:
+    """The socket under an association (pynetdicom 3 keeps it at assoc.dul.socket.socket); None once
+    pynetdicom has dropped it, or before it has one."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
 class _Wakeup:
     """An eventfd the other threads write to when they give a DUL thread work; closed when that thread ends.
 

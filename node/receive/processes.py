@@ -86,10 +86,11 @@ def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, 
 class ReceiveProcesses:
     """The node process's side: the RPC server and the N-1 extra receive processes."""
 
-    def __init__(self, count: int, cfg: NodeSection, listener: socket.socket, turns: AcceptTurns, spool: Spool,
+    def __init__(self, cfg: NodeSection, listener: socket.socket, turns: AcceptTurns, spool: Spool,
                  targets: dict[str, Any], run_dir: Path, *, tls_base: Path | None, min_free_mb: int) -> None:
-        """`listener`: the node process's listening socket; `turns`: the node process's AcceptTurns."""
-        self.count = count
+        """`listener`: the node process's listening socket; `turns`: the node process's AcceptTurns, one slot
+        per receive process (the node process's own included)."""
+        self.count = turns.processes
         self.listener, self.turns = listener, turns
         self.cfg = cfg.model_copy(update={"port": listener.getsockname()[1]})
         self.spool, self.tls_base, self.min_free_mb = spool, tls_base, min_free_mb
@@ -98,7 +99,7 @@ class ReceiveProcesses:
         self.server = RpcServer(targets, self.rpc_path, authkey)
         self.authkey = authkey
         ctx = mp.get_context("spawn")
-        self.counts: Synchronized = ctx.Array("i", count)  # type: ignore[assignment]
+        self.counts: Synchronized = ctx.Array("i", self.count)  # type: ignore[assignment]
         self._procs: list[tuple[Any, Any]] = []
         self._ctx = ctx
         self._stopped = threading.Event()

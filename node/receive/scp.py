@@ -116,7 +116,7 @@ class TlsAssociationServer(ThreadedAssociationServer):
 
 def tls_peer(assoc) -> tuple[str | None, str | None]:  # type: ignore[no-untyped-def]
     """(TLS version, peer certificate subject as 'CN=…,O=…') of an association; (None, None) without TLS."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = dul_io.os_socket(assoc)
     if not isinstance(sock, ssl.SSLSocket):
         return None, None
     cert = sock.getpeercert() or {}
