@@ -136,3 +136,16 @@ def test_receive_processes_die_with_a_killed_node(ct, node_factory):
 def test_receive_processes_with_deid_is_a_config_error():
     with pytest.raises(ValidationError, match="node.receive_processes > 1 cannot be combined with deid"):
         NodeConfig.model_validate({"node": {"receive_processes": 2}, "deid": {"key_file": "/x/key"}})
+
+
+def test_receive_processes_default_to_one_per_usable_cpu_at_most_four_and_one_with_deid(monkeypatch):
+    from node.config import schema
+
+    for cpus, expected in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(schema, "usable_cpus", lambda cpus=cpus: cpus)
+        assert NodeConfig().node.receive_processes == "auto"
+        assert NodeConfig().receive_process_count() == expected
+        assert NodeConfig.model_validate({"deid": {"key_file": "/x/key"}}).receive_process_count() == 1
+        assert NodeConfig.model_validate({"node": {"receive_processes": 3}}).receive_process_count() == 3
+    with pytest.raises(ValidationError, match="receive_processes"):
+        NodeConfig.model_validate({"node": {"receive_processes": "two"}})
