@@ -549,10 +549,9 @@ class StoreSCP:
             if isinstance(checked, Dataset):
                 return checked
             ds, (sop_uid, study_uid, series_uid, sop_class) = checked
-            # Looked up before the file is published where the store is local. From a receive process it
-            # would be a round trip to the node process: commit_instance finds the duplicate there instead.
-            if self.committer is self and self.store.has_instance(sop_uid):
-                return self._duplicate(calling, ip, study_uid, series_uid, sop_uid)
+            # A duplicate is found by commit_instance, which then removes this copy's file (each receipt has
+            # a file name of its own). A look-up before publishing would cost every new instance a query
+            # (about 4% of the receiver's Python time) to save a rare duplicate its rename.
             path = self.spool.instance_path(study_uid, series_uid, sop_uid)
             if write_error is not None:
                 return self._spool_write_failed(write_error, self.spool.tmp, calling, ip, sop_uid)
