@@ -1,0 +1,142 @@
+"""node/receive/p_data.py: P-DATA-TF PDUs handed straight to DIMSE, and every other case left to pynetdicom."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage
+
+import node.receive.scp  # noqa: F401 - installs p_data on import
+from node.receive import p_data
+from tests.support.net import free_port
+
+
+def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    return struct.pack(">LBB", 2 + len(fragment), context_id, control) + fragment
+
+
+def test_a_body_splits_into_its_pdvs_as_views_of_the_one_buffer():
+    body = bytearray(_pdv(1, 0x03, b"command") + _pdv(3, 0x02, b"data set"))
+    pdvs = p_data.pdv_list(memoryview(body))
+    assert [(cid, bytes(v)) for cid, v in pdvs] == [(1, b"\x03command"), (3, b"\x02data set")]
+    assert all(isinstance(v, memoryview) and v.obj is body for _, v in pdvs)
+    assert p_data.pdv_list(memoryview(b"")) == []
+
+
+@pytest.mark.parametrize("body", [
+    _pdv(1, 0x03, b"abc")[:-1],  # the value runs past the PDU
+    b"\x00\x00\x00",  # an item header cut short
+    struct.pack(">LB", 1, 1),  # no message control header
+])
+def test_a_malformed_body_is_refused(body):
+    with pytest.raises(p_data.MalformedPDU):
+        p_data.pdv_list(memoryview(body))
+
+
+def _ct(rows: int = 256) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.Rows, ds.Columns = "CT", rows, rows
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 16, 16, 15, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.fixture(autouse=True)
+def _no_standard_handlers(monkeypatch):  # type: ignore[no-untyped-def]
+    """As the node runs pynetdicom (node/logs.py): without its debug-logging handlers, which listen for PDUs."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+
+
+class _Acceptor:
+    """A pynetdicom C-STORE acceptor (with the node's patches) that keeps what it was sent."""
+
+    def __init__(self, max_pdu: int, extra_handlers=()) -> None:  # type: ignore[no-untyped-def]
+        self.stored: list[bytes] = []
+        self.aborted = threading.Event()
+        ae = AE(ae_title="PDATA_SCP")
+        ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.maximum_pdu_size = max_pdu
+
+        def on_store(event):  # type: ignore[no-untyped-def]
+            self.stored.append(event.encoded_dataset(include_meta=False))
+            return 0x0000
+
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, lambda e: self.aborted.set()), *extra_handlers])
+
+    def associate(self):  # type: ignore[no-untyped-def]
+        scu = AE(ae_title="PDATA_SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", self.port, ae_title="PDATA_SCP")
+        assert assoc.is_established
+        return assoc
+
+
+def _encoded(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def test_a_data_set_in_many_pdus_arrives_whole(monkeypatch):  # type: ignore[no-untyped-def]
+    split: list[int] = []
+    inner = p_data.pdv_list
+    monkeypatch.setattr(p_data, "pdv_list", lambda body: split.append(len(body)) or inner(body))
+    rx = _Acceptor(max_pdu=16384)  # 128 KB of pixels: 9 PDUs
+    try:
+        assoc = rx.associate()
+        sent = [_ct(), _ct()]
+        for ds in sent:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert rx.stored == [_encoded(ds) for ds in sent]
+        assert len(split) >= 2 * 10  # each command and data set PDU took the direct path
+    finally:
+        rx.server.shutdown()
+
+
+def test_a_listener_for_pdus_gets_pynetdicoms_path():
+    seen: list[int] = []
+    rx = _Acceptor(max_pdu=16384, extra_handlers=[
+        (evt.EVT_PDU_RECV, lambda e: seen.append(len(e.pdu)) if isinstance(e.pdu, P_DATA_TF) else None)])
+    try:
+        assoc = rx.associate()
+        ds = _ct()
+        assert assoc.send_c_store(ds).Status == 0x0000
+        assoc.release()
+        assert rx.stored == [_encoded(ds)]
+        assert len(seen) >= 9  # every P-DATA-TF was decoded by pynetdicom, for the listener
+    finally:
+        rx.server.shutdown()
+
+
+def test_a_malformed_p_data_pdu_aborts_the_association():
+    rx = _Acceptor(max_pdu=16384)
+    try:
+        assoc = rx.associate()
+        cid = assoc.accepted_contexts[0].context_id
+        item = struct.pack(">LBB", 50, cid, 0x03) + b"short"  # announces 50 bytes, holds 6
+        assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(item)) + item)
+        assert rx.aborted.wait(5)  # Evt19 in Sta6: the acceptor sends an A-ABORT (AA-8)
+        assert not rx.stored
+    finally:
+        assoc.abort()
+        rx.server.shutdown()
