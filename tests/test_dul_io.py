@@ -45,6 +45,40 @@ def test_recv_returns_exactly_the_bytes_asked_for_across_partial_reads():
         b.close()
 
 
+def test_recv_grows_its_buffer_as_bytes_arrive(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(dul_io, "PREALLOCATE", 1000)
+    a, b = socket.socketpair()
+    try:
+        payload = bytes(range(256)) * 2048
+        feeder = _feed(b, [payload[:700], payload[700:5000], payload[5000:]], close=False)
+        assert dul_io.recv(SimpleNamespace(socket=a), len(payload)) == payload
+        feeder.join()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_huge_announced_length_allocates_only_what_arrives():
+    """6 bytes announcing a 1.5 GB PDU made the node allocate 1.5 GB (RSS 151 -> 1582 MB), before any
+    AE title or address check."""
+    import tracemalloc
+
+    a, b = socket.socketpair()
+    try:
+        feeder = _feed(b, [b"x" * 100], close=True)
+        tracemalloc.start()
+        try:
+            got = dul_io.recv(SimpleNamespace(socket=a), 1_500_000_000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        feeder.join()
+        assert got == b"x" * 100
+        assert peak < 2 * dul_io.PREALLOCATE + 2**20, peak
+    finally:
+        a.close()
+
+
 def test_recv_returns_what_came_before_the_peer_closed():
     a, b = socket.socketpair()
     try:

@@ -42,6 +42,8 @@ _ASSOCIATION_LOOP = _association.Association._run_reactor.__code__
 _make_target = _dul.make_target
 # How long an idle reactor loop waits when everything that gives it work also wakes it.
 IDLE_WAIT = 0.02
+# What `recv` allocates ahead of the bytes that have arrived.
+PREALLOCATE = 4 * 2**20
 
 
 def os_socket(assoc: Any) -> Any:
@@ -191,20 +193,23 @@ def make_target(target_fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv: `nr_bytes` bytes, or fewer if the peer closed the connection first."""
+    """AssociationSocket.recv: `nr_bytes` bytes, or fewer if the peer closed the connection first.
+
+    The buffer holds at most PREALLOCATE bytes more than have arrived: a PDU's length is the peer's word,
+    and 6 bytes announcing 4 GB (before any AE title or address is checked) must not make the node
+    allocate 4 GB. A larger PDU's buffer doubles as its bytes come in."""
     sock = self.socket
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
+    buf = bytearray(min(nr_bytes, PREALLOCATE))
     got = 0
-    try:
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)  # type: ignore[union-attr]
-            if not n:
-                break
-            got += n
-    finally:
-        view.release()
-    if got < nr_bytes:
+    while got < nr_bytes:
+        if got == len(buf):
+            buf.extend(bytes(min(len(buf), nr_bytes - got)))
+        with memoryview(buf) as view, view[got:] as rest:  # released before the next extend
+            n = sock.recv_into(rest, len(rest))  # type: ignore[union-attr]
+        if not n:
+            break
+        got += n
+    if got < len(buf):
         del buf[got:]
     return buf
 
