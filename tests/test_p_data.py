@@ -140,3 +140,92 @@ def test_a_malformed_p_data_pdu_aborts_the_association():
     finally:
         assoc.abort()
         rx.server.shutdown()
+
+
+def _stub_dul(sock):  # type: ignore[no-untyped-def]
+    import queue
+    from types import SimpleNamespace
+
+    from node.receive import dul_io
+
+    transport = SimpleNamespace(socket=sock)
+    transport.recv = lambda n: dul_io.recv(transport, n)
+    return SimpleNamespace(socket=transport, _kill_thread=False, to_provider_queue=queue.Queue(),
+                           event_queue=queue.Queue(), state_machine=SimpleNamespace(current_state="Sta6"),
+                           assoc=SimpleNamespace(get_handlers=lambda e: []))
+
+
+def test_the_next_header_is_taken_only_when_it_is_already_there():
+    import socket
+    import time
+
+    a, b = socket.socketpair()
+    try:
+        dul = _stub_dul(a)
+        assert p_data._waiting_header(dul) is None  # nothing sent: back to the reactor loop, at once
+        b.sendall(b"\x04\x00\x00\x00\x00\x10rest")
+        assert p_data._waiting_header(dul) == b"\x04\x00\x00\x00\x00\x10"
+        assert a.recv(4) == b"rest"
+        b.sendall(b"\x04\x00\x00")  # a header cut in two: the rest is waited for
+        threading.Timer(0.1, lambda: b.sendall(b"\x00\x00\x02")).start()
+        t0 = time.monotonic()
+        assert p_data._waiting_header(dul) == b"\x04\x00\x00\x00\x00\x02"
+        assert time.monotonic() - t0 < 5
+        b.sendall(b"\x04\x00\x00\x00\x00\x02")
+        dul.to_provider_queue.put("a primitive to send")  # the loop has work: it goes first
+        assert p_data._waiting_header(dul) is None
+        dul.to_provider_queue.get()
+        dul.event_queue.put("Evt12")
+        assert p_data._waiting_header(dul) is None
+        dul.event_queue.get()
+        a.settimeout(5)  # with a timeout, Python would poll before the non-blocking read
+        assert p_data._waiting_header(dul) is None
+        a.settimeout(None)
+        assert p_data._waiting_header(dul) == b"\x04\x00\x00\x00\x00\x02"
+        b.close()
+        assert p_data._waiting_header(dul) is None  # closed: the loop's own read reports it (Evt17)
+    finally:
+        a.close()
+
+
+def test_a_release_right_behind_a_request_is_read_with_it(monkeypatch):  # type: ignore[no-untyped-def]
+    """A C-ECHO-RQ and an A-RELEASE-RQ in one write: the A-RELEASE-RQ is read as the PDU after the P-DATA
+    (_waiting_header) and still queued for the state machine; the acceptor answers the echo and releases."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.pdu import A_RELEASE_RQ
+    from pynetdicom.sop_class import Verification
+
+    taken: list[int] = []
+    inner = p_data._waiting_header
+
+    def noting(dul):  # type: ignore[no-untyped-def]
+        head = inner(dul)
+        if head:
+            taken.append(head[0])
+        return head
+
+    monkeypatch.setattr(p_data, "_waiting_header", noting)
+    echoed, released = threading.Event(), threading.Event()
+    ae = AE(ae_title="PDATA_SCP")
+    ae.add_supported_context(Verification, ImplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_ECHO, lambda e: echoed.set() or 0x0000), (evt.EVT_RELEASED, lambda e: released.set())])
+    try:
+        scu = AE(ae_title="PDATA_SCU")
+        scu.add_requested_context(Verification, ImplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port, ae_title="PDATA_SCP")
+        assert assoc.is_established
+        rq = C_ECHO()
+        rq.MessageID, rq.AffectedSOPClassUID = 1, Verification
+        msg = C_ECHO_RQ()
+        msg.primitive_to_message(rq)
+        pdus = [P_DATA_TF(p).encode() for p in msg.encode_msg(assoc.accepted_contexts[0].context_id, 16384)]
+        assoc.dul.socket.send(b"".join(pdus) + A_RELEASE_RQ().encode())
+        assert echoed.wait(5) and released.wait(5)
+        assert 0x05 in taken  # the A-RELEASE-RQ came in as the PDU after the echo's
+        assoc.abort()
+    finally:
+        server.shutdown()
