@@ -11,8 +11,9 @@ Here, in Sta6 with nothing queued ahead and nothing listening for PDU-level even
 the PDU, splits it into PDVs (memoryviews of the one buffer it was read into) and calls DIMSE as DT-2
 does. (pynetdicom's own debug-logging handlers listen for PDUs; node/logs.py does not bind them.) Every
 other PDU, state or listener takes pynetdicom's path unchanged, with the same events for a
-closed connection (Evt17) or an unknown or malformed PDU (Evt19). Relies on pynetdicom 3's internals
-(pinned < 4).
+closed connection (Evt17) or an unknown or malformed PDU (Evt19). The PDUs after it are read in the same
+pass while their headers are already in the socket (`_waiting_header` says why). Relies on pynetdicom 3's
+internals (pinned < 4).
 """
 
 from __future__ import annotations
