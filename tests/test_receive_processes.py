@@ -102,7 +102,9 @@ def test_associations_are_taken_in_turns(ct, node_factory):
     assert taken["AGAIN0"] != taken["AGAIN1"]
 
 
-def test_a_receive_process_that_dies_takes_no_more_turns(ct, node_factory):
+def test_a_receive_process_that_dies_is_replaced(ct, node_factory):
+    """It takes no more turns while it is gone (the node process takes the associations), and another
+    receive process starts in its place, which takes its turns again."""
     node = node_factory({"node": {"receive_processes": 2}})
     wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
     with held_association(node, "FIRST"), held_association(node, "SECOND"):
@@ -114,9 +116,21 @@ def test_a_receive_process_that_dies_takes_no_more_turns(ct, node_factory):
     with ExitStack() as stack:
         for i in range(3):
             stack.enter_context(held_association(node, f"HOLD{i}"))
-    assert {takers(node, 5)[f"HOLD{i}"] for i in range(3)} == {node.proc.pid}
+    assert child not in {takers(node, 5)[f"HOLD{i}"] for i in range(3)}
     send(node, ct.files[:4])
     wait_until(lambda: len(events(node, "instance-stored")) == 4, 10, "the instances stored")
+    wait_until(lambda: "receive process restarted" in node.log_path.read_text(), 60, "a replacement")
+    replacement = set(children(node.proc.pid)) - {child}  # the node's children now (workers too)
+    wait_until(lambda: not connections(node.port), 15, "the held connections closed")
+    with held_association(node, "AFTER1"), held_association(node, "AFTER2"):
+        pass
+    pids = takers(node, 7)
+    assert pids["AFTER1"] == node.proc.pid  # a tie: the node process first
+    assert pids["AFTER2"] not in (node.proc.pid, child) and pids["AFTER2"] in replacement
+    send(node, ct.files[4:8])
+    wait_until(lambda: len(events(node, "instance-stored")) == 8, 10, "the instances stored")
+    assert node.stop() == 0
+    assert not os.path.exists(f"/proc/{pids['AFTER2']}")
 
 
 def test_receive_processes_die_with_a_killed_node(ct, node_factory):

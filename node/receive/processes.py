@@ -33,6 +33,11 @@ from node.receive.spool import Spool
 
 log = logging.getLogger("ainode.receive")
 
+RESTART_S = 1.0  # a receive process that died is replaced after this long ...
+RESTART_MAX_S = 300.0  # ... doubled up to this while its replacements die within STABLE_S of starting
+STABLE_S = 60.0
+START_TIMEOUT_S = 60.0  # a replacement not listening by then is killed and counts as dying
+
 def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, min_free_mb: int,
            rpc_path: str, authkey: bytes, counts: Any, turns: AcceptTurns, control: Any, log_level: str) -> None:
     die_with_parent()
@@ -103,44 +108,98 @@ class ReceiveProcesses:
         self._procs: list[tuple[Any, Any]] = []
         self._ctx = ctx
         self._stopped = threading.Event()
+        self._closing = threading.Event()  # stop_accepting(): no more replacements
         self._dead: set[int] = set()  # indexes of receive processes that exited while the node ran
+        self._lock = threading.Lock()  # _procs: replaced by the restarts, read by _ask and stop
+        self._level = "INFO"
+        self._started_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}  # index -> when to start a replacement
+        self._starting: dict[int, tuple[Any, Any, float]] = {}  # index -> (process, pipe, started) not yet listening
 
     def start(self, own_established: Callable[[], int], timeout: float = 60.0) -> None:
         """Start the receive processes; `own_established` counts the node process's own associations."""
         def publish() -> None:
             while not self._stopped.is_set():
                 self.counts[0] = own_established()
-                self._check_alive()
+                try:
+                    self._check_alive()
+                except Exception:  # noqa: BLE001 - the counts must go on being published
+                    log.exception("receive process check failed")
                 self._stopped.wait(0.2)
 
-        threading.Thread(target=publish, name="receive-counts", daemon=True).start()
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        self._level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         for i in range(1, self.count):
-            parent, child = self._ctx.Pipe()
-            p = self._ctx.Process(target=_child, name=f"ainode-receive-{i}", daemon=True, args=(
-                i, self.cfg, str(self.tls_base) if self.tls_base else None, str(self.spool.root), self.min_free_mb,
-                str(self.rpc_path), self.authkey, self.counts, self.turns.for_process(i, self.listener), child,
-                level))
-            p.start()
-            self._procs.append((p, parent))
+            self._procs.append(self._spawn(i))
         deadline = time.monotonic() + timeout
         for p, conn in self._procs:
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise RuntimeError(f"receive process {p.name} did not start listening on port {self.cfg.port} "
                                    f"within {timeout:.0f} s (node.receive_processes)")
             conn.recv()
+        self._started_at = {i: time.monotonic() for i in range(1, self.count)}
+        threading.Thread(target=publish, name="receive-counts", daemon=True).start()
         log.info("receive processes listening count=%d port=%d", self.count, self.cfg.port)
+
+    def _spawn(self, i: int) -> tuple[Any, Any]:
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(target=_child, name=f"ainode-receive-{i}", daemon=True, args=(
+            i, self.cfg, str(self.tls_base) if self.tls_base else None, str(self.spool.root), self.min_free_mb,
+            str(self.rpc_path), self.authkey, self.counts, self.turns.for_process(i, self.listener), child,
+            self._level))
+        p.start()
+        child.close()
+        return p, parent
 
     def _check_alive(self) -> None:
         """A receive process that died takes no more turns (the others would wait DEFER_S for it at every
-        accept) and holds no associations; the node keeps receiving on the processes left."""
+        accept) and holds no associations; the node receives on the processes left, and starts another in
+        its place after RESTART_S (doubled, up to RESTART_MAX_S, while replacements die within STABLE_S)."""
+        now = time.monotonic()
         for i, (p, _) in enumerate(list(self._procs), start=1):
-            if p.exitcode is not None and i not in self._dead and not self._stopped.is_set():
+            if p.exitcode is not None and i not in self._dead and not self._closing.is_set():
                 self._dead.add(i)
                 self.turns.retire(i)
                 self.counts[i] = 0
-                log.error("receive process exited, receiving on the others process=%s exitcode=%s port=%d",
-                          p.name, p.exitcode, self.cfg.port)
+                lived = now - self._started_at.get(i, now)
+                wait = RESTART_S if lived >= STABLE_S else min(self._backoff.get(i, RESTART_S / 2) * 2, RESTART_MAX_S)
+                self._backoff[i] = wait
+                self._restart_at[i] = now + wait
+                log.error("receive process exited, receiving on the others process=%s exitcode=%s port=%d "
+                          "restart_in_s=%.0f", p.name, p.exitcode, self.cfg.port, wait)
+        for i, at in list(self._restart_at.items()):
+            if now >= at and i not in self._starting:
+                with self._lock:  # stop_accepting() sets _closing under it: nothing starts after it looked
+                    if self._closing.is_set():
+                        return
+                    del self._restart_at[i]
+                    self._starting[i] = (*self._spawn(i), now)
+        if self._closing.is_set():
+            return
+        for i, (p, conn, since) in list(self._starting.items()):
+            listening = False
+            if conn.poll(0):
+                try:
+                    listening = conn.recv() == "listening"
+                except (EOFError, OSError):
+                    pass
+            if listening:
+                with self._lock:
+                    del self._starting[i]
+                    self._procs[i - 1] = (p, conn)
+                self._started_at[i] = now
+                self._dead.discard(i)
+                self.turns.counts[i] = 0  # takes turns again (was AcceptTurns.RETIRED)
+                log.warning("receive process restarted process=%s pid=%d port=%d", p.name, p.pid, self.cfg.port)
+            elif p.exitcode is not None or now - since > START_TIMEOUT_S:  # died or hangs while starting
+                if p.exitcode is None:
+                    p.kill()
+                p.join(5)
+                with self._lock:
+                    del self._starting[i]
+                    self._procs[i - 1] = (p, conn)
+                self._started_at[i] = since
+                self._dead.discard(i)  # found dead again on the next pass: logged, and replaced later
 
     def elsewhere(self) -> int:
         """Associations the extra receive processes hold (node.max_associations counts all)."""
@@ -148,7 +207,9 @@ class ReceiveProcesses:
 
     def _ask(self, cmd: str, arg: Any = None, timeout: float = 30.0) -> list[Any]:
         answers = []
-        for p, conn in self._procs:
+        with self._lock:
+            procs = list(self._procs)
+        for p, conn in procs:
             if not p.is_alive():
                 continue
             try:
@@ -159,15 +220,24 @@ class ReceiveProcesses:
         return answers
 
     def stop_accepting(self) -> None:
+        with self._lock:
+            self._closing.set()
+            starting = [p for p, _, _ in self._starting.values()]
+        for p in starting:  # a replacement not listening yet holds no association: it must not start now
+            p.kill()
         self._ask("stop_accepting")
 
     def wait_for_associations(self, timeout: float) -> bool:
         return all(self._ask("wait", timeout, timeout + 5))
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._lock:
+            self._closing.set()
+            self._stopped.set()
         self._ask("stop")
-        for p, conn in self._procs:
+        with self._lock:
+            procs = list(self._procs) + [(p, conn) for p, conn, _ in self._starting.values()]
+        for p, conn in procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
