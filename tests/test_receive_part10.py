@@ -97,7 +97,7 @@ def _outcome(fn, *args):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("rows", [b"\x00\x02", b"\x00", b"", b"\x00\x02\x00\x02"])
 def test_uids_and_pixel_integers_read_from_the_bytes_match_pydicoms_conversion(ts, sop_uid, rows):
     """identity() and check_pixel_data() decode UI and US values straight from the received bytes (checks.py
-    _raw_text, _raw_us); with every element converted by pydicom first they take pydicom's path. Both must
+    raw_ui, raw_us); with every element converted by pydicom first they take pydicom's path. Both must
     give the same UIDs, or refuse with the same reason."""
     import struct
 

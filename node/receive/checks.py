@@ -180,32 +180,33 @@ def _value(ds: Dataset, keyword: str) -> object:
 UID_KEYWORDS = [("SOPInstanceUID", "(0008,0018)"), ("StudyInstanceUID", "(0020,000D)"),
                 ("SeriesInstanceUID", "(0020,000E)"), ("SOPClassUID", "(0008,0016)")]
 
-# _raw_text / _raw_us: an element that is still as read from the bytes, of a VR whose value needs no
+# raw_ui / raw_us: an element that is still as read from the bytes, of a VR whose value needs no
 # character set (UI) or is one 2-byte number (US), is decoded here rather than by pydicom's conversion (about
-# 8 µs each: a DataElement, its validation, the dataset updated; 8 of them for every received instance).
-# Anything else (converted already, another VR, UN, an unusual length) is _CONVERTed by pydicom as before.
-_CONVERT = object()
+# 8 µs each: a DataElement, its validation, the dataset updated; 8 of them in a received instance's header,
+# 4 in its C-STORE-RQ command set: node/receive/store_request.py). Anything else (converted already, another
+# VR, UN, an unusual length) is left to pydicom's conversion as before: they return CONVERT.
+CONVERT = object()
 
 
-def _raw_text(ds: Dataset, tag: BaseTag) -> object:
+def raw_ui(ds: Dataset, tag: BaseTag | int) -> object:
     """A UI element's value as pydicom decodes it (Latin-1, trailing blanks and NULs stripped), None if the
-    element is absent, or _CONVERT."""
+    element is absent, or CONVERT."""
     elem = ds.get_item(tag)
     if elem is None:
         return None
     if type(elem) is RawDataElement and elem.value is not None and elem.VR in (None, "UI"):
         return elem.value.decode("latin-1").rstrip(" \x00")
-    return _CONVERT
+    return CONVERT
 
 
-def _raw_us(ds: Dataset, tag: BaseTag) -> object:
-    """A single US value, None if the element is absent, or _CONVERT."""
+def raw_us(ds: Dataset, tag: BaseTag | int) -> object:
+    """A single US value, None if the element is absent, or CONVERT."""
     elem = ds.get_item(tag)
     if elem is None:
         return None
     if type(elem) is RawDataElement and elem.value is not None and elem.VR in (None, "US") and len(elem.value) == 2:
         return int.from_bytes(elem.value, "little" if elem.is_little_endian else "big")
-    return _CONVERT
+    return CONVERT
 
 
 def identity(ds: Dataset) -> tuple[str, str, str, str]:
@@ -217,8 +218,8 @@ def identity(ds: Dataset) -> tuple[str, str, str, str]:
     out = []
     for keyword, tag in UID_KEYWORDS:
         name = f"{keyword} {tag}"
-        value = _raw_text(ds, tag_of(keyword))
-        if value is _CONVERT:
+        value = raw_ui(ds, tag_of(keyword))
+        if value is CONVERT:
             if _encoded_vr(ds, keyword) not in (None, "UI", "UN"):
                 raise CannotUnderstand(f"{name} is encoded with VR {_encoded_vr(ds, keyword)}, not UI")
             try:
@@ -238,7 +239,7 @@ def identity(ds: Dataset) -> tuple[str, str, str, str]:
 
 def _int(ds: Dataset, keyword: str, vr: str, default: int | None = None) -> int:
     """A single integer attribute that the pixel data's size depends on."""
-    if vr == "US" and type(raw := _raw_us(ds, tag_of(keyword))) is int:
+    if vr == "US" and type(raw := raw_us(ds, tag_of(keyword))) is int:
         return raw
     if tag_of(keyword) not in ds:
         if default is not None:
