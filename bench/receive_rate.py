@@ -376,12 +376,9 @@ class Ainode:
 
 
 def _auto_receive_processes() -> int:
-    """What node.receive_processes: auto (the default) starts here: one per usable CPU, at most 4."""
-    try:
-        from node.config.schema import NodeConfig
-        return NodeConfig().receive_process_count()
-    except ImportError:
-        return min(len(os.sched_getaffinity(0)), 4)
+    """What node.receive_processes: auto (the default) starts here (the node's own rule)."""
+    from node.config.schema import NodeConfig
+    return NodeConfig().receive_process_count()
 
 
 class AinodeProcesses(Ainode):

@@ -58,8 +58,12 @@ class AcceptTurns:
         self.counts[self.index] = open_connections
 
     def retire(self, index: int) -> None:
-        """That process has exited: it never has the turn again."""
+        """That process has exited: it has no turn until reinstated."""
         self.counts[index] = RETIRED
+
+    def reinstate(self, index: int) -> None:
+        """A process started in a retired one's place listens now: it takes turns from no open connections."""
+        self.counts[index] = 0
 
     def my_turn(self) -> bool:
         counts = self.counts[:]

@@ -38,6 +38,7 @@ RESTART_MAX_S = 300.0  # ... doubled up to this while its replacements die withi
 STABLE_S = 60.0
 START_TIMEOUT_S = 60.0  # a replacement not listening by then is killed and counts as dying
 
+
 def _child(index: int, cfg: NodeSection, tls_base: str | None, spool_root: str, min_free_mb: int,
            rpc_path: str, authkey: bytes, counts: Any, turns: AcceptTurns, control: Any, log_level: str) -> None:
     die_with_parent()
@@ -189,7 +190,7 @@ class ReceiveProcesses:
                     self._procs[i - 1] = (p, conn)
                 self._started_at[i] = now
                 self._dead.discard(i)
-                self.turns.counts[i] = 0  # takes turns again (was AcceptTurns.RETIRED)
+                self.turns.reinstate(i)
                 log.warning("receive process restarted process=%s pid=%d port=%d", p.name, p.pid, self.cfg.port)
             elif p.exitcode is not None or now - since > START_TIMEOUT_S:  # died or hangs while starting
                 if p.exitcode is None:
