@@ -103,14 +103,12 @@ def _waiting_header(dul: _dul.DULServiceProvider) -> bytearray | None:
         return None
     if got == 0:  # closed: the loop's next read finds it
         return None
-    if got < 6:  # a header cut by the network: the rest is on its way
+    if got < 6:  # a header cut by the network: the rest is on its way (short if closed: _read_one says Evt17)
         try:
             rest = transport.recv(6 - got)  # type: ignore[union-attr]
         except (OSError, TimeoutError):
             rest = bytearray()
-        head[got:] = rest
-        if len(rest) < 6 - got:
-            del head[got + len(rest):]
+        return head[:got] + rest
     return head
 
 
