@@ -101,6 +101,8 @@ def test_uids_and_pixel_integers_read_from_the_bytes_match_pydicoms_conversion(t
     give the same UIDs, or refuse with the same reason."""
     import struct
 
+    from pydicom.dataelem import RawDataElement
+
     from node.receive import checks
     from node.receive.part10 import read_header
 
@@ -120,7 +122,30 @@ def test_uids_and_pixel_integers_read_from_the_bytes_match_pydicoms_conversion(t
             converted[tag]
         except Exception:  # noqa: BLE001 - left raw; checks converts it again (and refuses it) either way
             pass
-    assert any(isinstance(raw.get_item(t), checks.RawDataElement) for t in raw.keys())
+    assert any(isinstance(raw.get_item(t), RawDataElement) for t in raw.keys())
     assert _outcome(checks.identity, raw) == _outcome(checks.identity, converted)
     assert (_outcome(checks.check_pixel_data, raw, scanned, ts)
             == _outcome(checks.check_pixel_data, converted, scanned, ts))
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_identity_and_pixel_check_leave_plain_uids_and_integers_unconverted(ts):
+    """The common case takes the bytes path: no element identity() or check_pixel_data() reads is converted."""
+    import struct
+
+    from pydicom.dataelem import RawDataElement
+
+    from node.receive import checks
+    from node.receive.part10 import read_header
+
+    e = "<" if ts.is_little_endian else ">"
+    us = lambda v: struct.pack(f"{e}H", v)  # noqa: E731
+    elements = [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x00080018, "UI", b"1.2.3.4\x00"),
+                (0x0020000D, "UI", b"1.2.3.1\x00"), (0x0020000E, "UI", b"1.2.3.2\x00"),
+                (0x00280002, "US", us(1)), (0x00280010, "US", us(2)), (0x00280011, "US", us(2)),
+                (0x00280100, "US", us(16)), (0x7FE00010, "OW", b"\x00" * 8)]
+    body = _encoded_header(elements, ts)
+    ds = read_header(body, ts)
+    assert checks.identity(ds) == ("1.2.3.4", "1.2.3.1", "1.2.3.2", "1.2.840.10008.5.1.4.1.1.2")
+    checks.check_pixel_data(ds, checks.scan(body, ts, 2**20), ts)
+    assert all(isinstance(ds.get_item(tag), RawDataElement) for tag, _, _ in elements[:-1])  # read_header stops at the pixel data
