@@ -27,6 +27,8 @@ from pynetdicom import dul as _dul
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
 
+from node.receive import dul_store
+
 LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's own messages for the same failures
 P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
@@ -154,7 +156,7 @@ def _read_one(self: _dul.DULServiceProvider, head: bytearray) -> bool:
         return False
     primitive = P_DATA()
     primitive.presentation_data_value_list.extend(pdvs)  # type: ignore[arg-type] # as P_DATA_TF.to_primitive fills it
-    self.assoc.dimse.receive_primitive(primitive)  # DT-2; the state stays Sta6
+    dul_store.receive(self.assoc.dimse, primitive)  # DT-2; the state stays Sta6
     return True
 
 

@@ -44,7 +44,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.audit import AuditLog
 from node.config.schema import NodeSection
 from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
-from node.receive import checks, dimse_uids, dul_io, p_data, store_request, store_response
+from node.receive import checks, dimse_uids, dul_io, dul_store, p_data, store_request, store_response
 from node.receive.accept_turns import AcceptTurns, turn_taking
 from node.receive.group_commit import GroupCommit
 from node.receive.spool import Spool
@@ -60,6 +60,7 @@ dul_io.install()  # no 1 ms polls, whole-PDU reads (dul_io.py says why)
 p_data.install()  # P-DATA-TF straight to DIMSE (p_data.py says why)
 dimse_uids.install()  # each UID validated once, not at every primitive (dimse_uids.py says why)
 store_request.install()  # C-STORE-RQ primitives from the command set's bytes (store_request.py says why)
+dul_store.install()  # C-STORE served on the DUL thread that read it (dul_store.py says why)
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
