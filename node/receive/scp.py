@@ -10,7 +10,6 @@ import gc
 import ipaddress
 import logging
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -524,7 +523,7 @@ class StoreSCP:
             return self._store_returned(prefix, data_set, transfer_syntax, calling, ip, rq_uid, limit)
 
         size = len(prefix) + len(data_set)  # the file: file meta + data set, written with one call
-        free = shutil.disk_usage(self.spool.root).free
+        free = self.spool.free_bytes(size, keep=self.min_free_bytes)
         if free - size < self.min_free_bytes:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
             return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,

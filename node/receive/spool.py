@@ -9,14 +9,17 @@ reaper removes.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import threading
-import uuid
+import time
 from pathlib import Path
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _O_DSYNC = getattr(os, "O_DSYNC", 0)  # 0 where the platform has none: finish_temp fsyncs instead
+KNOWN_DIRS_MAX = 4096  # folders remembered as existing (Spool._ensure_dir); then forgotten and looked at again
+FREE_SPACE_MAX_AGE_S = 1.0  # Spool.free_bytes asks the disk again after this long
 
 
 class BadUID(ValueError):
@@ -77,11 +80,15 @@ class Spool:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._dir_lock = threading.Lock()
+        self._free = 0  # bytes free on the spool's disk when last asked (free_bytes)
+        self._free_at = float("-inf")
+        self._taken = 0  # bytes free_bytes was told about since
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """A new file name for each receipt, so a copy of an instance received again after its study was
         purged can never be deleted by the purge of the earlier copy."""
-        return self.root / study_uid / series_uid / f"{sop_uid}.{uuid.uuid4().hex[:8]}.dcm"
+        # random, not uuid4: no system call (os.urandom) per instance; `random` reseeds in a forked child
+        return self.root / study_uid / series_uid / f"{sop_uid}.{random.getrandbits(32):08x}.dcm"
 
     def instance_files(self) -> list[Path]:
         """Every instance file in the spool (not temp files)."""
@@ -94,11 +101,30 @@ class Spool:
             self._known_dirs = {d for d in list(self._known_dirs) if d.exists()}
         return n
 
+    def free_bytes(self, size: int, keep: int = 0) -> int:
+        """Bytes free on the spool's disk before a file of `size` bytes is written (which the caller then
+        writes), for the caller to keep `keep` bytes free (storage.min_free_mb).
+
+        The disk is asked (statvfs, a system call per instance otherwise) at most once a
+        FREE_SPACE_MAX_AGE_S; in between, the sizes announced here since are taken off its last answer. A
+        figure from that cache that would leave less than `keep` is not used: the disk is asked again, so
+        a refusal always rests on a fresh answer. Other processes' writes show at the next look."""
+        now = time.monotonic()
+        if now - self._free_at < FREE_SPACE_MAX_AGE_S:
+            free = self._free - self._taken
+            if free - size >= keep:
+                self._taken += size
+                return free
+        self._free, self._free_at, self._taken = shutil.disk_usage(self.root).free, now, size
+        return self._free
+
     def _ensure_dir(self, path: Path) -> None:
         """Create `path` and make its entry durable in each new parent."""
         if path in self._known_dirs:
             return
         with self._dir_lock:
+            if len(self._known_dirs) >= KNOWN_DIRS_MAX:
+                self._known_dirs.clear()
             missing = []
             p = path
             while not p.exists() and p != self.root:
@@ -111,7 +137,7 @@ class Spool:
 
     def temp_path(self) -> Path:
         """A fresh temp file name; `remove_partials` deletes it if a crash leaves it behind."""
-        return self.tmp / f"{uuid.uuid4().hex}.part"
+        return self.tmp / f"{random.getrandbits(128):032x}.part"  # opened O_EXCL: a clash is an error, never a mix
 
     def write_durable(self, dest: Path, data: bytes) -> int:
         """Write `data` to `dest` so it is on disk when this returns. Raises OSError on failure."""
@@ -170,7 +196,17 @@ class Spool:
         """Rename a synced temp file into place and make the rename durable."""
         try:
             self._ensure_dir(dest.parent)
-            os.rename(tmp, dest)
+            try:
+                os.rename(tmp, dest)
+            except FileNotFoundError:
+                if not tmp.exists():
+                    raise
+                # The folder was removed since it was made (another process's purge: a receive process and
+                # the node process each have a Spool): made again.
+                with self._dir_lock:
+                    self._known_dirs.discard(dest.parent)
+                self._ensure_dir(dest.parent)
+                os.rename(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
