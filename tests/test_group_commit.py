@@ -7,7 +7,7 @@ import pytest
 from node.receive.group_commit import GroupCommit
 from node.store import Store
 from node.store.db import InstanceMeta
-from node.store.models import StudyState
+from node.store.models import Series, StudyState
 
 
 def meta(i: int, study: str = "1.2.3", series: str = "1.2.3.1") -> InstanceMeta:
@@ -87,3 +87,29 @@ def test_receive_commits_leave_every_connection_synchronous(store, tmp_path):
         for raw in raws:
             raw.close()
     assert store.has_instance("1.2.3.1.0") and not store.has_instance("1.2.3.1.9")
+
+
+def test_on_sqlite_receive_commits_have_a_connection_of_their_own_that_commits_without_the_wal_fsync(store):
+    if store.postgresql:
+        pytest.skip("SQLite only: PostgreSQL commits receive rows synchronously on a pooled connection")
+    assert store.add_instances([meta(1)]) == [True]
+    conn = store._receive_conn
+    assert conn is not None and conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # as every pooled connection
+    assert store.add_instances([meta(1), meta(2)]) == [False, True]
+    assert store._receive_conn is conn  # kept: no pragma set and reset, no pool, per batch
+    with store.session() as s:  # committed: seen at once on the pool's connections
+        assert s.get(Series, "1.2.3.1").instance_count == 2
+    store.close()
+    assert store._receive_conn is None
+
+
+def test_a_database_error_on_the_receive_connection_is_sqlalchemys(store, tmp_path):
+    if store.postgresql:
+        pytest.skip("SQLite only")
+    from sqlalchemy.exc import DBAPIError
+
+    assert store.add_instances([meta(1)]) == [True]
+    store._receive_conn.execute("DROP TABLE instances")  # a broken database: the error a caller sees
+    with pytest.raises(DBAPIError):
+        store.add_instances([meta(2)])

@@ -19,6 +19,7 @@ import functools
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -250,6 +251,7 @@ class Store:
             raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._write = threading.Lock()
+        self._receive_conn: sqlite3.Connection | None = None  # add_instances' own, on SQLite (_receive_cursor)
         self._receive_sql = {k: _driver_sql(v, self.postgresql) for k, v in _RECEIVE_SQL.items()}
         self.instance_id = instance_id or uuid.uuid4().hex[:16]
         self.host = socket.gethostname()
@@ -280,6 +282,10 @@ class Store:
         return self._session()
 
     def close(self) -> None:
+        with self._write:
+            if self._receive_conn is not None:
+                self._receive_conn.close()
+                self._receive_conn = None
         self.engine.dispose()
 
     # ---- receive -------------------------------------------------------
@@ -306,6 +312,29 @@ class Store:
         finally:
             raw.close()  # back to the pool, rolled back if left open
 
+    @contextmanager
+    def _receive_cursor(self) -> Iterator:  # type: ignore[type-arg]
+        """The cursor add_instances writes with (under self._write). On SQLite a connection of its own, kept
+        open with synchronous=NORMAL (add_instances says why): on a pooled one each batch also set and reset
+        the pragma (two statements) and took the connection from the pool and gave it back."""
+        if self.postgresql or self.engine.url.database in (None, "", ":memory:"):  # PostgreSQL commits synchronously
+            with self._driver_cursor() as cur:
+                yield cur
+            return
+        try:
+            if self._receive_conn is None:
+                conn = sqlite3.connect(self.engine.url.database or "", timeout=30, check_same_thread=False)
+                _sqlite_pragmas(conn, None)
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._receive_conn = conn
+            cur = self._receive_conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(None, None, exc, sqlite3.Error, dialect=self.engine.dialect) from exc
+
     @_retrying(unique=True)
     def add_instances(self, metas: Sequence[InstanceMeta], now: float | None = None) -> list[bool]:
         """Index durable spool files in one transaction (one commit); per file, False if its SOP instance
@@ -328,9 +357,7 @@ class Store:
         now = time.time() if now is None else now
         sql = self._receive_sql
         out: list[bool] = []
-        with self._write, self._driver_cursor() as cur:
-            if not self.postgresql:
-                cur.execute("PRAGMA synchronous=NORMAL")
+        with self._write, self._receive_cursor() as cur:
             try:
                 for m in metas:
                     cur.execute(sql["study"], {
@@ -354,9 +381,6 @@ class Store:
             except BaseException:
                 cur.connection.rollback()
                 raise
-            finally:
-                if not self.postgresql:
-                    cur.execute("PRAGMA synchronous=FULL")
         return out
 
     def has_instance(self, sop_instance_uid: str) -> bool:
