@@ -38,7 +38,7 @@ def test_recv_returns_exactly_the_bytes_asked_for_across_partial_reads():
         feeder = _feed(b, [payload[:1000], payload[1000:70000], payload[70000:]] + [b"next"], close=False)
         got = dul_io.recv(SimpleNamespace(socket=a), len(payload))
         assert isinstance(got, bytearray) and got == payload
-        assert dul_io.recv(SimpleNamespace(socket=a), 4) == b"next"  # nothing read beyond what was asked
+        assert dul_io.recv(SimpleNamespace(socket=a), 4) == b"next"  # what was read ahead comes first
         feeder.join()
     finally:
         a.close()
@@ -450,3 +450,61 @@ def test_a_requestor_set_to_release_on_a_network_timeout_releases(monkeypatch): 
         assert assoc.is_released and not assoc.is_alive()
     finally:
         server.shutdown()
+
+
+class _NoMoreReads:
+    """A socket that must not be read: what is asked for was read ahead already."""
+
+    def recv_into(self, *args):  # type: ignore[no-untyped-def]
+        raise AssertionError("read the socket")
+
+
+def test_the_next_pdus_header_comes_with_the_body_before_it_and_is_served_without_a_read():
+    a, b = socket.socketpair()
+    try:
+        body, header = bytes(range(256)) * 64, b"\x04\x00\x00\x00\x00\x10"
+        b.sendall(body + header + b"rest of the next PDU")
+        transport = SimpleNamespace(socket=a, _is_connected=True)
+        assert dul_io.recv(transport, len(body)) == body
+        assert dul_io.ahead(transport) == dul_io.READ_AHEAD == 6
+        assert dul_io.ready(transport)
+        transport.socket = _NoMoreReads()
+        assert dul_io.recv(transport, 2) == header[:2]  # served in pieces too
+        assert dul_io.recv(transport, 4) == header[2:]
+        assert dul_io.ahead(transport) == 0
+        transport.socket = a
+        assert dul_io.recv(transport, 20) == b"rest of the next PDU"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_header_read_ahead_in_part_is_completed_from_the_socket():
+    a, b = socket.socketpair()
+    try:
+        transport = SimpleNamespace(socket=a, _is_connected=True)
+        b.sendall(b"body" + b"\x04\x00")
+        got = dul_io.recv(transport, 4)
+        assert got == b"body" and dul_io.ahead(transport) in (0, 2)
+        b.sendall(b"\x00\x00\x00\x02")
+        assert dul_io.recv(transport, 6) == b"\x04\x00\x00\x00\x00\x02"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_reactors_idle_wait_returns_at_once_while_bytes_read_ahead_wait():
+    import time
+
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"xy")
+        dul = _dul(a)
+        dul.socket.recv = lambda n: dul_io.recv(dul.socket, n)
+        assert dul.socket.recv(1) == b"x" and dul_io.ahead(dul.socket) == 1
+        t0 = time.monotonic()
+        dul_io._dul_idle(dul, 1.0)  # select() would see nothing: the byte is held in the process
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        a.close()
+        b.close()

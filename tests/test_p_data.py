@@ -13,7 +13,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage
 
 import node.receive.scp  # noqa: F401 - installs p_data on import
-from node.receive import p_data
+from node.receive import dul_io, p_data
 from tests.support.net import free_port
 
 
@@ -229,3 +229,20 @@ def test_a_release_right_behind_a_request_is_read_with_it(monkeypatch):  # type:
         assoc.abort()
     finally:
         server.shutdown()
+
+
+def test_a_header_read_ahead_with_the_last_body_is_taken_first():
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        dul = _stub_dul(a)
+        b.sendall(b"body" + b"\x04\x00\x00\x00\x00\x04" + b"next")
+        assert dul.socket.recv(4) == b"body"  # and the next header with it (dul_io.recv)
+        assert dul_io.ahead(dul.socket) == 6
+        assert p_data._waiting_header(dul) == b"\x04\x00\x00\x00\x00\x04"
+        assert dul_io.ahead(dul.socket) == 0
+        assert a.recv(4) == b"next"  # nothing else was read
+    finally:
+        a.close()
+        b.close()

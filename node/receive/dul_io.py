@@ -44,6 +44,8 @@ _make_target = _dul.make_target
 IDLE_WAIT = 0.02
 # What `recv` allocates ahead of the bytes that have arrived.
 PREALLOCATE = 4 * 2**20
+# What `recv` asks for beyond the bytes wanted: a PDU header (recv says why).
+READ_AHEAD = 6
 
 
 def os_socket(assoc: Any) -> Any:
@@ -197,21 +199,52 @@ def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
     The buffer holds at most PREALLOCATE bytes more than have arrived: a PDU's length is the peer's word,
     and 6 bytes announcing 4 GB (before any AE title or address is checked) must not make the node
-    allocate 4 GB. A larger PDU's buffer doubles as its bytes come in."""
+    allocate 4 GB. A larger PDU's buffer doubles as its bytes come in.
+
+    Each read also asks for up to READ_AHEAD bytes beyond `nr_bytes`: reading a PDU's body, the next PDU's
+    header comes with its last bytes when the sender has sent it, and the next call (`ahead`, p_data's
+    `_waiting_header`) takes it without a system call of its own (a DCMTK sender's CT slice comes in 6
+    PDUs: 12 reads became about 7). A blocking read returns as soon as any bytes are there, so asking for
+    more never waits longer. Bytes read ahead are kept on the socket object, served first, and make
+    `ready` true."""
     sock = self.socket
-    buf = bytearray(min(nr_bytes, PREALLOCATE))
+    buf = bytearray(min(nr_bytes, PREALLOCATE) + READ_AHEAD)
     got = 0
+    kept = getattr(self, "_ainode_ahead", None)
+    if kept:
+        got = min(len(kept), nr_bytes)
+        buf[:got] = kept[:got]
+        del kept[:got]
+    end = nr_bytes + READ_AHEAD
     while got < nr_bytes:
         if got == len(buf):
-            buf.extend(bytes(min(len(buf), nr_bytes - got)))
-        with memoryview(buf) as view, view[got:] as rest:  # released before the next extend
+            buf.extend(bytes(min(len(buf), end - got)))
+        with memoryview(buf) as view, view[got:end] as rest:  # released before the next extend
             n = sock.recv_into(rest, len(rest))  # type: ignore[union-attr]
         if not n:
             break
         got += n
-    if got < len(buf):
-        del buf[got:]
+    if got > nr_bytes:
+        self._ainode_ahead = (kept or bytearray()) + buf[nr_bytes:got]  # type: ignore[attr-defined]
+        got = nr_bytes
+    del buf[got:]
     return buf
+
+
+def ahead(transport: Any) -> int:
+    """Bytes `recv` has read ahead on this AssociationSocket (served to the next recv call)."""
+    kept = getattr(transport, "_ainode_ahead", None)
+    return len(kept) if kept else 0
+
+
+_pynetdicom_ready = AssociationSocket.ready
+
+
+def ready(self: AssociationSocket) -> bool:
+    """AssociationSocket.ready: also true while bytes read ahead wait (select would not see them)."""
+    if ahead(self) and self.socket is not None and self._is_connected:
+        return True
+    return _pynetdicom_ready.fget(self)  # type: ignore[attr-defined]
 
 
 def _dul_idle(dul: _dul.DULServiceProvider, seconds: float) -> None:
@@ -222,6 +255,8 @@ def _dul_idle(dul: _dul.DULServiceProvider, seconds: float) -> None:
         time.sleep(seconds)
         return
     if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes select() cannot see
+        return
+    if ahead(transport):  # bytes read ahead (recv), which select() cannot see either
         return
     wakeup: _Wakeup | None = getattr(dul, "_ainode_wakeup", None)
     try:
@@ -280,6 +315,7 @@ class _ReactorTime:
 
 def install() -> None:
     AssociationSocket.recv = recv  # type: ignore[method-assign]
+    AssociationSocket.ready = property(ready)  # type: ignore[method-assign,assignment]
     _dul.time = _ReactorTime()  # type: ignore[assignment]
     _dul.make_target = make_target  # type: ignore[attr-defined]
     _association.time = _ReactorTime()  # type: ignore[assignment]

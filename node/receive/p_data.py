@@ -27,7 +27,7 @@ from pynetdicom import dul as _dul
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.receive import dul_store
+from node.receive import dul_io, dul_store
 
 LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's own messages for the same failures
 P_DATA_TF = 0x04
@@ -98,6 +98,8 @@ def _waiting_header(dul: _dul.DULServiceProvider) -> bytearray | None:
     if (sock is None or isinstance(sock, ssl.SSLSocket) or sock.gettimeout() is not None
             or dul._kill_thread or not dul.to_provider_queue.empty() or not _fast(dul)):
         return None
+    if dul_io.ahead(transport):  # read with the last PDU's body (dul_io.recv): no system call, or the rest
+        return transport.recv(6)  # type: ignore[union-attr] # of a header the sender has begun to send
     head = bytearray(6)
     try:
         got = sock.recv_into(head, 6, socket.MSG_DONTWAIT)
