@@ -149,3 +149,98 @@ def test_identity_and_pixel_check_leave_plain_uids_and_integers_unconverted(ts):
     assert checks.identity(ds) == ("1.2.3.4", "1.2.3.1", "1.2.3.2", "1.2.840.10008.5.1.4.1.1.2")
     checks.check_pixel_data(ds, checks.scan(body, ts, 2**20), ts)
     assert all(isinstance(ds.get_item(tag), RawDataElement) for tag, _, _ in elements[:-1])  # read_header stops at the pixel data
+
+
+def _variant(path, name: str):  # type: ignore[no-untyped-def]
+    """The chest CT slice at `path`, changed as `name` says."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = dcmread(path)
+    if name == "utf-8":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientID, ds.StudyDescription, ds.SeriesDescription = "Ünï-1", "Thorax 胸部", "Lunge ä"
+    elif name == "latin-1":
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SeriesDescription, ds.BodyPartExamined = "Lunge äöü", "CHEST"
+    elif name == "empty and wrong":
+        ds.PatientID = ""
+        ds.add_new(0x00080060, "US", 5)  # Modality sent as a number
+        ds.add_new(0x00180050, "DS", None)  # SliceThickness empty
+        ds.AccessionNumber = "A\\B"  # two values
+    elif name == "not a number":  # SliceThickness "abc", PatientID with VR US: written as raw bytes
+        from pydicom.dataelem import RawDataElement
+        from pydicom.tag import Tag
+
+        ds._dict[Tag(0x00180050)] = RawDataElement(Tag(0x00180050), "DS", 4, b"abc ", 0, False, True)
+        ds._dict[Tag(0x00100020)] = RawDataElement(Tag(0x00100020), "US", 2, b"\x05\x00", 0, False, True)
+    elif name in ("sequence", "sequence of defined length"):
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CT, "1.2.3.4.5"
+        ds.ReferencedImageSequence = Sequence([item])
+        ds["ReferencedImageSequence"].is_undefined_length = name == "sequence"
+    return ds
+
+
+def _receive_outcome(ds, scanned, ts):  # type: ignore[no-untyped-def]
+    """What the receiver makes of a header: identity, pixel check, dropped attributes, the store row."""
+    from node.receive import checks
+    from node.receive.header import instance_meta
+
+    out = [_outcome(checks.identity, ds), _outcome(checks.check_pixel_data, ds, scanned, ts)]
+    out.append(checks.drop_unreadable_metadata(ds))
+    if not isinstance(out[0], str):
+        out.append(instance_meta(ds, path="p", size=1, transfer_syntax=str(ts), calling_ae="X", checked=out[0]))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                                DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize("name", ["plain", "utf-8", "latin-1", "empty and wrong", "not a number", "sequence",
+                                  "sequence of defined length"])
+def test_the_header_taken_from_the_scan_reads_as_pydicoms_does(tmp_path, ts, name):
+    """read_header given checks.scan's result builds only checks.HEADER_KEYWORDS' raw elements from the positions
+    the scan found; everything the receiver makes of them must be what it makes of pydicom's own read."""
+    from node.receive import checks
+    from node.receive.part10 import header_of
+
+    path = write_chest_ct(tmp_path / "ct", slices=10, rows=32, cols=32).files[4]
+    body = data_set_bytes(_variant(path, name), UID(ts))
+    scanned = checks.scan(body, UID(ts), 2**24)
+    minimal = read_header(body, UID(ts), scanned)
+    assert header_of(scanned, UID(ts)) is not None  # the scan's path, not the fallback
+    assert len(minimal) <= len(checks.HEADER_KEYWORDS) < len(read_header(body, UID(ts)))
+    assert _receive_outcome(minimal, scanned, UID(ts)) == _receive_outcome(read_header(body, UID(ts)), scanned, UID(ts))
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_header_attribute_after_the_pixel_data_or_of_undefined_length_takes_pydicoms_reader(ts):
+    """pydicom's reader stops at the pixel data and reads an undefined length up to its delimiter: where an
+    attribute the receiver reads is sent so, the header is read by pydicom, and the outcome is the same."""
+    import struct
+
+    from node.receive import checks
+    from node.receive.part10 import header_of
+
+    e = "<" if ts.is_little_endian else ">"
+    us = lambda v: struct.pack(f"{e}H", v)  # noqa: E731
+    base = [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x00080018, "UI", b"1.2.3.4\x00"),
+            (0x0020000D, "UI", b"1.2.3.1\x00"), (0x0020000E, "UI", b"1.2.3.2\x00"),
+            (0x00280002, "US", us(1)), (0x00280010, "US", us(2)), (0x00280011, "US", us(2)),
+            (0x00280100, "US", us(16)), (0x7FE00010, "OW", b"\x00" * 8)]
+    patient_id = _encoded_header([(0x00100020, "LO", b"LATE")], ts)
+    after = _encoded_header(base, ts) + patient_id  # out of order: after the pixel data
+    twice = _encoded_header(base + [(0x00100020, "LO", b"EARLY ")], ts) + patient_id
+    for body in (after, twice):
+        scanned = checks.scan(body, ts, 2**20)
+        assert header_of(scanned, ts) is None
+        assert (_receive_outcome(read_header(body, ts, scanned), scanned, ts)
+                == _receive_outcome(read_header(body, ts), scanned, ts))
+    if ts.is_implicit_VR:  # (0010,0020) of undefined length, holding no item
+        undefined = (_encoded_header(base[:4], ts) + struct.pack("<HHL", 0x0010, 0x0020, 0xFFFFFFFF)
+                     + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + _encoded_header(base[4:], ts))
+        scanned = checks.scan(undefined, ts, 2**20)
+        assert header_of(scanned, ts) is None
+        assert (_receive_outcome(read_header(undefined, ts, scanned), scanned, ts)
+                == _receive_outcome(read_header(undefined, ts), scanned, ts))

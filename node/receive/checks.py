@@ -47,6 +47,14 @@ class Element:
     vr: str | None  # as encoded; None in implicit VR
     length: int | None  # None: undefined length
     items: int  # items directly inside an undefined-length value (for pixel data: offset table + fragments)
+    at: int = 0  # where its value starts in Scanned.body
+
+
+class Scanned(dict):  # type: ignore[type-arg] # dict[int, Element]
+    """What `scan` found: the top-level elements by tag, and `body`, the bytes they lie in (the inflated
+    data set, for a deflated transfer syntax)."""
+
+    body: bytes | memoryview = b""
 
 
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -94,6 +102,7 @@ class _Walker:
             raise CannotUnderstand(f"sequences nested deeper than {MAX_DEPTH}")
         while pos < end:
             tag, vr, length, pos = self.header(pos, end)
+            at = pos
             if tag == until:
                 return pos
             if tag in (ITEM, ITEM_END, SEQUENCE_END):
@@ -107,7 +116,7 @@ class _Walker:
             else:
                 pos += length
             if top is not None:
-                top[tag] = Element(vr, None if length == 0xFFFFFFFF else length, items)
+                top[tag] = Element(vr, None if length == 0xFFFFFFFF else length, items, at)
         if until is not None:
             raise CannotUnderstand("data set ends inside an undefined-length value")
         return pos
@@ -130,7 +139,7 @@ class _Walker:
                 pos += length
 
 
-def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int) -> dict[int, Element]:
+def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int) -> Scanned:
     """Check that every element of a data set, as a C-STORE carries it (no preamble, no file meta), lies
     wholly inside it; the top-level elements by tag.
 
@@ -151,8 +160,9 @@ def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int) -> 
             raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
         if not inflater.eof:
             raise CannotUnderstand("deflated data set is cut short")
-    top: dict[int, Element] = {}
+    top = Scanned()
     _Walker(body, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian).elements(0, len(body), 0, top=top)
+    top.body = body
     return top
 
 
@@ -301,6 +311,14 @@ def check_pixel_data(ds: Dataset, elements: dict[int, Element], transfer_syntax:
 # Attributes the store row copies (scp.InstanceMeta); none decides where or whether the instance is kept.
 METADATA_KEYWORDS = ("PatientID", "AccessionNumber", "StudyDescription", "Modality", "BodyPartExamined",
                      "SeriesDescription", "SliceThickness")
+
+
+# Every attribute the receiver reads from a received data set's header (identity, check_pixel_data,
+# drop_unreadable_metadata, node/receive/header.py instance_meta): part10.read_header, given what scan found,
+# decodes only these. One read on the receive path that is not listed here finds the attribute missing.
+HEADER_KEYWORDS = ("SpecificCharacterSet", *(keyword for keyword, _ in UID_KEYWORDS), "SamplesPerPixel",
+                   "PhotometricInterpretation", "NumberOfFrames", "Rows", "Columns", "BitsAllocated",
+                   *METADATA_KEYWORDS)
 
 
 def drop_unreadable_metadata(ds: Dataset, keywords: tuple[str, ...] = METADATA_KEYWORDS) -> list[str]:

@@ -15,10 +15,14 @@ import re
 import zlib
 from io import BytesIO
 
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+from node.receive import checks
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 _UID = re.compile(r"[0-9.]{1,64}")
@@ -56,11 +60,46 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_DATA_TAGS
 
 
-def read_header(data_set: bytes, transfer_syntax: UID) -> Dataset:
+def read_header(data_set: bytes, transfer_syntax: UID, scanned: checks.Scanned | None = None) -> Dataset:
     """The data set's elements before the pixel data, decoded lazily as pydicom does (values convert
     on first access). `data_set` is the data set as received, without preamble or File Meta Information.
-    Raises what pydicom raises for bytes it cannot decode."""
+    Raises what pydicom raises for bytes it cannot decode.
+
+    Given what checks.scan found in it, only the attributes the receiver reads (checks.HEADER_KEYWORDS) are
+    taken, straight from the positions scan found: the same raw elements as pydicom's reader makes, without
+    its second walk over every element (about 100 µs a CT slice: `header_of`)."""
+    if scanned is not None and (ds := header_of(scanned, transfer_syntax)) is not None:
+        return ds
     if transfer_syntax == DeflatedExplicitVRLittleEndian:  # checks.scan has bounded its inflated size
         data_set = zlib.decompress(data_set, -zlib.MAX_WBITS)
     return read_dataset(BytesIO(data_set), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
                         stop_when=_at_pixel_data)
+
+
+@functools.cache
+def _header_tags() -> tuple[BaseTag, ...]:
+    return tuple(Tag(keyword) for keyword in checks.HEADER_KEYWORDS)
+
+
+def header_of(scanned: checks.Scanned, transfer_syntax: UID) -> Dataset | None:
+    """checks.HEADER_KEYWORDS' elements as pydicom's reader gives them for a data set read up to its pixel
+    data (stop_when): raw elements of the value's bytes as encoded (VR None in implicit VR; an empty value as
+    pydicom gives it), converted on first access with the data set's character set. None where the two
+    could differ: one of them has an undefined length (pydicom reads that as a sequence, or up to its
+    delimiter) or lies after the pixel data (pydicom's reader stops there)."""
+    body = scanned.body
+    implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    stop = min((scanned[t].at for t in _PIXEL_DATA_TAGS if t in scanned), default=len(body))
+    raw: dict[BaseTag, RawDataElement] = {}
+    for tag in _header_tags():
+        element = scanned.get(tag)
+        if element is None:
+            continue
+        if element.length is None or element.at > stop:
+            return None
+        value = (bytes(body[element.at:element.at + element.length]) if element.length
+                 else empty_value_for_VR(element.vr, raw=True))
+        raw[tag] = RawDataElement(tag, element.vr, element.length, value, element.at, implicit, little)
+    ds = Dataset(raw)
+    ds.set_original_encoding(implicit, little)
+    return ds

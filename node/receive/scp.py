@@ -457,7 +457,7 @@ class StoreSCP:
         sop_uid: str | None = None
         try:
             elements = checks.scan(data_set, transfer_syntax, limit)
-            ds = read_header(data_set, transfer_syntax)
+            ds = read_header(data_set, transfer_syntax, elements)
             ids = checks.identity(ds)
             sop_uid = ids[0]
             if sop_uid != rq_uid:
