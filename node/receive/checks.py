@@ -15,6 +15,7 @@ Reasons name attributes and UIDs, never other values: they go to logs.
 from __future__ import annotations
 
 import functools
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -219,6 +220,28 @@ def raw_us(ds: Dataset, tag: BaseTag | int) -> object:
     return CONVERT
 
 
+_PLAIN_TEXT = re.compile(rb"[ -\[\]-~]*")  # printable ASCII but the backslash (which separates values)
+
+
+def raw_text(ds: Dataset, tag: BaseTag) -> object:
+    """A text element's value as the store row takes it (node/receive/header.py): stripped, None if absent or
+    empty; or CONVERT.
+
+    Decoded here while still raw, sent with its own VR (or implicit), and its bytes printable ASCII without a
+    backslash (trailing NULs allowed): such bytes read the same in every character set DICOM names, hold one
+    value, and convert without an error or a warning. Anything else is left to pydicom (CONVERT)."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if type(elem) is RawDataElement and elem.VR in (None, _dictionary_vr(tag)):
+        value = elem.value
+        if value is None:
+            return None
+        if type(value) is bytes and _PLAIN_TEXT.fullmatch(value := value.rstrip(b"\x00")):
+            return value.decode("ascii").strip() or None
+    return CONVERT
+
+
 def identity(ds: Dataset) -> tuple[str, str, str, str]:
     """SOP instance, study, series and SOP class UIDs, each safe to use as a file name.
 
@@ -332,7 +355,7 @@ def drop_unreadable_metadata(ds: Dataset, keywords: tuple[str, ...] = METADATA_K
     dropped = []
     for keyword in keywords:
         tag = tag_of(keyword)
-        if tag not in ds:
+        if tag not in ds or raw_text(ds, tag) is not CONVERT:  # absent, or plain text that converts as it is
             continue
         try:
             ok = _encoded_vr(ds, keyword) in (None, _dictionary_vr(tag))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from node.receive.checks import drop_unreadable_metadata, identity, tag_of
+from node.receive.checks import CONVERT, drop_unreadable_metadata, identity, raw_text, tag_of
 from node.store import InstanceMeta
 
 
@@ -16,6 +16,8 @@ def _float(value: object) -> float | None:
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
+    if (plain := raw_text(ds, tag_of(keyword))) is not CONVERT:  # most values: no pydicom conversion
+        return plain  # type: ignore[return-value]
     elem = ds.get(tag_of(keyword))  # by tag: a keyword lookup costs more than the value (once per instance)
     value = None if elem is None else elem.value
     return str(value).strip() if value not in (None, "") else None
