@@ -132,7 +132,7 @@ def test_a_handler_that_raises_answers_0xc211_and_the_association_goes_on():
         rx.server.shutdown()
 
 
-def test_an_error_outside_the_handler_aborts_without_hanging_the_dul_thread(monkeypatch):  # type: ignore[no-untyped-def]
+def test_an_error_outside_the_handler_aborts_without_hanging_the_dul_thread(monkeypatch):  # type: ignore
     """pynetdicom's _serve_request aborts and waits for the DUL thread to stop: on that thread it would spin
     for ever. Here the abort is not waited for, the sender sees it, and the acceptor's threads end."""
     def broken(self, req, context):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import functools
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -41,9 +41,9 @@ class TooLarge(ValueError):
     """The data set, once inflated, is larger than the configured limit."""
 
 
-@dataclass(frozen=True)
-class Element:
-    """Where a top-level element sits, as encoded: enough to check it without decoding its value."""
+class Element(NamedTuple):
+    """Where a top-level element sits, as encoded: enough to check it without decoding its value. (A tuple:
+    scan makes one per top-level element of every instance received, and a frozen dataclass costs twice as much.)"""
 
     vr: str | None  # as encoded; None in implicit VR
     length: int | None  # None: undefined length
@@ -64,6 +64,7 @@ PIXEL_DATA = 0x7FE00010
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 SHORT_VRS = {"AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS",
              "ST", "TM", "UI", "UL", "US"}
+_VR_OF = {vr.encode(): (vr, vr in LONG_VRS) for vr in LONG_VRS | SHORT_VRS}  # as encoded: (VR, 4-byte length)
 MAX_DEPTH = 32  # nested undefined-length sequences; deeper is an attack or garbage, not an image
 
 
@@ -87,11 +88,12 @@ class _Walker:
         if self.implicit or group == 0xFFFE:
             return tag, None, length, pos + 8
         _, _, raw_vr, short = self.explicit(self.buf, pos)
-        vr = raw_vr.decode("latin-1")
-        if vr in SHORT_VRS:
-            return tag, vr, short, pos + 8
-        if vr not in LONG_VRS:
+        known = _VR_OF.get(raw_vr)
+        if known is None:
             raise CannotUnderstand(f"element ({group:04X},{elem:04X}) has an unknown VR at byte {pos}")
+        vr, long = known
+        if not long:
+            return tag, vr, short, pos + 8
         if end - pos < 12:
             raise CannotUnderstand(f"data set ends inside an element header at byte {pos}")
         return tag, vr, self.long_len(self.buf, pos + 8)[0], pos + 12
