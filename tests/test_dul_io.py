@@ -494,8 +494,6 @@ def test_a_header_read_ahead_in_part_is_completed_from_the_socket():
 
 
 def test_the_reactors_idle_wait_returns_at_once_while_bytes_read_ahead_wait():
-    import time
-
     a, b = socket.socketpair()
     try:
         b.sendall(b"xy")

@@ -81,6 +81,18 @@ def _encoded_header(elements: list[tuple[int, str, bytes]], ts) -> bytes:  # typ
     return out
 
 
+def _plain_elements(ts) -> list[tuple[int, str, bytes]]:  # type: ignore[no-untyped-def]
+    """A CT header's identity UIDs and pixel description, plainly encoded, and 8 bytes of pixel data."""
+    import struct
+
+    e = "<" if ts.is_little_endian else ">"
+    us = lambda v: struct.pack(f"{e}H", v)  # noqa: E731
+    return [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x00080018, "UI", b"1.2.3.4\x00"),
+            (0x0020000D, "UI", b"1.2.3.1\x00"), (0x0020000E, "UI", b"1.2.3.2\x00"),
+            (0x00280002, "US", us(1)), (0x00280010, "US", us(2)), (0x00280011, "US", us(2)),
+            (0x00280100, "US", us(16)), (0x7FE00010, "OW", b"\x00" * 8)]
+
+
 def _outcome(fn, *args):  # type: ignore[no-untyped-def]
     from node.receive import checks
 
@@ -131,19 +143,12 @@ def test_uids_and_pixel_integers_read_from_the_bytes_match_pydicoms_conversion(t
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
 def test_identity_and_pixel_check_leave_plain_uids_and_integers_unconverted(ts):
     """The common case takes the bytes path: no element identity() or check_pixel_data() reads is converted."""
-    import struct
-
     from pydicom.dataelem import RawDataElement
 
     from node.receive import checks
     from node.receive.part10 import read_header
 
-    e = "<" if ts.is_little_endian else ">"
-    us = lambda v: struct.pack(f"{e}H", v)  # noqa: E731
-    elements = [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x00080018, "UI", b"1.2.3.4\x00"),
-                (0x0020000D, "UI", b"1.2.3.1\x00"), (0x0020000E, "UI", b"1.2.3.2\x00"),
-                (0x00280002, "US", us(1)), (0x00280010, "US", us(2)), (0x00280011, "US", us(2)),
-                (0x00280100, "US", us(16)), (0x7FE00010, "OW", b"\x00" * 8)]
+    elements = _plain_elements(ts)
     body = _encoded_header(elements, ts)
     ds = read_header(body, ts)
     assert checks.identity(ds) == ("1.2.3.4", "1.2.3.1", "1.2.3.2", "1.2.840.10008.5.1.4.1.1.2")
@@ -223,12 +228,7 @@ def test_a_header_attribute_after_the_pixel_data_or_of_undefined_length_takes_py
     from node.receive import checks
     from node.receive.part10 import header_of
 
-    e = "<" if ts.is_little_endian else ">"
-    us = lambda v: struct.pack(f"{e}H", v)  # noqa: E731
-    base = [(0x00080016, "UI", b"1.2.840.10008.5.1.4.1.1.2\x00"), (0x00080018, "UI", b"1.2.3.4\x00"),
-            (0x0020000D, "UI", b"1.2.3.1\x00"), (0x0020000E, "UI", b"1.2.3.2\x00"),
-            (0x00280002, "US", us(1)), (0x00280010, "US", us(2)), (0x00280011, "US", us(2)),
-            (0x00280100, "US", us(16)), (0x7FE00010, "OW", b"\x00" * 8)]
+    base = _plain_elements(ts)
     patient_id = _encoded_header([(0x00100020, "LO", b"LATE")], ts)
     after = _encoded_header(base, ts) + patient_id  # out of order: after the pixel data
     twice = _encoded_header(base + [(0x00100020, "LO", b"EARLY ")], ts) + patient_id
