@@ -203,3 +203,20 @@ def test_the_queue_holds_only_while_asked_and_only_one_message():
     messages.holding = False
     assert messages.held == "b"
     assert [messages.get_nowait(), messages.get_nowait()] == ["a", "c"]
+
+
+def test_a_handler_longer_than_the_network_timeout_is_not_cut_short():
+    """On the association thread a handler kept that thread from looking at the network idle timer; on the DUL
+    thread the association thread is free, and must not release the association while the handler runs."""
+    import time
+
+    rx = _Acceptor(on_store=lambda event: time.sleep(1.5) or 0x0000)
+    rx.server.ae.network_timeout = 0.5  # the associations it accepts from now on
+    try:
+        scu_assoc = rx.associate()
+        assert scu_assoc.send_c_store(_ct()).Status == 0x0000
+        assert scu_assoc.is_established and not rx.released.is_set()
+        scu_assoc.release()
+        assert rx.threads == ["dul"]
+    finally:
+        rx.server.shutdown()

@@ -30,6 +30,7 @@ from typing import Any
 from pynetdicom import _config
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
@@ -94,14 +95,28 @@ def _servable(assoc: Any, context_id: int, message: Any) -> Any:
 
 
 def serve(assoc: Any, message: C_STORE, context: Any) -> None:
-    """Association._serve_request for a C-STORE request, without its blocking aborts."""
+    """Association._serve_request for a C-STORE request, without its blocking aborts.
+
+    While it runs, the association thread does not see the network idle timer expire (`idle_timer_expired`):
+    the wait is this node's, not the network's, and that thread, now free, would otherwise release the
+    association in the middle of a handler that takes longer than node.network_timeout_s (on its own thread
+    the handler kept it from looking). The DUL restarts the timer once this returns, as after any PDU."""
+    dul = assoc.dul
     assoc.dimse.cancel_req = {}
+    dul._ainode_serving = True
     try:
         StorageServiceClass(assoc).SCP(message, context)
     except Exception as exc:  # noqa: BLE001 - as _serve_request: log it and abort the association
         LOGGER.exception(exc)
         assoc._abort_nonblocking()
+    finally:
+        dul._ainode_serving = False
     assoc.dimse.cancel_req = {}
+
+
+def idle_timer_expired(self: DULServiceProvider) -> bool:
+    """DULServiceProvider.idle_timer_expired: never while the DUL thread serves a C-STORE (`serve`)."""
+    return not getattr(self, "_ainode_serving", False) and self._idle_timer.expired
 
 
 _pynetdicom_init = DIMSEServiceProvider.__init__
@@ -114,3 +129,4 @@ def _init(self: DIMSEServiceProvider, *args: Any, **kwargs: Any) -> None:
 
 def install() -> None:
     DIMSEServiceProvider.__init__ = _init  # type: ignore[method-assign]
+    DULServiceProvider.idle_timer_expired = idle_timer_expired  # type: ignore[method-assign]
