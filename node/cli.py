@@ -4,6 +4,7 @@ report usage, replay, synth."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import signal
 import sys
 import threading
@@ -99,6 +100,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: for a node that hangs, and works even then
+    # (faulthandler writes from the signal handler, without the GIL). Stacks hold code locations only.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         node.start()
     except ModelError as exc:

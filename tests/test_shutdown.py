@@ -55,3 +55,16 @@ def test_sigterm_with_a_job_past_the_grace_time_requeues_it_without_using_an_att
     node.start()
     wait_until(lambda: "state=done-no-destination" in status(node), 60, "the job to run again and finish")
     assert query(node, "SELECT attempts FROM jobs") == [(1,)]
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_node_carries_on(node_factory):
+    node = node_factory({"assemble": {"quiet_period_s": 3600}})
+    node.proc.send_signal(signal.SIGUSR1)
+    def stacks():  # type: ignore[no-untyped-def]
+        text = node.log_path.read_text(errors="replace")
+        return text if 'File "' in text and "cli.py" in text else None
+
+    log = wait_until(stacks, 20, "the thread stacks in the node's log")
+    assert log.count("Thread 0x") >= 2  # the main thread and the node's own (receive, assemble, ...)
+    assert node.proc.poll() is None
+    assert node.stop() == 0

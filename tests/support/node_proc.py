@@ -85,9 +85,13 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
+            self.proc.send_signal(signal.SIGUSR1)  # the node writes every thread's stack to its log (cli.py)
+            time.sleep(1)
             self.kill()
-            raise
+            stacks = self.log_path.read_text(errors="replace").splitlines()[-150:]
+            raise RuntimeError(f"node did not stop within {timeout}s of SIGTERM; its log ends:\n"
+                               + "\n".join(stacks)) from exc
         finally:
             self._log.close()
 
