@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from multiprocessing import AuthenticationError
 from pathlib import Path
 
@@ -73,3 +74,25 @@ def test_folders_of_node_processes_that_are_gone_are_removed(private):
     assert mine.name.startswith(f"{rpc.RUN_PREFIX}{os.getpid()}-") and mine.is_dir()
     assert not left.exists() and alive.exists()
     assert sorted(p.name for p in Path(private).iterdir()) == sorted([alive.name, mine.name])
+
+
+def test_a_connection_is_closed_once_when_it_ends_as_the_server_closes(private, monkeypatch):
+    """The serving thread (its peer gone) and close() both closed the connection: the second os.close() failed
+    with EBADF, or closed a descriptor another thread had just been given."""
+    from multiprocessing.connection import Connection
+
+    closes: list[int] = []
+    inner = Connection.close
+    monkeypatch.setattr(Connection, "close", lambda self: (closes.append(id(self)), inner(self))[1])
+    key = secrets.token_bytes(32)
+    server = RpcServer({"t": Target()}, rpc.run_dir() / "receive.sock", key)
+    client = RpcClient(server.path, key)
+    assert client.proxy("t").add(1) == 1
+    served = list(server._conns)
+    client._local.conn.close()  # the peer goes: the serving thread closes its end
+    for _ in range(100):
+        if not server._conns:
+            break
+        time.sleep(0.02)
+    server.close()
+    assert [closes.count(id(c)) for c in served] == [1]

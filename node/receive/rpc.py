@@ -47,6 +47,7 @@ class RpcServer:
         os.chmod(self.path, 0o600)
         self._closed = False
         self._conns: list[Connection] = []
+        self._conns_lock = threading.Lock()  # each connection is closed once, by whoever takes it off the list
         threading.Thread(target=self._accept, name="receive-rpc", daemon=True).start()
 
     def _accept(self) -> None:
@@ -58,7 +59,11 @@ class RpcServer:
                     return
                 log.warning("receive rpc connection refused in its handshake error=%s", type(exc).__name__)
                 continue
-            self._conns.append(conn)
+            with self._conns_lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), name="receive-rpc-conn", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
@@ -76,12 +81,24 @@ class RpcServer:
         except (EOFError, OSError):  # the receive process ended, or closed this association's connection
             pass
         finally:
-            conn.close()
+            self._close_once(conn)
+
+    def _close_once(self, conn: Connection) -> None:
+        """Close `conn` unless `close` or this already did. Both used to close it when the node stopped while
+        a receive process's connection ended: the second os.close() of that descriptor failed (EBADF), or
+        closed whatever file or socket another thread had opened under the same number meanwhile."""
+        with self._conns_lock:
+            if conn not in self._conns:
+                return
+            self._conns.remove(conn)
+        conn.close()
 
     def close(self) -> None:
-        self._closed = True
+        with self._conns_lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
         self._listener.close()
-        for conn in self._conns:
+        for conn in conns:
             conn.close()
         self.path.unlink(missing_ok=True)
 
