@@ -26,7 +26,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from sqlalchemy import case, create_engine, delete, event, func, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -301,16 +301,24 @@ class Store:
         errors are raised as SQLAlchemy's (IntegrityError, OperationalError, …), as everywhere else."""
         raw = self.engine.raw_connection()
         try:
-            cur = raw.cursor()
+            with self._cursor_of(lambda: raw) as cur:
+                yield cur
+        finally:
+            raw.close()  # back to the pool, rolled back if left open
+
+    @contextmanager
+    def _cursor_of(self, connection: Callable[[], Any]) -> Iterator:  # type: ignore[type-arg]
+        """A cursor on `connection()`, closed after; driver errors (getting the connection included) raised as
+        SQLAlchemy's (IntegrityError, OperationalError, …), as everywhere else."""
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            cur = connection().cursor()
             try:
                 yield cur
             finally:
                 cur.close()
-        except self.engine.dialect.loaded_dbapi.Error as exc:
-            raise DBAPIError.instance(None, None, exc, self.engine.dialect.loaded_dbapi.Error,
-                                      dialect=self.engine.dialect) from exc
-        finally:
-            raw.close()  # back to the pool, rolled back if left open
+        except dbapi_error as exc:
+            raise DBAPIError.instance(None, None, exc, dbapi_error, dialect=self.engine.dialect) from exc
 
     @contextmanager
     def _receive_cursor(self) -> Iterator:  # type: ignore[type-arg]
@@ -321,19 +329,16 @@ class Store:
             with self._driver_cursor() as cur:
                 yield cur
             return
-        try:
-            if self._receive_conn is None:
-                conn = sqlite3.connect(self.engine.url.database or "", timeout=30, check_same_thread=False)
-                _sqlite_pragmas(conn, None)
-                conn.execute("PRAGMA synchronous=NORMAL")
-                self._receive_conn = conn
-            cur = self._receive_conn.cursor()
-            try:
-                yield cur
-            finally:
-                cur.close()
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(None, None, exc, sqlite3.Error, dialect=self.engine.dialect) from exc
+        with self._cursor_of(self._receive_connection) as cur:
+            yield cur
+
+    def _receive_connection(self) -> sqlite3.Connection:
+        if self._receive_conn is None:
+            conn = sqlite3.connect(self.engine.url.database, timeout=30, check_same_thread=False)
+            _sqlite_pragmas(conn, None)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._receive_conn = conn
+        return self._receive_conn
 
     @_retrying(unique=True)
     def add_instances(self, metas: Sequence[InstanceMeta], now: float | None = None) -> list[bool]:
