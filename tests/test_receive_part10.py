@@ -282,3 +282,24 @@ def test_text_read_from_the_bytes_matches_pydicoms_conversion(ts, charset, value
     meta = [instance_meta(ds, path="p", size=1, transfer_syntax=str(ts), calling_ae="X", checked=ids)
             for ds in (raw, converted)]
     assert meta[0] == meta[1]
+
+
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_store_rows_plain_text_is_read_without_converting_it(ts):
+    """The common case takes the bytes path (checks.raw_text): drop_unreadable_metadata() and the store row
+    leave plain text attributes unconverted, and the row holds their stripped values."""
+    from pydicom.dataelem import RawDataElement
+
+    from node.receive import checks
+    from node.receive.header import instance_meta
+
+    text = [(0x00080050, "SH", b"ACC1  "), (0x00080060, "CS", b"CT"), (0x0008103E, "LO", b"Lung 1.0\x00"),
+            (0x00100020, "LO", b"PAT-7 "), (0x00180050, "DS", b"1.25")]
+    body = _encoded_header(_plain_elements(ts) + text, ts)
+    ds = read_header(body, ts, checks.scan(body, ts, 2**20))
+    ids = checks.identity(ds)
+    assert checks.drop_unreadable_metadata(ds) == []
+    meta = instance_meta(ds, path="p", size=1, transfer_syntax=str(ts), calling_ae="X", checked=ids)
+    assert (meta.accession_number, meta.modality, meta.series_description, meta.patient_id,
+            meta.slice_thickness) == ("ACC1", "CT", "Lung 1.0", "PAT-7", 1.25)
+    assert all(isinstance(ds.get_item(tag), RawDataElement) for tag, _, _ in text)

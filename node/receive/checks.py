@@ -357,7 +357,7 @@ def drop_unreadable_metadata(ds: Dataset, keywords: tuple[str, ...] = METADATA_K
     dropped = []
     for keyword in keywords:
         tag = tag_of(keyword)
-        if tag not in ds or raw_text(ds, tag) is not CONVERT:  # absent, or plain text that converts as it is
+        if raw_text(ds, tag) is not CONVERT:  # absent (None), or plain text that converts as it is
             continue
         try:
             ok = _encoded_vr(ds, keyword) in (None, _dictionary_vr(tag))
