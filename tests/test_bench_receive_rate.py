@@ -1,0 +1,24 @@
+"""bench/receive_rate.py's durable-write ceiling: the figure the note's storescp target is weighed against."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.receive_rate import durable_ceiling, durable_write_s
+
+
+def test_durable_write_times_each_file_and_leaves_nothing_behind(tmp_path):
+    files = []
+    for i in range(3):
+        f = tmp_path / f"f{i}.dcm"
+        f.write_bytes(bytes([i]) * 1000)
+        files.append(f)
+    folder = tmp_path / "durable"
+    taken = durable_write_s(files, folder)
+    assert len(taken) == 3 and all(t > 0 for t in taken)
+    assert not folder.exists()
+
+
+def test_the_ceiling_adds_the_write_to_each_associations_round_trip():
+    assert durable_ceiling(1000.0, 1, 0.001) == pytest.approx(500.0)  # 1 ms round trip + 1 ms write
+    assert durable_ceiling(1000.0, 4, 0.001) == pytest.approx(800.0)  # 4 ms round trip each + 1 ms write
