@@ -3,6 +3,8 @@ pynetdicom builds, and anything unusual is left to pynetdicom."""
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import pytest
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -15,13 +17,18 @@ FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priorit
           "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
 
 
-def _received(rq: C_STORE) -> DIMSEMessage:
-    """The message as the receiving DIMSE provider has it once the last fragment is in."""
+def _sent(rq: C_STORE) -> list[P_DATA]:
     sent = C_STORE_RQ()
     sent.primitive_to_message(rq)
+    return list(sent.encode_msg(3, 16384))
+
+
+def _received(rq: C_STORE) -> DIMSEMessage:
+    """The message as the receiving DIMSE provider has it once the last fragment is in."""
     got = DIMSEMessage()
-    for p in sent.encode_msg(3, 16384):
-        got.decode_msg(p)
+    for p in _sent(rq):
+        if p.presentation_data_value_list[0][1][0] & 1:  # the command set's fragments; the data set's below
+            assert not got.decode_msg(p)
     last = P_DATA()
     last.presentation_data_value_list.append((3, b"\x02data set"))
     assert got.decode_msg(last)
@@ -32,6 +39,7 @@ def _request(**values) -> C_STORE:  # type: ignore[no-untyped-def]
     rq = C_STORE()
     rq.MessageID, rq.Priority = 7, 2
     rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.7"
+    rq.DataSet = BytesIO(b"data set")  # the command set then says a data set follows
     for k, v in values.items():
         setattr(rq, k, v)
     return rq
@@ -69,3 +77,69 @@ def test_other_messages_are_left_to_pynetdicom():
         assert got.decode_msg(p)
     echo = store_request.message_to_primitive(got)
     assert type(echo) is C_ECHO and echo.MessageID == 1
+
+
+def _command_bytes(rq: C_STORE) -> bytes:
+    return b"".join(bytes(d[1:]) for p in _sent(rq) for _, d in p.presentation_data_value_list if d[0] & 1)
+
+
+def test_a_plain_request_is_read_from_its_bytes_and_its_command_set_decoded_only_when_asked():
+    got = _received(_request())
+    assert type(got) is store_request.PlainStoreRQ
+    assert isinstance(got, C_STORE_RQ) and type(got).__name__ == "C_STORE_RQ"  # pynetdicom's handler look-up
+    assert "_command_set" not in got.__dict__
+    theirs = DIMSEMessage()
+    for p in _sent(_request()):
+        if store_request._pynetdicom_decode_msg(theirs, p):
+            break
+    assert type(theirs) is C_STORE_RQ
+    assert got.command_set == theirs.command_set  # decoded from the same bytes on first access
+    assert got.context_id == theirs.context_id == 3
+
+
+
+def test_a_command_set_in_pieces_takes_pynetdicoms_path():
+    first, *rest = _sent(_request())
+    (cx, whole), = first.presentation_data_value_list
+    got = DIMSEMessage()
+    for part in (bytes([0x01]) + bytes(whole[1:20]), bytes([0x03]) + bytes(whole[20:])):
+        p = P_DATA()
+        p.presentation_data_value_list.append((cx, part))
+        assert not got.decode_msg(p)
+    assert type(got) is C_STORE_RQ
+    last = P_DATA()
+    last.presentation_data_value_list.append((3, b"\x02data set"))
+    assert got.decode_msg(last)
+    assert store_request.message_to_primitive(got).AffectedSOPInstanceUID == "1.2.826.0.1.3680043.8.498.7"
+
+
+def test_data_set_fragments_in_the_command_sets_pdu_are_taken_in():
+    (command,), data = _sent(_request())[0].presentation_data_value_list, (3, b"\x02data set")
+    p = P_DATA()
+    p.presentation_data_value_list.extend([command, data])
+    got = DIMSEMessage()
+    assert got.decode_msg(p)
+    primitive = store_request.message_to_primitive(got)
+    assert type(got) is store_request.PlainStoreRQ and primitive.DataSet.getvalue() == b"data set"
+
+
+def test_what_plain_command_leaves_to_pynetdicom():
+    raw = _command_bytes(_request())
+    assert store_request.plain_command(raw) == (7, "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.7", 2)
+
+    def element(group: int, elem: int, value: bytes) -> bytes:
+        return group.to_bytes(2, "little") + elem.to_bytes(2, "little") + len(value).to_bytes(4, "little") + value
+
+    no_data_set = raw.replace(element(0, 0x0800, (0x0001).to_bytes(2, "little")),
+                              element(0, 0x0800, (0x0101).to_bytes(2, "little")))
+    assert no_data_set != raw
+    echo = raw.replace(element(0, 0x0100, (0x0001).to_bytes(2, "little")), element(0, 0x0100, (0x0030).to_bytes(2, "little")))
+    assert echo != raw
+    for bad in (raw[:-3],  # cut short: the last value runs past the end
+                raw + b"\x00" * 5,  # trailing bytes shorter than an element header
+                raw + element(0, 0x0110, b"\x01\x00"),  # an element twice
+                raw + element(8, 0x0018, b"1.2"),  # not group 0000
+                raw + element(0, 0x0600, b"AE"),  # not a plain C-STORE-RQ element (Move Destination)
+                raw.replace(element(0, 0x0700, b"\x02\x00"), element(0, 0x0700, b"\x02\x00\x00\x00")),  # US of 4
+                no_data_set, echo):
+        assert store_request.plain_command(bad) is None
