@@ -6,6 +6,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -15,6 +16,19 @@ from node.receive import store_request
 
 FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
           "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
+
+
+class _Assoc:
+    """What decode_msg asks of the association: the listeners bound to an event."""
+
+    def __init__(self, *handlers: object) -> None:
+        self.handlers = list(handlers)
+
+    def get_handlers(self, event: object) -> list[object]:
+        return self.handlers if event is evt.EVT_DIMSE_RECV else []
+
+
+QUIET = _Assoc()
 
 
 def _sent(rq: C_STORE) -> list[P_DATA]:
@@ -28,10 +42,10 @@ def _received(rq: C_STORE) -> DIMSEMessage:
     got = DIMSEMessage()
     for p in _sent(rq):
         if p.presentation_data_value_list[0][1][0] & 1:  # the command set's fragments; the data set's below
-            assert not got.decode_msg(p)
+            assert not got.decode_msg(p, QUIET)
     last = P_DATA()
     last.presentation_data_value_list.append((3, b"\x02data set"))
-    assert got.decode_msg(last)
+    assert got.decode_msg(last, QUIET)
     return got
 
 
@@ -74,7 +88,7 @@ def test_other_messages_are_left_to_pynetdicom():
     sent.primitive_to_message(rq)
     got = DIMSEMessage()
     for p in sent.encode_msg(1, 16384):
-        assert got.decode_msg(p)
+        assert got.decode_msg(p, QUIET)
     echo = store_request.message_to_primitive(got)
     assert type(echo) is C_ECHO and echo.MessageID == 1
 
@@ -86,7 +100,7 @@ def _command_bytes(rq: C_STORE) -> bytes:
 def test_a_plain_request_is_read_from_its_bytes_and_its_command_set_decoded_only_when_asked():
     got = _received(_request())
     assert type(got) is store_request.PlainStoreRQ
-    assert isinstance(got, C_STORE_RQ) and type(got).__name__ == "C_STORE_RQ"  # pynetdicom's handler look-up
+    assert isinstance(got, C_STORE_RQ)
     assert "_command_set" not in got.__dict__
     theirs = DIMSEMessage()
     for p in _sent(_request()):
@@ -105,11 +119,11 @@ def test_a_command_set_in_pieces_takes_pynetdicoms_path():
     for part in (bytes([0x01]) + bytes(whole[1:20]), bytes([0x03]) + bytes(whole[20:])):
         p = P_DATA()
         p.presentation_data_value_list.append((cx, part))
-        assert not got.decode_msg(p)
+        assert not got.decode_msg(p, QUIET)
     assert type(got) is C_STORE_RQ
     last = P_DATA()
     last.presentation_data_value_list.append((3, b"\x02data set"))
-    assert got.decode_msg(last)
+    assert got.decode_msg(last, QUIET)
     assert store_request.message_to_primitive(got).AffectedSOPInstanceUID == "1.2.826.0.1.3680043.8.498.7"
 
 
@@ -118,7 +132,7 @@ def test_data_set_fragments_in_the_command_sets_pdu_are_taken_in():
     p = P_DATA()
     p.presentation_data_value_list.extend([command, data])
     got = DIMSEMessage()
-    assert got.decode_msg(p)
+    assert got.decode_msg(p, QUIET)
     primitive = store_request.message_to_primitive(got)
     assert type(got) is store_request.PlainStoreRQ and primitive.DataSet.getvalue() == b"data set"
 
@@ -143,3 +157,9 @@ def test_what_plain_command_leaves_to_pynetdicom():
                 raw.replace(element(0, 0x0700, b"\x02\x00"), element(0, 0x0700, b"\x02\x00\x00\x00")),  # US of 4
                 no_data_set, echo):
         assert store_request.plain_command(bad) is None
+
+
+def test_with_a_listener_for_received_messages_bound_pynetdicom_decodes_the_command_set():
+    got = DIMSEMessage()
+    assert not got.decode_msg(_sent(_request())[0], _Assoc(lambda event: None))
+    assert type(got) is C_STORE_RQ

@@ -4,8 +4,8 @@ Two steps of pynetdicom's, both per received instance:
 
 1. `decode_msg`: pynetdicom decodes each command set with pydicom's reader and then reads its Command Field
    and Data Set Type through pydicom's conversion (about 45 µs of the 86 µs it takes to take in a CT
-   slice's 6 P-DATA). Here a command set that arrives whole in its first fragment (as DCMTK and pynetdicom
-   send it) is read from its bytes by `plain_command` when it is a plain C-STORE-RQ with a data set; the
+   slice's 6 P-DATA). Here, with no listener bound to EVT_DIMSE_RECV (node/logs.py binds none), a command
+   set that arrives whole in its first fragment (as DCMTK and pynetdicom send it) is read from its bytes by `plain_command` when it is a plain C-STORE-RQ with a data set; the
    message is then a `C_STORE_RQ` whose pydicom command set is decoded only if something asks for it
    (`command_set`). Its data set fragments take pynetdicom's path unchanged. Anything else (another message,
    a command set in pieces, an element not listed below, a length its VR does not imply, pynetdicom's
@@ -32,7 +32,7 @@ from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
@@ -100,15 +100,17 @@ class PlainStoreRQ(C_STORE_RQ):
         self.__dict__["_command_set"] = value
 
 
-PlainStoreRQ.__name__ = PlainStoreRQ.__qualname__ = "C_STORE_RQ"  # pynetdicom's handlers look messages up by name
+PlainStoreRQ.__name__ = PlainStoreRQ.__qualname__ = "C_STORE_RQ"  # pynetdicom's message_to_primitive goes by name
+
 
 
 def decode_msg(self: DIMSEMessage, primitive: Any, assoc: Any = None) -> bool:
     """DIMSEMessage.decode_msg, with a plain C-STORE-RQ's command set read from its bytes (step 1 above)."""
-    if type(self) is not DIMSEMessage or primitive.__class__ is not P_DATA or _config.STORE_RECV_CHUNKED_DATASET:
+    if type(self) is not DIMSEMessage or primitive.__class__ is not P_DATA:  # data set fragments, and the rest
         return _pynetdicom_decode_msg(self, primitive, assoc)
     pdvs = primitive.presentation_data_value_list
-    if not pdvs or pdvs[0][1][0] & 3 != 3 or self.encoded_command_set.tell():
+    if (not pdvs or pdvs[0][1][0] & 3 != 3 or self.encoded_command_set.tell() or _config.STORE_RECV_CHUNKED_DATASET
+            or assoc is None or assoc.get_handlers(evt.EVT_DIMSE_RECV)):  # a listener gets pynetdicom's message
         return _pynetdicom_decode_msg(self, primitive, assoc)
     context_id, fragment = pdvs[0]
     raw = bytes(fragment[1:])
