@@ -303,3 +303,17 @@ def test_the_store_rows_plain_text_is_read_without_converting_it(ts):
     assert (meta.accession_number, meta.modality, meta.series_description, meta.patient_id,
             meta.slice_thickness) == ("ACC1", "CT", "Lung 1.0", "PAT-7", 1.25)
     assert all(isinstance(ds.get_item(tag), RawDataElement) for tag, _, _ in text)
+
+
+def test_a_text_attribute_of_several_values_is_stored_as_dicom_writes_them():
+    """Two accession numbers (a sender's error) are kept as 'A\\B', the way DICOM encodes and a PACS shows
+    them, not as Python's text of a list; a number of several values is no number."""
+    from pydicom.dataset import Dataset
+
+    from node.receive.header import instance_meta
+
+    ds = Dataset()
+    ds.AccessionNumber, ds.Modality, ds.SliceThickness = ["A1 ", "B2"], ["CT", "PT"], ["1.0", "2.0"]
+    meta = instance_meta(ds, path="p", size=1, transfer_syntax="1.2.840.10008.1.2.1", calling_ae="X",
+                         checked=("1.2.3", "1.2.4", "1.2.5", "1.2.840.10008.5.1.4.1.1.2"))
+    assert (meta.accession_number, meta.modality, meta.slice_thickness) == ("A1\\B2", "CT\\PT", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from node.receive.checks import CONVERT, drop_unreadable_metadata, identity, raw_text, tag_of
 from node.store import InstanceMeta
@@ -20,6 +21,8 @@ def _text(ds: Dataset, keyword: str) -> str | None:
         return plain  # type: ignore[return-value]
     elem = ds.get(tag_of(keyword))  # by tag: a keyword lookup costs more than the value (once per instance)
     value = None if elem is None else elem.value
+    if isinstance(value, MultiValue):  # several values (a sender's error for most): as DICOM writes them,
+        value = "\\".join(str(v).strip() for v in value)  # not Python's "['A', 'B']"
     return str(value).strip() if value not in (None, "") else None
 
 
