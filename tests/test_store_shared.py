@@ -5,6 +5,7 @@ SQLite serves one node process (its writers are serialised by the Store's lock):
 tests run their threads on one Store, as one node's threads do.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -240,3 +241,16 @@ def test_claiming_processes_never_share_a_job(pg_url):
     assert all(p.returncode == 0 for p in procs)
     assert sorted(j for g in got for j in g) == sorted(ids)
     assert sum(1 for g in got if g) == 4  # the processes really competed
+
+
+def test_a_descriptive_value_longer_than_its_column_is_indexed_cut_not_refused(stores):
+    """A sender's over-long text (a 20-character accession number, where SH allows 16) must not make the
+    row's INSERT fail on PostgreSQL, which would refuse the instance, and every resend of it: the file keeps
+    the whole value, the index a cut one."""
+    (store,) = stores(1)
+    long = {"patient_id": "P" * 70, "accession_number": "A" * 20, "study_description": "S" * 70,
+            "modality": "M" * 20, "body_part": "B" * 70, "series_description": "D" * 70}
+    m = dataclasses.replace(meta("1.2.9", 1), **long)
+    assert store.add_instances([m]) == [True]
+    study = store.get_study("1.2.9")
+    assert (study.accession_number, study.patient_id) == ("A" * 16, "P" * 64)

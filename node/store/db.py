@@ -214,6 +214,20 @@ _COUNT_STUDY = text(
     f"completion_reason = CASE WHEN state = '{StudyState.RECEIVING}' THEN completion_reason ELSE NULL END, "
     f"state = '{StudyState.RECEIVING}' WHERE study_uid = :study_uid")
 _COUNT_SERIES = text("UPDATE series SET instance_count = instance_count + 1 WHERE series_uid = :series_uid")
+# The store row's descriptive text, cut to its column: a sender's over-long value (an accession number longer
+# than SH's 16 characters) would fail the INSERT on PostgreSQL and so refuse the instance at every resend.
+# The spool file keeps the whole value.
+_TEXT_LIMITS = {name: column.type.length for name, column in (
+    ("patient_id", Study.patient_id), ("accession_number", Study.accession_number),
+    ("study_description", Study.study_description), ("modality", Series.modality), ("body_part", Series.body_part),
+    ("series_description", Series.description), ("calling_ae", Instance.calling_ae))}
+
+
+def _cut(value: str | None, field: str) -> str | None:
+    limit = _TEXT_LIMITS[field]
+    return value if value is None or len(value) <= limit else value[:limit]
+
+
 _HAS_INSTANCE = text("SELECT 1 FROM instances WHERE sop_instance_uid = :uid")
 _RECEIVE_SQL = {"study": _INSERT_STUDY, "series": _INSERT_SERIES, "instance": _INSERT_INSTANCE,
                 "count_study": _COUNT_STUDY, "count_series": _COUNT_SERIES, "has": _HAS_INSTANCE}
@@ -365,18 +379,22 @@ class Store:
         with self._write, self._receive_cursor() as cur:
             try:
                 for m in metas:
+                    calling_ae = _cut(m.calling_ae, "calling_ae")
                     cur.execute(sql["study"], {
-                        "study_uid": m.study_uid, "patient_id": m.patient_id, "accession_number": m.accession_number,
-                        "study_description": m.study_description, "calling_ae": m.calling_ae, "now": now})
+                        "study_uid": m.study_uid, "patient_id": _cut(m.patient_id, "patient_id"),
+                        "accession_number": _cut(m.accession_number, "accession_number"),
+                        "study_description": _cut(m.study_description, "study_description"),
+                        "calling_ae": calling_ae, "now": now})
                     cur.execute(sql["series"], {
-                        "series_uid": m.series_uid, "study_uid": m.study_uid, "modality": m.modality,
-                        "body_part": m.body_part, "description": m.series_description,
+                        "series_uid": m.series_uid, "study_uid": m.study_uid, "modality": _cut(m.modality, "modality"),
+                        "body_part": _cut(m.body_part, "body_part"),
+                        "description": _cut(m.series_description, "series_description"),
                         "slice_thickness": m.slice_thickness})
                     cur.execute(sql["instance"], {
                         "sop_instance_uid": m.sop_instance_uid, "series_uid": m.series_uid,
                         "study_uid": m.study_uid, "sop_class_uid": m.sop_class_uid,
                         "transfer_syntax": m.transfer_syntax, "path": m.path, "size_bytes": m.size_bytes,
-                        "calling_ae": m.calling_ae, "now": now})
+                        "calling_ae": calling_ae, "now": now})
                     new = cur.rowcount == 1
                     if new:
                         cur.execute(sql["count_study"], {"study_uid": m.study_uid, "now": now})
