@@ -466,6 +466,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, help="record the node with py-spy (GIL-holding samples) into this "
                     "folder and print where its time went; needs `pip install py-spy`")
     args = ap.parse_args()
+    # `kill` (SIGTERM) stops the run as Ctrl-C does: the finally blocks below stop the receivers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global NAGLE, PROFILE
     NAGLE = args.nagle
     if args.profile:
