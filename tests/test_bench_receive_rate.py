@@ -1,10 +1,10 @@
-"""bench/receive_rate.py's durable-write ceiling: the figure the note's storescp target is weighed against."""
+"""bench/receive_rate.py's storescp rate with a durable write added: the figure the note's storescp target is weighed against."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.receive_rate import durable_ceiling, durable_write_s
+from bench.receive_rate import with_durable_write, durable_write_s
 
 
 def test_durable_write_times_each_file_and_leaves_nothing_behind(tmp_path):
@@ -19,6 +19,6 @@ def test_durable_write_times_each_file_and_leaves_nothing_behind(tmp_path):
     assert not folder.exists()
 
 
-def test_the_ceiling_adds_the_write_to_each_associations_round_trip():
-    assert durable_ceiling(1000.0, 1, 0.001) == pytest.approx(500.0)  # 1 ms round trip + 1 ms write
-    assert durable_ceiling(1000.0, 4, 0.001) == pytest.approx(800.0)  # 4 ms round trip each + 1 ms write
+def test_the_estimate_adds_the_write_to_each_associations_round_trip():
+    assert with_durable_write(1000.0, 1, 0.001) == pytest.approx(500.0)  # 1 ms round trip + 1 ms write
+    assert with_durable_write(1000.0, 4, 0.001) == pytest.approx(800.0)  # 4 ms round trip each + 1 ms write
