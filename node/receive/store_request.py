@@ -5,9 +5,9 @@ Two steps of pynetdicom's, both per received instance:
 1. `decode_msg`: pynetdicom decodes each command set with pydicom's reader and then reads its Command Field
    and Data Set Type through pydicom's conversion (about 45 µs of the 86 µs it takes to take in a CT
    slice's 6 P-DATA). Here, with no listener bound to EVT_DIMSE_RECV (node/logs.py binds none), a command
-   set that arrives whole in its first fragment (as DCMTK and pynetdicom send it) is read from its bytes by `plain_command` when it is a plain C-STORE-RQ with a data set; the
-   message is then a `C_STORE_RQ` whose pydicom command set is decoded only if something asks for it
-   (`command_set`). Its data set fragments take pynetdicom's path unchanged. Anything else (another message,
+   set that arrives whole in its first fragment (as DCMTK and pynetdicom send it) is read from its bytes by
+   `plain_command` when it is a plain C-STORE-RQ with a data set; the message is then a `C_STORE_RQ`
+   (PlainStoreRQ) whose pydicom command set is decoded only if something asks for it (`command_set`). Its data set fragments take pynetdicom's path unchanged. Anything else (another message,
    a command set in pieces, an element not listed below, a length its VR does not imply, pynetdicom's
    chunked data set mode) takes pynetdicom's path from the start.
 2. `message_to_primitive`, below.
@@ -101,7 +101,6 @@ class PlainStoreRQ(C_STORE_RQ):
 
 
 PlainStoreRQ.__name__ = PlainStoreRQ.__qualname__ = "C_STORE_RQ"  # pynetdicom's message_to_primitive goes by name
-
 
 
 def decode_msg(self: DIMSEMessage, primitive: Any, assoc: Any = None) -> bool:
