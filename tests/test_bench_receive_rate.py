@@ -1,4 +1,5 @@
-"""bench/receive_rate.py's storescp rate with a durable write added: the figure the note's storescp target is weighed against."""
+"""bench/receive_rate.py's durable write timing and its estimate of storescp's rate with that write added
+(what the storescp target is weighed against)."""
 
 from __future__ import annotations
 

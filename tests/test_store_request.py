@@ -147,7 +147,8 @@ def test_what_plain_command_leaves_to_pynetdicom():
     no_data_set = raw.replace(element(0, 0x0800, (0x0001).to_bytes(2, "little")),
                               element(0, 0x0800, (0x0101).to_bytes(2, "little")))
     assert no_data_set != raw
-    echo = raw.replace(element(0, 0x0100, (0x0001).to_bytes(2, "little")), element(0, 0x0100, (0x0030).to_bytes(2, "little")))
+    echo = raw.replace(element(0, 0x0100, (0x0001).to_bytes(2, "little")),
+                       element(0, 0x0100, (0x0030).to_bytes(2, "little")))
     assert echo != raw
     for bad in (raw[:-3],  # cut short: the last value runs past the end
                 raw + b"\x00" * 5,  # trailing bytes shorter than an element header

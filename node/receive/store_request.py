@@ -7,9 +7,10 @@ Two steps of pynetdicom's, both per received instance:
    slice's 6 P-DATA). Here, with no listener bound to EVT_DIMSE_RECV (node/logs.py binds none), a command
    set that arrives whole in its first fragment (as DCMTK and pynetdicom send it) is read from its bytes by
    `plain_command` when it is a plain C-STORE-RQ with a data set; the message is then a `C_STORE_RQ`
-   (PlainStoreRQ) whose pydicom command set is decoded only if something asks for it (`command_set`). Its data set fragments take pynetdicom's path unchanged. Anything else (another message,
-   a command set in pieces, an element not listed below, a length its VR does not imply, pynetdicom's
-   chunked data set mode) takes pynetdicom's path from the start.
+   (PlainStoreRQ) whose pydicom command set is decoded only if something asks for it (`command_set`). Its
+   data set fragments take pynetdicom's path unchanged. Anything else (another message, a command set in
+   pieces, an element not listed below, a length its VR does not imply, pynetdicom's chunked data set mode)
+   takes pynetdicom's path from the start.
 2. `message_to_primitive`, below.
 
 pynetdicom turns every received DIMSE message into a primitive by walking its command set (a pydicom
