@@ -460,6 +460,35 @@ def test_bad_data_set_is_refused_audited_and_leaves_nothing(node, base, name):
     assert node.proc.poll() is None and echo_ok(node)
 
 
+def _peak_rss_mb(pid: int) -> dict[int, int]:
+    """VmHWM of the process and its children, by pid."""
+    pids = [pid] + [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                    for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    out = {}
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out[p] = int(line.split()[1]) // 1024
+    return out
+
+
+def test_a_data_set_far_past_the_limit_is_refused_without_being_held_in_memory(node, base):
+    """A sender that sends 100 MB to a node that takes at most 1 MB: refused 0xA700 once it has all arrived
+    (the association goes on), and no process of the node held it (store_request.CappedDataSet)."""
+    ds = with_values(fresh(base), Rows=5000, Columns=10000)
+    ds.PixelData = bytes(5000 * 10000 * 2)
+    raw, rq_uid = enc(ds), str(ds.SOPInstanceUID)
+    del ds
+    before = _peak_rss_mb(node.proc.pid)
+    with association(node) as assoc:
+        status, comment = send_raw(assoc, raw, rq_uid)
+        assert status == OUT_OF_RESOURCES and "larger than node.max_dataset_mb (95 MB)" in comment, comment
+        assert assoc.send_c_echo().Status == SUCCESS
+    after = _peak_rss_mb(node.proc.pid)
+    grown = {p: after[p] - before.get(p, 0) for p in after}
+    assert max(grown.values()) < 40, grown  # 100 MB held would show as about 100
+
+
 def test_wrong_vr_on_descriptive_attributes_is_accepted_but_not_indexed(node, base):
     """PatientID sent as IS and SliceThickness as a 3-byte FD: the instance is stored as received.
 

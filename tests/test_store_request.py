@@ -19,10 +19,11 @@ FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priorit
 
 
 class _Assoc:
-    """What decode_msg asks of the association: the listeners bound to an event."""
+    """What decode_msg asks of the association: the listeners bound to an event, the AE's data set limit."""
 
-    def __init__(self, *handlers: object) -> None:
+    def __init__(self, *handlers: object, limit: int | None = None) -> None:
         self.handlers = list(handlers)
+        self.ae = type("AE", (), {"ainode_max_data_set_bytes": limit})()
 
     def get_handlers(self, event: object) -> list[object]:
         return self.handlers if event is evt.EVT_DIMSE_RECV else []
@@ -164,3 +165,26 @@ def test_with_a_listener_for_received_messages_bound_pynetdicom_decodes_the_comm
     got = DIMSEMessage()
     assert not got.decode_msg(_sent(_request())[0], _Assoc(lambda event: None))
     assert type(got) is C_STORE_RQ
+
+
+def test_a_capped_data_set_keeps_up_to_its_limit_and_then_only_counts():
+    buf = store_request.CappedDataSet(10)
+    assert buf.write(b"12345") == 5 and buf.write(b"67890") == 5
+    assert (buf.getvalue(), buf.over, buf.received) == (b"1234567890", False, 10)  # the limit itself is kept
+    assert buf.write(b"x") == 1
+    assert (buf.getvalue(), buf.over, buf.received) == (b"", True, 11)  # what it held is let go
+    buf.write(b"y" * 1000)
+    assert (buf.getvalue(), buf.received) == (b"", 1011)
+
+
+def test_a_data_set_past_the_aes_limit_is_counted_not_held():
+    got = DIMSEMessage()
+    assert not got.decode_msg(_sent(_request())[0], _Assoc(limit=6))
+    for fragment in (b"\x00" + b"a" * 4, b"\x02" + b"b" * 4):  # 8 bytes in all, past the limit of 6
+        p = P_DATA()
+        p.presentation_data_value_list.append((3, fragment))
+        done = got.decode_msg(p, QUIET)
+    assert done
+    primitive = store_request.message_to_primitive(got)
+    assert isinstance(primitive.DataSet, store_request.CappedDataSet)
+    assert (primitive.DataSet.over, primitive.DataSet.received, primitive.DataSet.getvalue()) == (True, 8, b"")

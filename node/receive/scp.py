@@ -136,6 +136,9 @@ CANNOT_UNDERSTAND = 0xC000
 DATA_SET_MISMATCH = 0xA900
 
 
+MAX_PDU_BYTES = 4 * 1024 * 1024  # the largest P-DATA PDU the node accepts (A-ASSOCIATE-AC)
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -212,7 +215,10 @@ class StoreSCP:
         ae.network_timeout = self.cfg.network_timeout_s
         ae.acse_timeout = min(self.cfg.network_timeout_s, 10.0)
         ae.dimse_timeout = self.cfg.network_timeout_s
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
+        # Large PDUs (fewer of them: storescu sends 128 KB ones anyway), but not unlimited: each PDU is read
+        # whole into memory, and without a limit pynetdicom sends a data set as one PDU of its full size.
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.ainode_max_data_set_bytes = int(self.cfg.max_dataset_mb * 1024 * 1024)  # store_request.CappedDataSet
         ae.add_supported_context(sc.Verification)
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -510,6 +516,10 @@ class StoreSCP:
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
         limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
         transfer_syntax = UID(str(event.context.transfer_syntax))
+        received = event.request.DataSet
+        if isinstance(received, store_request.CappedDataSet) and received.over:  # not held: only counted
+            return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
+                                f"({received.received // 2**20} MB)", calling, ip, rq_uid or None)
         data_set = event.encoded_dataset(include_meta=False)
         if len(data_set) > limit:
             return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "

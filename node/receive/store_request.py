@@ -11,6 +11,9 @@ Two steps of pynetdicom's, both per received instance:
    data set fragments take pynetdicom's path unchanged. Anything else (another message, a command set in
    pieces, an element not listed below, a length its VR does not imply, pynetdicom's chunked data set mode)
    takes pynetdicom's path from the start.
+   Its data set is gathered in a `CappedDataSet`: past node.max_dataset_mb (the AE's
+   `ainode_max_data_set_bytes`, set by the receiver) it keeps nothing more and only counts, so a sender
+   that sends more is refused (0xA700) without the node holding it all in memory first.
 2. `message_to_primitive`, below.
 
 pynetdicom turns every received DIMSE message into a primitive by walking its command set (a pydicom
@@ -83,6 +86,27 @@ def plain_command(raw: bytes) -> tuple[Any, Any, Any, Any] | None:
             None if priority is None else int.from_bytes(priority, "little"))
 
 
+class CappedDataSet(BytesIO):
+    """A received data set that keeps at most `limit` bytes: past it, it drops what it held and only counts
+    (`over`, `received`). The receiver then refuses the instance as too large."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.received, self.over = limit, 0, False
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        n = len(data)
+        self.received += n
+        if self.over:
+            return n
+        if self.received > self.limit:
+            self.over = True
+            self.seek(0)
+            self.truncate()
+            return n
+        return super().write(data)
+
+
 class PlainStoreRQ(C_STORE_RQ):
     """A C-STORE-RQ whose command set was read by `plain_command`; pydicom decodes it only when asked."""
 
@@ -119,6 +143,9 @@ def decode_msg(self: DIMSEMessage, primitive: Any, assoc: Any = None) -> bool:
         return _pynetdicom_decode_msg(self, primitive, assoc)
     self.__class__ = PlainStoreRQ
     self.command_bytes, self.plain, self.context_id = raw, plain, context_id  # type: ignore[attr-defined]
+    limit = getattr(getattr(assoc, "ae", None), "ainode_max_data_set_bytes", None)
+    if limit is not None:
+        self.data_set = CappedDataSet(limit)
     if len(pdvs) == 1:
         return False
     rest = P_DATA()
