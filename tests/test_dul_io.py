@@ -13,9 +13,22 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+
 from node.receive import dul_io
 
 LONG = 5.0
+
+
+@pytest.fixture
+def pair():  # type: ignore[no-untyped-def]
+    """Two connected sockets, both closed after the test (a closed one again harmlessly)."""
+    a, b = socket.socketpair()
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
 
 
 def _feed(sock: socket.socket, chunks: list[bytes], close: bool) -> threading.Thread:
@@ -31,98 +44,76 @@ def _feed(sock: socket.socket, chunks: list[bytes], close: bool) -> threading.Th
     return t
 
 
-def test_recv_returns_exactly_the_bytes_asked_for_across_partial_reads():
-    a, b = socket.socketpair()
-    try:
-        payload = bytes(range(256)) * 2048  # 512 KiB, sent in uneven pieces
-        feeder = _feed(b, [payload[:1000], payload[1000:70000], payload[70000:]] + [b"next"], close=False)
-        got = dul_io.recv(SimpleNamespace(socket=a), len(payload))
-        assert isinstance(got, bytearray) and got == payload
-        assert dul_io.recv(SimpleNamespace(socket=a), 4) == b"next"  # what was read ahead comes first
-        feeder.join()
-    finally:
-        a.close()
-        b.close()
+def test_recv_returns_exactly_the_bytes_asked_for_across_partial_reads(pair):
+    a, b = pair
+    payload = bytes(range(256)) * 2048  # 512 KiB, sent in uneven pieces
+    feeder = _feed(b, [payload[:1000], payload[1000:70000], payload[70000:]] + [b"next"], close=False)
+    got = dul_io.recv(SimpleNamespace(socket=a), len(payload))
+    assert isinstance(got, bytearray) and got == payload
+    assert dul_io.recv(SimpleNamespace(socket=a), 4) == b"next"  # what was read ahead comes first
+    feeder.join()
 
 
-def test_recv_grows_its_buffer_as_bytes_arrive(monkeypatch):  # type: ignore[no-untyped-def]
+def test_recv_grows_its_buffer_as_bytes_arrive(monkeypatch, pair):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(dul_io, "PREALLOCATE", 1000)
-    a, b = socket.socketpair()
-    try:
-        payload = bytes(range(256)) * 2048
-        feeder = _feed(b, [payload[:700], payload[700:5000], payload[5000:]], close=False)
-        assert dul_io.recv(SimpleNamespace(socket=a), len(payload)) == payload
-        feeder.join()
-    finally:
-        a.close()
-        b.close()
+    a, b = pair
+    payload = bytes(range(256)) * 2048
+    feeder = _feed(b, [payload[:700], payload[700:5000], payload[5000:]], close=False)
+    assert dul_io.recv(SimpleNamespace(socket=a), len(payload)) == payload
+    feeder.join()
 
 
-def test_a_huge_announced_length_allocates_only_what_arrives():
+def test_a_huge_announced_length_allocates_only_what_arrives(pair):
     """6 bytes announcing a 1.5 GB PDU made the node allocate 1.5 GB (RSS 151 -> 1582 MB), before any
     AE title or address check."""
     import tracemalloc
 
-    a, b = socket.socketpair()
+    a, b = pair
+    feeder = _feed(b, [b"x" * 100], close=True)
+    tracemalloc.start()
     try:
-        feeder = _feed(b, [b"x" * 100], close=True)
-        tracemalloc.start()
-        try:
-            got = dul_io.recv(SimpleNamespace(socket=a), 1_500_000_000)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        feeder.join()
-        assert got == b"x" * 100
-        assert peak < 2 * dul_io.PREALLOCATE + 2**20, peak
+        got = dul_io.recv(SimpleNamespace(socket=a), 1_500_000_000)
+        _, peak = tracemalloc.get_traced_memory()
     finally:
-        a.close()
+        tracemalloc.stop()
+    feeder.join()
+    assert got == b"x" * 100
+    assert peak < 2 * dul_io.PREALLOCATE + 2**20, peak
 
 
-def test_recv_returns_what_came_before_the_peer_closed():
-    a, b = socket.socketpair()
-    try:
-        feeder = _feed(b, [b"abc", b"de"], close=True)
-        got = dul_io.recv(SimpleNamespace(socket=a), 100)
-        feeder.join()
-        assert got == bytearray(b"abcde")
-    finally:
-        a.close()
+def test_recv_returns_what_came_before_the_peer_closed(pair):
+    a, b = pair
+    feeder = _feed(b, [b"abc", b"de"], close=True)
+    got = dul_io.recv(SimpleNamespace(socket=a), 100)
+    feeder.join()
+    assert got == bytearray(b"abcde")
 
 
 def _dul(sock: socket.socket) -> SimpleNamespace:
     return SimpleNamespace(socket=SimpleNamespace(socket=sock, _is_connected=True), to_provider_queue=queue.Queue())
 
 
-def test_the_dul_wait_ends_when_the_socket_has_data():
-    a, b = socket.socketpair()
-    try:
-        threading.Timer(0.05, b.sendall, args=(b"x",)).start()
-        t0 = time.monotonic()
-        dul_io._dul_idle(_dul(a), LONG)
-        assert time.monotonic() - t0 < LONG / 2
-    finally:
-        a.close()
-        b.close()
+def test_the_dul_wait_ends_when_the_socket_has_data(pair):
+    a, b = pair
+    threading.Timer(0.05, b.sendall, args=(b"x",)).start()
+    t0 = time.monotonic()
+    dul_io._dul_idle(_dul(a), LONG)
+    assert time.monotonic() - t0 < LONG / 2
 
 
-def test_the_dul_wait_is_a_plain_sleep_when_a_primitive_waits_or_the_socket_is_gone():
-    a, b = socket.socketpair()
-    try:
-        dul = _dul(a)
-        dul.to_provider_queue.put("primitive")
-        b.sendall(b"x")  # readable, but a queued primitive means the loop has work: it sleeps as before
-        t0 = time.monotonic()
-        dul_io._dul_idle(dul, 0.05)
-        assert time.monotonic() - t0 >= 0.05
-        closed = _dul(a)
-        closed.socket._is_connected = False
-        t0 = time.monotonic()
-        dul_io._dul_idle(closed, 0.05)
-        assert time.monotonic() - t0 >= 0.05
-    finally:
-        a.close()
-        b.close()
+def test_the_dul_wait_is_a_plain_sleep_when_a_primitive_waits_or_the_socket_is_gone(pair):
+    a, b = pair
+    dul = _dul(a)
+    dul.to_provider_queue.put("primitive")
+    b.sendall(b"x")  # readable, but a queued primitive means the loop has work: it sleeps as before
+    t0 = time.monotonic()
+    dul_io._dul_idle(dul, 0.05)
+    assert time.monotonic() - t0 >= 0.05
+    closed = _dul(a)
+    closed.socket._is_connected = False
+    t0 = time.monotonic()
+    dul_io._dul_idle(closed, 0.05)
+    assert time.monotonic() - t0 >= 0.05
 
 
 def test_the_association_wait_ends_when_a_message_is_queued():
@@ -459,50 +450,38 @@ class _NoMoreReads:
         raise AssertionError("read the socket")
 
 
-def test_the_next_pdus_header_comes_with_the_body_before_it_and_is_served_without_a_read():
-    a, b = socket.socketpair()
-    try:
-        body, header = bytes(range(256)) * 64, b"\x04\x00\x00\x00\x00\x10"
-        b.sendall(body + header + b"rest of the next PDU")
-        transport = SimpleNamespace(socket=a, _is_connected=True)
-        assert dul_io.recv(transport, len(body)) == body
-        assert dul_io.ahead(transport) == dul_io.READ_AHEAD == 6
-        assert dul_io.ready(transport)
-        transport.socket = _NoMoreReads()
-        assert dul_io.recv(transport, 2) == header[:2]  # served in pieces too
-        assert dul_io.recv(transport, 4) == header[2:]
-        assert dul_io.ahead(transport) == 0
-        transport.socket = a
-        assert dul_io.recv(transport, 20) == b"rest of the next PDU"
-    finally:
-        a.close()
-        b.close()
+def test_the_next_pdus_header_comes_with_the_body_before_it_and_is_served_without_a_read(pair):
+    a, b = pair
+    body, header = bytes(range(256)) * 64, b"\x04\x00\x00\x00\x00\x10"
+    b.sendall(body + header + b"rest of the next PDU")
+    transport = SimpleNamespace(socket=a, _is_connected=True)
+    assert dul_io.recv(transport, len(body)) == body
+    assert dul_io.ahead(transport) == dul_io.READ_AHEAD == 6
+    assert dul_io.ready(transport)
+    transport.socket = _NoMoreReads()
+    assert dul_io.recv(transport, 2) == header[:2]  # served in pieces too
+    assert dul_io.recv(transport, 4) == header[2:]
+    assert dul_io.ahead(transport) == 0
+    transport.socket = a
+    assert dul_io.recv(transport, 20) == b"rest of the next PDU"
 
 
-def test_a_header_read_ahead_in_part_is_completed_from_the_socket():
-    a, b = socket.socketpair()
-    try:
-        transport = SimpleNamespace(socket=a, _is_connected=True)
-        b.sendall(b"body" + b"\x04\x00")
-        got = dul_io.recv(transport, 4)
-        assert got == b"body" and dul_io.ahead(transport) in (0, 2)
-        b.sendall(b"\x00\x00\x00\x02")
-        assert dul_io.recv(transport, 6) == b"\x04\x00\x00\x00\x00\x02"
-    finally:
-        a.close()
-        b.close()
+def test_a_header_read_ahead_in_part_is_completed_from_the_socket(pair):
+    a, b = pair
+    transport = SimpleNamespace(socket=a, _is_connected=True)
+    b.sendall(b"body" + b"\x04\x00")
+    got = dul_io.recv(transport, 4)
+    assert got == b"body" and dul_io.ahead(transport) in (0, 2)
+    b.sendall(b"\x00\x00\x00\x02")
+    assert dul_io.recv(transport, 6) == b"\x04\x00\x00\x00\x00\x02"
 
 
-def test_the_reactors_idle_wait_returns_at_once_while_bytes_read_ahead_wait():
-    a, b = socket.socketpair()
-    try:
-        b.sendall(b"xy")
-        dul = _dul(a)
-        dul.socket.recv = lambda n: dul_io.recv(dul.socket, n)
-        assert dul.socket.recv(1) == b"x" and dul_io.ahead(dul.socket) == 1
-        t0 = time.monotonic()
-        dul_io._dul_idle(dul, 1.0)  # select() would see nothing: the byte is held in the process
-        assert time.monotonic() - t0 < 0.5
-    finally:
-        a.close()
-        b.close()
+def test_the_reactors_idle_wait_returns_at_once_while_bytes_read_ahead_wait(pair):
+    a, b = pair
+    b.sendall(b"xy")
+    dul = _dul(a)
+    dul.socket.recv = lambda n: dul_io.recv(dul.socket, n)
+    assert dul.socket.recv(1) == b"x" and dul_io.ahead(dul.socket) == 1
+    t0 = time.monotonic()
+    dul_io._dul_idle(dul, 1.0)  # select() would see nothing: the byte is held in the process
+    assert time.monotonic() - t0 < 0.5
