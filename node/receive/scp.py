@@ -178,6 +178,7 @@ class StoreSCP:
         accept on the port (node/receive/accept_turns.py), and counts the associations the other processes
         hold against node.max_associations."""
         self.cfg = cfg
+        self.max_data_set_bytes = int(cfg.max_dataset_mb * 1024 * 1024)
         self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
         self.min_free_bytes = min_free_mb * 1024 * 1024
@@ -218,7 +219,7 @@ class StoreSCP:
         # Large PDUs (fewer of them: storescu sends 128 KB ones anyway), but not unlimited: each PDU is read
         # whole into memory, and without a limit pynetdicom sends a data set as one PDU of its full size.
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.ainode_max_data_set_bytes = int(self.cfg.max_dataset_mb * 1024 * 1024)  # store_request.CappedDataSet
+        ae.ainode_max_data_set_bytes = self.max_data_set_bytes  # store_request.CappedDataSet
         ae.add_supported_context(sc.Verification)
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -514,16 +515,14 @@ class StoreSCP:
     def _store(self, event: evt.Event, alone: bool) -> Dataset | int:
         calling, ip, _ = self._peer(event)
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
-        limit = int(self.cfg.max_dataset_mb * 1024 * 1024)
+        limit = self.max_data_set_bytes
         transfer_syntax = UID(str(event.context.transfer_syntax))
         received = event.request.DataSet
-        if isinstance(received, store_request.CappedDataSet) and received.over:  # not held: only counted
+        over = isinstance(received, store_request.CappedDataSet) and received.over  # not held: only counted
+        data_set = b"" if over else event.encoded_dataset(include_meta=False)
+        if (arrived := received.received if over else len(data_set)) > limit:
             return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
-                                f"({received.received // 2**20} MB)", calling, ip, rq_uid or None)
-        data_set = event.encoded_dataset(include_meta=False)
-        if len(data_set) > limit:
-            return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
-                                f"({len(data_set) // 2**20} MB)", calling, ip, rq_uid or None)
+                                f"({arrived // 2**20} MB)", calling, ip, rq_uid or None)
         try:
             prefix = part10_prefix(str(event.request.AffectedSOPClassUID or ""), rq_uid, transfer_syntax)
         except Exception as exc:  # noqa: BLE001 - a request whose UIDs pydicom cannot encode
