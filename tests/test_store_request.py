@@ -3,6 +3,8 @@ pynetdicom builds, and anything unusual is left to pynetdicom."""
 
 from __future__ import annotations
 
+import errno
+import os
 from io import BytesIO
 
 import pytest
@@ -13,17 +15,27 @@ from pynetdicom.pdu_primitives import P_DATA
 
 import node.receive.scp  # noqa: F401 - installs store_request on import
 from node.receive import store_request
+from node.receive.spill import SpillFile
 
 FIELDS = ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
           "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID")
 
 
 class _Assoc:
-    """What decode_msg asks of the association: the listeners bound to an event, the AE's data set limit."""
+    """What decode_msg asks of the association: the listeners bound to an event, the receiver's data set
+    maker (a CappedDataSet of `limit`; the request values it was asked with are in `asked`), the accepted
+    context's transfer syntax."""
 
     def __init__(self, *handlers: object, limit: int | None = None) -> None:
         self.handlers = list(handlers)
-        self.ae = type("AE", (), {"ainode_max_data_set_bytes": limit})()
+        self.asked: list[tuple[object, ...]] = []
+        self.ae = type("AE", (), {"ainode_new_data_set": None if limit is None else self._new})()
+        self.limit = limit
+        self._accepted_cx = {3: type("Context", (), {"transfer_syntax": ["1.2.840.10008.1.2.1"]})()}
+
+    def _new(self, *request: object) -> store_request.CappedDataSet:
+        self.asked.append(request)
+        return store_request.CappedDataSet(self.limit)  # type: ignore[arg-type]
 
     def get_handlers(self, event: object) -> list[object]:
         return self.handlers if event is evt.EVT_DIMSE_RECV else []
@@ -179,7 +191,9 @@ def test_a_capped_data_set_keeps_up_to_its_limit_and_then_only_counts():
 
 def test_a_data_set_past_the_aes_limit_is_counted_not_held():
     got = DIMSEMessage()
-    assert not got.decode_msg(_sent(_request())[0], _Assoc(limit=6))
+    assoc = _Assoc(limit=6)
+    assert not got.decode_msg(_sent(_request())[0], assoc)
+    assert assoc.asked == [("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.7", "1.2.840.10008.1.2.1")]
     for fragment in (b"\x00" + b"a" * 4, b"\x02" + b"b" * 4):  # 8 bytes in all, past the limit of 6
         p = P_DATA()
         p.presentation_data_value_list.append((3, fragment))
@@ -188,3 +202,52 @@ def test_a_data_set_past_the_aes_limit_is_counted_not_held():
     primitive = store_request.message_to_primitive(got)
     assert isinstance(primitive.DataSet, store_request.CappedDataSet)
     assert (primitive.DataSet.over, primitive.DataSet.received, primitive.DataSet.getvalue()) == (True, 8, b"")
+
+
+def _spill_to(tmp_path):  # type: ignore[no-untyped-def]
+    opened: list[SpillFile] = []
+
+    def open_spill() -> SpillFile:
+        path = tmp_path / f"{len(opened)}.part"
+        opened.append(SpillFile(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL), b"META"))
+        return opened[-1]
+    return opened, open_spill
+
+
+def test_past_its_spill_size_a_data_set_goes_on_in_a_file_that_starts_with_its_file_meta(tmp_path):
+    opened, open_spill = _spill_to(tmp_path)
+    buf = store_request.CappedDataSet(100, 6, open_spill)
+    buf.write(b"12345")
+    buf.write(memoryview(b"678"))  # 8 > 6: what was held, then this, go to the file
+    buf.write(b"90")
+    assert (buf.getvalue(), buf.received, buf.spill) == (b"", 10, opened[0])
+    assert bytes(buf.spill.data_set()) == b"1234567890"
+    path = buf.spill.sync()
+    assert path.read_bytes() == b"META1234567890"
+    buf.spill.close()
+    assert path.exists()  # synced: the caller renames it, nothing deletes it
+
+
+def test_a_spilled_data_set_past_its_limit_loses_its_file_and_one_never_taken_is_deleted(tmp_path):
+    opened, open_spill = _spill_to(tmp_path)
+    buf = store_request.CappedDataSet(10, 4, open_spill)
+    buf.write(b"12345")
+    buf.write(b"678901")  # past the limit of 10
+    assert (buf.over, buf.spill, buf.received) == (True, None, 11)
+    assert not list(tmp_path.iterdir())
+    dropped = store_request.CappedDataSet(100, 4, open_spill)
+    dropped.write(b"12345")
+    assert list(tmp_path.iterdir()) == [opened[1].path]
+    del dropped, opened[:]  # an association aborted mid-data-set: nothing holds it any more
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_spill_file_that_cannot_be_written_is_kept_as_the_error_and_the_rest_only_counted():
+    def full() -> SpillFile:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    buf = store_request.CappedDataSet(100, 4, full)
+    buf.write(b"12345")
+    buf.write(b"678")
+    assert isinstance(buf.failed, OSError) and buf.failed.errno == errno.ENOSPC
+    assert (buf.getvalue(), buf.received, buf.spill) == (b"", 8, None)

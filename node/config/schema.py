@@ -62,6 +62,10 @@ class NodeSection(Strict):
         f"{AUTO_RECEIVE_PROCESSES_MAX} (1 with deid). Not above 1 with deid (returned results are handled in "
         "the node process only).")
     max_dataset_mb: float = Field(2048, gt=0, description="A larger data set is refused (0xA700), not stored.")
+    receive_to_disk_mb: float = Field(
+        16, gt=0, description="A data set larger than this is received straight into its file on the spool disk "
+        "instead of memory (multi-frame images: tomosynthesis, whole-slide); smaller ones are gathered in memory "
+        "and written at once, the fastest way for single slices.")
     network_timeout_s: float = Field(60, gt=0)
     tls: TlsSettings | None = Field(None, description="DICOM TLS on node.port (then TLS only). Default: plain TCP.")
 

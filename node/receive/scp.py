@@ -6,6 +6,8 @@ and a store row. Everything else happens later in the assembler and workers.
 
 from __future__ import annotations
 
+import errno
+import functools
 import gc
 import ipaddress
 import logging
@@ -46,6 +48,7 @@ from node.dispatch.commitment import STORAGE_COMMITMENT, record_report
 from node.receive import checks, dimse_uids, dul_io, dul_store, p_data, store_request, store_response
 from node.receive.accept_turns import AcceptTurns, turn_taking
 from node.receive.group_commit import GroupCommit
+from node.receive.spill import SpillFile
 from node.receive.spool import Spool
 from node.receive.header import instance_meta
 from node.receive.part10 import part10_prefix, read_header
@@ -179,6 +182,7 @@ class StoreSCP:
         hold against node.max_associations."""
         self.cfg = cfg
         self.max_data_set_bytes = int(cfg.max_dataset_mb * 1024 * 1024)
+        self.receive_to_disk_bytes = int(cfg.receive_to_disk_mb * 1024 * 1024)
         self.returns = returns  # node.deid.returns.ReturnedResults: results an external service sends back
         self.ssl_context = ssl_context  # from node.tls (node.config.tls.server_context); None: plain TCP
         self.min_free_bytes = min_free_mb * 1024 * 1024
@@ -219,7 +223,7 @@ class StoreSCP:
         # Large PDUs (fewer of them: storescu sends 128 KB ones anyway), but not unlimited: each PDU is read
         # whole into memory, and without a limit pynetdicom sends a data set as one PDU of its full size.
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.ainode_max_data_set_bytes = self.max_data_set_bytes  # store_request.CappedDataSet
+        ae.ainode_new_data_set = self._new_data_set  # store_request.decode_msg
         ae.add_supported_context(sc.Verification)
         for uid in STORAGE_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -228,6 +232,24 @@ class StoreSCP:
         ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
                                  scu_role=False, scp_role=True)
         return ae
+
+    def _new_data_set(self, sop_class: str | None, sop_instance: str | None,
+                      transfer_syntax: str | None) -> store_request.CappedDataSet:
+        """Where an arriving C-STORE data set goes: memory, or past node.receive_to_disk_mb a spool temp file
+        that starts with the File Meta Information these request values give (node/receive/spill.py)."""
+        def open_spill() -> SpillFile:
+            prefix = part10_prefix(sop_class or "", sop_instance or "", str(transfer_syntax or ""))
+            return SpillFile(*self.spool.open_spill(), prefix, self._reserve)
+
+        spill_at = self.receive_to_disk_bytes if transfer_syntax else None
+        return store_request.CappedDataSet(self.max_data_set_bytes, spill_at, open_spill)
+
+    def _reserve(self, size: int) -> None:
+        """Room for `size` more bytes of a spill file, or OSError: as storage.min_free_mb refuses a data set
+        held in memory before its file is written, a spilled one is stopped before it takes that room."""
+        free = self.spool.free_bytes(size, keep=self.min_free_bytes)
+        if free - size < self.min_free_bytes:
+            raise OSError(errno.ENOSPC, "spool disk below storage.min_free_mb")
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -395,8 +417,13 @@ class StoreSCP:
         """Aborted or dropped: the sender will send again, no hint. Closed after a release: the hint is passed
         here if EVT_RELEASED has not passed it yet. The A-RELEASE-RP wakes the peer, whose close the DUL
         thread can handle before the association thread raises EVT_RELEASED; the pop under the lock makes
-        whichever comes first pass it, once."""
+        whichever comes first pass it, once. A data set cut off mid-way by the close loses its spill file
+        here, not whenever the association's objects are collected."""
         self._forget_studies(event.assoc, hint=_released(event.assoc))
+        dimse = getattr(event.assoc, "dimse", None)
+        partial = getattr(getattr(dimse, "message", None), "data_set", None)
+        if isinstance(partial, store_request.CappedDataSet) and partial.spill is not None:
+            partial.spill.close()
 
     def _forget_studies(self, assoc: object, hint: bool) -> None:
         """Drop the association's studies; with `hint`, pass them to on_released (the sender is done)."""
@@ -453,7 +480,7 @@ class StoreSCP:
                     log.exception("on_indexed failed")
         return is_new
 
-    def _check(self, data_set: bytes, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,
+    def _check(self, data_set: bytes | memoryview, transfer_syntax: UID, calling: str, ip: str, rq_uid: str,
                limit: int) -> Dataset | tuple[Dataset, tuple[str, str, str, str]]:
         """The decoded header and its (SOP instance, study, series, SOP class) UIDs; or the refusal status.
 
@@ -485,7 +512,7 @@ class StoreSCP:
             return self._refuse(CANNOT_UNDERSTAND, f"cannot decode data set: {type(exc).__name__}",
                                 calling, ip, sop_uid or rq_uid or None)
 
-    def _store_returned(self, prefix: bytes, data_set: bytes, transfer_syntax: UID, calling: str, ip: str,
+    def _store_returned(self, prefix: bytes, data_set: bytes | memoryview, transfer_syntax: UID, calling: str, ip: str,
                         rq_uid: str, limit: int) -> Dataset | int:
         """A result an external service (deid) sends back: checked, then handed to node.deid.returns."""
         checked = self._check(data_set, transfer_syntax, calling, ip, rq_uid, limit)
@@ -506,20 +533,33 @@ class StoreSCP:
         with self._storing_lock:
             self._storing += 1
             alone = self._storing == 1
+        received = event.request.DataSet
+        spill = received.spill if isinstance(received, store_request.CappedDataSet) else None
         try:
-            return self._store(event, alone)
+            return self._store(event, alone, spill)
         finally:
+            if spill is not None:
+                spill.close()  # deleted unless synced and renamed into the spool
             with self._storing_lock:
                 self._storing -= 1
 
-    def _store(self, event: evt.Event, alone: bool) -> Dataset | int:
+    def _store(self, event: evt.Event, alone: bool, spill: SpillFile | None) -> Dataset | int:
         calling, ip, _ = self._peer(event)
         rq_uid = str(event.request.AffectedSOPInstanceUID or "")
         limit = self.max_data_set_bytes
         transfer_syntax = UID(str(event.context.transfer_syntax))
         received = event.request.DataSet
+        if (failed := getattr(received, "failed", None)) is not None:  # the spill file could not be written
+            if isinstance(failed, OSError):
+                return self._spool_write_failed(failed, self.spool.tmp, calling, ip, rq_uid or None)
+            return self._refuse(CANNOT_UNDERSTAND, f"cannot encode file meta: {type(failed).__name__}", calling,
+                                ip, rq_uid or None)
         over = isinstance(received, store_request.CappedDataSet) and received.over  # not held: only counted
-        data_set = b"" if over else event.encoded_dataset(include_meta=False)
+        data_set: bytes | memoryview
+        if spill is not None:
+            data_set = spill.data_set()
+        else:
+            data_set = b"" if over else event.encoded_dataset(include_meta=False)
         if (arrived := received.received if over else len(data_set)) > limit:
             return self._refuse(OUT_OF_RESOURCES, f"data set larger than node.max_dataset_mb "
                                 f"({arrived // 2**20} MB)", calling, ip, rq_uid or None)
@@ -531,9 +571,10 @@ class StoreSCP:
         if self.returns is not None and self.returns.handles(calling):
             return self._store_returned(prefix, data_set, transfer_syntax, calling, ip, rq_uid, limit)
 
-        size = len(prefix) + len(data_set)  # the file: file meta + data set, written with one call
-        free = self.spool.free_bytes(size, keep=self.min_free_bytes)
-        if free - size < self.min_free_bytes:
+        size = (len(prefix) if spill is None else spill.prefix_length) + len(data_set)  # file meta + data set
+        to_write = size if spill is None else 0  # a spilled data set is on the disk already (and reserved)
+        free = self.spool.free_bytes(to_write, keep=self.min_free_bytes)
+        if free - to_write < self.min_free_bytes:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
             return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,
                                 rq_uid or None, free_mb=free // 2**20)
@@ -544,16 +585,20 @@ class StoreSCP:
         # did Python work of its own after submitting would keep the GIL from the check until done).
         # With others running, their Python fills the wait, and a hand-off to another thread would
         # only add GIL switches: the check runs here, after the write.
-        try:
-            tmp, fd = self.spool.open_temp()
-        except OSError as exc:
-            return self._spool_write_failed(exc, self.spool.tmp, calling, ip, rq_uid or None)
+        if spill is None:
+            try:
+                tmp, fd = self.spool.open_temp()
+            except OSError as exc:
+                return self._spool_write_failed(exc, self.spool.tmp, calling, ip, rq_uid or None)
+            write = functools.partial(self.spool.finish_temp, tmp, fd, prefix, data_set)
+        else:  # written as it arrived: only its sync is left
+            tmp, write = spill.path, spill.sync
         args = (data_set, transfer_syntax, calling, ip, rq_uid, limit)
         checking = self._checker.submit(self._check, *args) if alone else None
         write_error: OSError | None = None
         try:
-            self.spool.finish_temp(tmp, fd, prefix, data_set)
-        except OSError as exc:  # finish_temp removed the file
+            write()
+        except OSError as exc:  # finish_temp / sync removed the file
             write_error = exc
         published = False
         try:

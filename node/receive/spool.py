@@ -154,6 +154,12 @@ class Spool:
         tmp = self.temp_path()
         return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DSYNC, 0o640)
 
+    def open_spill(self) -> tuple[Path, int]:
+        """A new temp file for a data set written as it arrives (node/receive/spill.py): readable, to be
+        mapped, and not synced at each write; SpillFile.sync makes it durable. Raises OSError."""
+        tmp = self.temp_path()
+        return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+
     def finish_temp(self, tmp: Path, fd: int, *chunks: bytes) -> Path:
         """Write `chunks`, one after the other, to the file `open_temp` gave and close it; on disk when this
         returns.

@@ -11,9 +11,10 @@ Two steps of pynetdicom's, both per received instance:
    data set fragments take pynetdicom's path unchanged. Anything else (another message, a command set in
    pieces, an element not listed below, a length its VR does not imply, pynetdicom's chunked data set mode)
    takes pynetdicom's path from the start.
-   Its data set is gathered in a `CappedDataSet`: past node.max_dataset_mb (the AE's
-   `ainode_max_data_set_bytes`, set by the receiver) it keeps nothing more and only counts, so a sender
-   that sends more is refused (0xA700) without the node holding it all in memory first.
+   Its data set is gathered in the `CappedDataSet` the receiver makes (the AE's `ainode_new_data_set`):
+   past node.max_dataset_mb it keeps nothing more and only counts, so a sender that sends more is refused
+   (0xA700) without the node holding it all in memory first; past node.receive_to_disk_mb it goes on in a
+   spool temp file (node/receive/spill.py).
 2. `message_to_primitive`, below.
 
 pynetdicom turns every received DIMSE message into a primitive by walking its command set (a pydicom
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
@@ -43,6 +44,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
 from node.receive.checks import CONVERT, raw_ui, raw_us
+from node.receive.spill import SpillFile
 
 GROUP_LENGTH, SOP_CLASS, COMMAND_FIELD, MESSAGE_ID = 0x00000000, 0x00000002, 0x00000100, 0x00000110
 PRIORITY, DATA_SET_TYPE, SOP_INSTANCE = 0x00000700, 0x00000800, 0x00001000
@@ -88,23 +90,54 @@ def plain_command(raw: bytes) -> tuple[Any, Any, Any, Any] | None:
 
 class CappedDataSet(BytesIO):
     """A received data set that keeps at most `limit` bytes: past it, it drops what it held and only counts
-    (`over`, `received`). The receiver then refuses the instance as too large."""
+    (`over`, `received`). The receiver then refuses the instance as too large.
 
-    def __init__(self, limit: int) -> None:
+    Given `spill_at` and `open_spill`, past `spill_at` bytes it goes on in the file `open_spill()` gives
+    (node/receive/spill.py) instead of memory: what it held is written there first. Should opening or
+    writing that file fail (a full disk), `failed` keeps the error and it only counts from then on."""
+
+    def __init__(self, limit: int, spill_at: int | None = None,
+                 open_spill: Callable[[], SpillFile] | None = None) -> None:
         super().__init__()
         self.limit, self.received, self.over = limit, 0, False
+        self.spill_at, self._open_spill = spill_at, open_spill
+        self.spill: SpillFile | None = None
+        self.failed: Exception | None = None
 
     def write(self, data: Any) -> int:  # type: ignore[override]
         n = len(data)
         self.received += n
-        if self.over:
+        if self.over or self.failed is not None:
             return n
         if self.received > self.limit:
             self.over = True
+            self._drop()
+            return n
+        if self.spill is None and self.spill_at is not None and self.received > self.spill_at:
+            try:
+                self.spill = self._open_spill()  # type: ignore[misc]
+                self.spill.write(self.getbuffer())
+            except Exception as exc:  # noqa: BLE001 - on the DUL thread: kept for the receiver to refuse
+                self.failed = exc.with_traceback(None)  # its frames would keep the file's objects alive
+                self._drop()
+                return n
             self.seek(0)
             self.truncate()
+        if self.spill is not None:
+            try:
+                self.spill.write(data)
+            except OSError as exc:
+                self.failed = exc.with_traceback(None)
+                self._drop()
             return n
         return super().write(data)
+
+    def _drop(self) -> None:
+        self.seek(0)
+        self.truncate()
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
 
 class PlainStoreRQ(C_STORE_RQ):
@@ -143,9 +176,10 @@ def decode_msg(self: DIMSEMessage, primitive: Any, assoc: Any = None) -> bool:
         return _pynetdicom_decode_msg(self, primitive, assoc)
     self.__class__ = PlainStoreRQ
     self.command_bytes, self.plain, self.context_id = raw, plain, context_id  # type: ignore[attr-defined]
-    limit = getattr(getattr(assoc, "ae", None), "ainode_max_data_set_bytes", None)
-    if limit is not None:
-        self.data_set = CappedDataSet(limit)
+    new_data_set = getattr(getattr(assoc, "ae", None), "ainode_new_data_set", None)  # set by the receiver
+    if new_data_set is not None:
+        context = assoc._accepted_cx.get(context_id)  # None: not accepted, the association thread aborts
+        self.data_set = new_data_set(plain[1], plain[2], context.transfer_syntax[0] if context else None)
     if len(pdvs) == 1:
         return False
     rest = P_DATA()
