@@ -4,6 +4,8 @@ syntax the generator writes, and the loader's checks still name the file or inst
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,27 @@ def test_compressed_slices_decode_in_processes_as_pydicom_decodes_them(tmp_path,
     vol, headers = load_series(list(reversed(r.files)))  # 20 slices: in processes where there are 2 CPUs
     assert np.array_equal(vol.pixels, reference(r.files)[0])
     assert all("PixelData" not in h for h in headers)
+
+
+MAIN_SCRIPT = """
+import sys
+with open(sys.argv[1], "a") as runs:
+    runs.write(__name__ + "\\n")  # each time this script runs, as the main module or again in a process
+if __name__ == "__main__":
+    from node.run.decode_pool import decode_files
+    decode_files(sys.argv[2:], processes=2)
+"""
+
+
+def test_decode_processes_do_not_run_the_callers_main_script_again(tmp_path):
+    """A job's process is started from the `ainode` script, whose imports took each decode process 0.5 s
+    when multiprocessing ran it again there (decode_pool._main_left_out)."""
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    script, runs = tmp_path / "main.py", tmp_path / "main.runs"
+    script.write_text(MAIN_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(runs), *map(str, r.files)], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1])
+    assert runs.read_text().split() == ["__main__"]  # before the fix: __main__, __mp_main__, __mp_main__
 
 
 def test_rle_is_decoded_in_the_jobs_process(tmp_path):
