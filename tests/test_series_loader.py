@@ -4,6 +4,7 @@ syntax the generator writes, and the loader's checks still name the file or inst
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,14 +147,17 @@ if __name__ == "__main__":
 """
 
 
-def test_decode_processes_do_not_run_the_callers_main_script_again(tmp_path):
-    """A job's process is started from the `ainode` script, whose imports took each decode process 0.5 s
-    when multiprocessing ran it again there (decode_pool._main_left_out)."""
+@pytest.mark.parametrize("run_as", ["file", "module"])
+def test_decode_processes_do_not_run_the_callers_main_module_again(tmp_path, run_as):
+    """A job's process is started from the `ainode` script or `python -m node.cli`, whose imports took each
+    decode process 0.5 s when multiprocessing ran them again there (decode_pool._main_left_out)."""
     r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
-    script, runs = tmp_path / "main.py", tmp_path / "main.runs"
+    script, runs = tmp_path / "main_script.py", tmp_path / "main.runs"
     script.write_text(MAIN_SCRIPT)
-    subprocess.run([sys.executable, str(script), str(runs), *map(str, r.files)], check=True, timeout=120,
-                   cwd=Path(__file__).resolve().parents[1])
+    repo = Path(__file__).resolve().parents[1]
+    main = [str(script)] if run_as == "file" else ["-m", "main_script"]
+    subprocess.run([sys.executable, *main, str(runs), *map(str, r.files)], check=True, timeout=120, cwd=repo,
+                   env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"})
     assert runs.read_text().split() == ["__main__"]  # before the fix: __main__, __mp_main__, __mp_main__
 
 

@@ -88,22 +88,27 @@ def _context() -> mp.context.BaseContext:
 
 @contextlib.contextmanager
 def _main_left_out() -> Iterator[None]:
-    """Processes started meanwhile do not run the caller's main script again.
+    """Processes started meanwhile do not run the caller's main module again.
 
-    A process forked by the forkserver runs the starting process's main script anew (multiprocessing's
-    `prepare`) before its target, unless that main module has no `__file__`. In a job's process that is
-    the `ainode` script, whose `node.cli` import took about 0.5 s in each decode process: two processes
-    decoding 30 JPEG 2000 slices took 0.85 s, against 0.58 s in the job's own process and 0.33 s without
-    that import. Preloading "__main__" in the forkserver does not help on Python 3.11: the forkserver is
-    passed no main path (it asks for a key `get_preparation_data` does not give). The decode processes
-    need nothing from the main script (their target is this module's)."""
+    A process forked by the forkserver runs the starting process's main module anew (multiprocessing's
+    `prepare`: by its name if it was run with -m, else by its file) before its target. In a job's process
+    that is `node.cli` (`python -m node.cli`) or the `ainode` script that imports it, and that import took
+    about 0.5 s in each decode process: two processes decoding 30 JPEG 2000 slices took 0.85 s, against
+    0.58 s in the job's own process and 0.33 s without it. Preloading "__main__" in the forkserver does not
+    help on Python 3.11: the forkserver is passed no main path (it asks for a key `get_preparation_data`
+    does not give). The decode processes need nothing from the main module (their target is this module's)."""
     main = sys.modules.get("__main__")
-    path = main.__dict__.pop("__file__", None) if main is not None else None
+    if main is None:
+        yield
+        return
+    spec, path = getattr(main, "__spec__", None), main.__dict__.pop("__file__", None)
+    main.__spec__ = None
     try:
         yield
     finally:
+        main.__spec__ = spec
         if path is not None:
-            main.__file__ = path  # type: ignore[union-attr]
+            main.__file__ = path
 
 
 def _decode_share(conn: Connection, paths: list[str]) -> None:
