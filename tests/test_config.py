@@ -1,5 +1,6 @@
 """Config errors: one line each, naming the file and the key path."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from node.config import ConfigError, load_config
+from node.config.schema import RunSection
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "conf" / "node.example.yaml"
 
@@ -88,3 +90,13 @@ def test_relative_storage_paths_are_relative_to_the_file(tmp_path):
     cfg.write_text("storage: {root: data}\n")
     loaded = load_config(cfg)
     assert loaded.storage.spool_dir == cfg.parent.resolve() / "data" / "spool"
+
+
+@pytest.mark.parametrize(("allowed", "expected"), [({0}, False), ({0, 1}, True)])
+def test_the_sr_process_follows_the_cpus_this_node_may_use_not_the_hosts(monkeypatch, allowed, expected):
+    """On a 64-core host with the node pinned to one CPU (a container, taskset), a second process for the SR
+    would only take turns with the SEG on that CPU."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed)
+    assert RunSection().use_sr_process() is expected
+    assert RunSection(sr_process=True).use_sr_process() is True

@@ -7,7 +7,6 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -202,7 +201,9 @@ class RunSection(Strict):
     ray: RaySection | None = Field(None, description="The Ray cluster, with executor: ray.")
 
     def use_sr_process(self) -> bool:
-        return self.sr_process if self.sr_process is not None else (os.cpu_count() or 1) >= 2
+        """Unset: a second process only with a second CPU this node may use (a container's or taskset's
+        limit, not the host's count: on one allowed CPU the two would only take turns)."""
+        return self.sr_process if self.sr_process is not None else usable_cpus() >= 2
 
     @model_validator(mode="after")
     def _executor(self) -> "RunSection":
