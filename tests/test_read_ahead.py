@@ -71,8 +71,21 @@ def test_read_ahead_reads_when_idle_keeps_to_its_budget_and_gives_each_file_once
     assert ahead.holds([p["f"]]) == 0  # and the read under way is not kept
 
 
-def test_reading_ahead_runs_at_the_lowest_priority_and_the_caller_keeps_its_own():
+def test_a_file_larger_than_the_budget_is_not_read_ahead(tmp_path):
+    """A 2 GB tomosynthesis instance would be read (and decoded) whole only to be dropped at once."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(b"x" * 1000)
+    large.write_bytes(b"x" * 5000)
+    read: list[str] = []
+    ahead = ReadAhead(budget_bytes=4000, read=lambda path: read.append(path) or (path, None))
+    ahead.add([str(large), str(small)])
+    wait_until(lambda: ahead.holds([str(small)]) == 1, 5, "the small file read")
+    assert read == [str(small)] and ahead.take(str(large)) is None
+
+
+def test_reading_ahead_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(tmp_path):
     seen = []
+    (tmp_path / "x.dcm").write_bytes(b"x")
 
     def read(path: str) -> tuple:  # runs on the reading thread
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
@@ -80,7 +93,7 @@ def test_reading_ahead_runs_at_the_lowest_priority_and_the_caller_keeps_its_own(
 
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     ahead = ReadAhead(budget_bytes=2**20, read=read)
-    ahead.add(["/x.dcm"])
+    ahead.add([str(tmp_path / "x.dcm")])
     wait_until(lambda: seen, 10, "the file read ahead")
     # nice 19: it takes only the CPU that receivers and jobs leave (read_ahead.py says what 10 cost)
     assert seen == [19]

@@ -112,6 +112,10 @@ class ReadAhead:
                 if path not in self._wanted:
                     continue
             try:
+                if os.path.getsize(path) > self.budget_bytes:  # a multi-frame instance: it could not be kept,
+                    with self._cond:  # and reading (and decoding) it would only take the memory for a moment
+                        self._wanted.discard(path)
+                    continue
                 item = self._read(path)
                 # Decoded pixels outweigh a compressed file: the budget counts what is held.
                 size = max(os.path.getsize(path), getattr(item[1], "nbytes", 0))
