@@ -112,13 +112,14 @@ class ReadAhead:
                 if path not in self._wanted:
                     continue
             try:
-                if os.path.getsize(path) > self.budget_bytes:  # a multi-frame instance: it could not be kept,
-                    with self._cond:  # and reading (and decoding) it would only take the memory for a moment
+                on_disk = os.path.getsize(path)
+                if on_disk > self.budget_bytes:  # a multi-frame instance: it could not be kept, and reading
+                    with self._cond:  # (and decoding) it would only take the memory for a moment
                         self._wanted.discard(path)
                     continue
                 item = self._read(path)
                 # Decoded pixels outweigh a compressed file: the budget counts what is held.
-                size = max(os.path.getsize(path), getattr(item[1], "nbytes", 0))
+                size = max(on_disk, getattr(item[1], "nbytes", 0))
             except Exception as exc:  # noqa: BLE001 - the job reads the file itself and reports its error
                 log.debug("read-ahead failed path=%s error=%s", path, type(exc).__name__)
                 with self._cond:
