@@ -244,11 +244,15 @@ class StoreSCP:
         spill_at = self.receive_to_disk_bytes if transfer_syntax else None
         return store_request.CappedDataSet(self.max_data_set_bytes, spill_at, open_spill)
 
+    def _room_for(self, size: int) -> tuple[bool, int]:
+        """(whether `size` more bytes leave storage.min_free_mb free on the spool disk, bytes free before)."""
+        free = self.spool.free_bytes(size, keep=self.min_free_bytes)
+        return free - size >= self.min_free_bytes, free
+
     def _reserve(self, size: int) -> None:
         """Room for `size` more bytes of a spill file, or OSError: as storage.min_free_mb refuses a data set
         held in memory before its file is written, a spilled one is stopped before it takes that room."""
-        free = self.spool.free_bytes(size, keep=self.min_free_bytes)
-        if free - size < self.min_free_bytes:
+        if not self._room_for(size)[0]:
             raise OSError(errno.ENOSPC, "spool disk below storage.min_free_mb")
 
     # ---- lifecycle -----------------------------------------------------
@@ -573,8 +577,8 @@ class StoreSCP:
 
         size = (len(prefix) if spill is None else spill.prefix_length) + len(data_set)  # file meta + data set
         to_write = size if spill is None else 0  # a spilled data set is on the disk already (and reserved)
-        free = self.spool.free_bytes(to_write, keep=self.min_free_bytes)
-        if free - to_write < self.min_free_bytes:
+        fits, free = self._room_for(to_write)
+        if not fits:
             log.error("spool disk below storage.min_free_mb free_mb=%d", free // 2**20)
             return self._refuse(OUT_OF_RESOURCES, "spool disk below storage.min_free_mb", calling, ip,
                                 rq_uid or None, free_mb=free // 2**20)
