@@ -134,6 +134,11 @@ def descendants(pid: int) -> list[int]:
     return kids
 
 
+def peak_rss_kb(pid: int) -> dict[int, int]:
+    """VmHWM (peak RSS) of a process and of each of its descendants, kB, by pid."""
+    return {p: st["VmHWM"] for p in [pid, *descendants(pid)] if "VmHWM" in (st := _status(p))}
+
+
 @dataclass
 class MemorySampler:
     """Samples the RSS of the node and its children; keeps the largest VmHWM seen per process."""

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.backlog import peak_rss_kb  # noqa: E402
 from bench.receive_rate import AinodeProcesses, send_groups  # noqa: E402
 
 
@@ -46,22 +47,6 @@ def make_instances(out: Path, mb: float, count: int) -> list[Path]:
         files.append(out / f"large{i:03d}.dcm")
         template.save_as(files[-1], enforce_file_format=True)
     return files
-
-
-def peak_rss_kb(pid: int) -> dict[int, int]:
-    """VmHWM of the process and its children, by pid."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        pids += [int(c) for c in (task / "children").read_text().split()]
-    out = {}
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    out[p] = int(line.split()[1])
-        except FileNotFoundError:  # ended meanwhile
-            pass
-    return out
 
 
 def held_node(to_disk_mb: float) -> type[AinodeProcesses]:

@@ -52,6 +52,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
+from bench.backlog import peak_rss_kb
 from node.synth import write_chest_ct
 from tests.conftest import require
 from tests.support.node_proc import NodeProcess
@@ -460,18 +461,6 @@ def test_bad_data_set_is_refused_audited_and_leaves_nothing(node, base, name):
     assert node.proc.poll() is None and echo_ok(node)
 
 
-def _peak_rss_mb(pid: int) -> dict[int, int]:
-    """VmHWM of the process and its children, by pid."""
-    pids = [pid] + [int(c) for t in os.listdir(f"/proc/{pid}/task")
-                    for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
-    out = {}
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out[p] = int(line.split()[1]) // 1024
-    return out
-
-
 def test_a_data_set_far_past_the_limit_is_refused_without_being_held_in_memory(node, base):
     """A sender that sends 100 MB to a node that takes at most 1 MB: refused 0xA700 once it has all arrived
     (the association goes on), and no process of the node held it (store_request.CappedDataSet)."""
@@ -479,13 +468,13 @@ def test_a_data_set_far_past_the_limit_is_refused_without_being_held_in_memory(n
     ds.PixelData = bytes(5000 * 10000 * 2)
     raw, rq_uid = enc(ds), str(ds.SOPInstanceUID)
     del ds
-    before = _peak_rss_mb(node.proc.pid)
+    before = peak_rss_kb(node.proc.pid)
     with association(node) as assoc:
         status, comment = send_raw(assoc, raw, rq_uid)
         assert status == OUT_OF_RESOURCES and "larger than node.max_dataset_mb (95 MB)" in comment, comment
         assert assoc.send_c_echo().Status == SUCCESS
-    after = _peak_rss_mb(node.proc.pid)
-    grown = {p: after[p] - before.get(p, 0) for p in after}
+    after = peak_rss_kb(node.proc.pid)
+    grown = {p: (after[p] - before.get(p, 0)) // 1024 for p in after}  # MB
     assert max(grown.values()) < 40, grown  # 100 MB held would show as about 100
 
 
