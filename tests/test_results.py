@@ -253,3 +253,17 @@ def test_pixel_array_is_a_label_map_without_overlap_and_a_stack_with_it():
     masks[2][1, 3, 3] = True  # now overlaps segment 2
     stack = pixel_array(Segmentation("1.2", [Segment(f"s{i}", m, LUNG, LUNG) for i, m in enumerate(masks)]))
     assert stack.shape == (*shape, 3) and np.array_equal(stack[..., 2], masks[2])
+
+
+def test_pixel_array_label_map_across_chunks():
+    from node.results.seg import LABEL_CHUNK_FRAMES, pixel_array
+
+    shape = (2 * LABEL_CHUNK_FRAMES + 3, 6, 6)  # a last chunk shorter than the others
+    rng = np.random.default_rng(7)
+    owner = rng.integers(0, 4, shape)  # 0: background, else the one segment a voxel belongs to
+    masks = [owner == i for i in (1, 2, 3)]
+    seg = Segmentation("1.2", [Segment(f"s{i}", m, LUNG, LUNG) for i, m in enumerate(masks)])
+    assert np.array_equal(pixel_array(seg), owner.astype(np.uint8))
+    masks[0][-1, -1, -1] = masks[2][-1, -1, -1] = True  # an overlap in the last chunk only
+    stack = pixel_array(Segmentation("1.2", [Segment(f"s{i}", m, LUNG, LUNG) for i, m in enumerate(masks)]))
+    assert stack.shape == (*shape, 3) and all(np.array_equal(stack[..., i], m) for i, m in enumerate(masks))
