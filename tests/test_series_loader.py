@@ -195,18 +195,19 @@ def test_a_slice_decoded_in_the_jobs_process_is_named_too(tmp_path):
 def test_prefetch_decodes_in_the_worker_alone_and_the_job_in_processes(tmp_path, monkeypatch):
     """The next job's input, loaded while a job runs, must not start decoding processes that would take the
     running job's CPUs; the job's own load does."""
-    from node.run import series_loader
+    from node.run import decode_pool, series_loader
     from node.run.job_process import JobSpec, PluginCache, load_input
     from node.run.prefetch import Prefetcher
 
     r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
     calls = []
 
-    def recording(paths, processes=None):  # type: ignore[no-untyped-def]
+    def recording(paths, processes=None, stop=None):  # type: ignore[no-untyped-def]
         calls.append(processes)
-        return decode_files(paths, processes)
+        return decode_files(paths, processes, stop)
 
     monkeypatch.setattr(series_loader, "decode_files", recording)
+    monkeypatch.setattr(decode_pool, "decode_files", recording)  # BackgroundDecode's
     monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
     spec = JobSpec(job_id=1, study_uid=r.study_uid, plugin="none", series={r.series_uid: list(map(str, r.files))},
                    temp_dir=str(tmp_path), validate=False)
@@ -276,3 +277,70 @@ def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_proc
     arrays = result["arrays"]
     assert all(np.array_equal(a, pydicom.dcmread(f).pixel_array) for a, f in zip(arrays, files))
     assert "decode process died; decoding its files=2 in the job's process" in caplog.text
+
+
+def test_a_compressed_series_decodes_while_its_headers_are_read(tmp_path, monkeypatch):
+    """The job starts its decode processes on every file it has to read as soon as the first file shows the
+    series is compressed; a file that turns out not to be still loads as pydicom reads it."""
+    from node.run import decode_pool, series_loader
+
+    monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 12})
+    plain = write_chest_ct(tmp_path / "plain", **{**SMALL, "slices": 12})
+    files = [r.files[0], *plain.files[1:]]  # the same slices; all but the first uncompressed
+    for f, src in zip(files[1:], r.files[1:]):  # of the same series, so that they form one volume
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = pydicom.dcmread(src).SeriesInstanceUID
+        ds.save_as(f, enforce_file_format=True)
+    started = []
+    monkeypatch.setattr(decode_pool.BackgroundDecode, "__init__",
+                        lambda self, paths, n, _init=decode_pool.BackgroundDecode.__init__:
+                        (started.append(list(paths)), _init(self, paths, n))[1])
+    vol, headers = load_series(files)
+    assert started == [[str(f) for f in files]]
+    assert np.array_equal(vol.pixels, reference(files)[0])
+    assert all("PixelData" not in h for h in headers)
+
+
+def test_a_header_that_cannot_be_read_stops_the_background_decode(tmp_path):
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
+    Path(r.files[3]).write_bytes(Path(r.files[3]).read_bytes()[:200])  # cut inside the header
+    with pytest.raises(SeriesLoadError, match=rf"{r.files[3]}: ImagePositionPatient is missing"):
+        load_series(r.files, decode_processes=2)
+    assert not mp.active_children() and not _forkserver_children()
+    Path(r.files[3]).write_bytes(b"not DICOM")
+    with pytest.raises(SeriesLoadError, match=rf"{r.files[3]}: cannot be read as DICOM"):
+        load_series(r.files, decode_processes=2)
+    assert not mp.active_children() and not _forkserver_children()
+
+
+def test_background_decode_cancel_kills_a_process_that_waits(tmp_path):
+    """cancel() returns even while a decode process is stuck (here in open() of a FIFO no one writes)."""
+    import threading
+    import time
+
+    from node.run.decode_pool import BackgroundDecode
+
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    held = tmp_path / "held.dcm"
+    os.mkfifo(held)
+    decode = BackgroundDecode([str(r.files[0]), str(held)], 2)
+    deadline = time.monotonic() + 60
+    while not any(_waits_in_open(pid) for pid in _forkserver_children()):
+        assert time.monotonic() < deadline, "no decoding process reached the FIFO"
+        time.sleep(0.1)
+    canceller = threading.Thread(target=decode.cancel, daemon=True)
+    canceller.start()
+    canceller.join(30)
+    assert not canceller.is_alive(), "cancel() did not return"
+    deadline = time.monotonic() + 10
+    while _forkserver_children():
+        assert time.monotonic() < deadline, "a decode process outlived cancel()"
+        time.sleep(0.1)
+    with pytest.raises(decode_pool_stopped()):
+        decode.result()
+
+
+def decode_pool_stopped() -> type[BaseException]:
+    from node.run.decode_pool import DecodeStopped
+    return DecodeStopped

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import sys
+import threading
 import warnings
 from multiprocessing.connection import Connection, wait
 from typing import Iterator, Sequence
@@ -130,9 +131,15 @@ def _decode_share(conn: Connection, paths: list[str]) -> None:
         conn.close()
 
 
-def decode_files(paths: Sequence[str], processes: int | None = None) -> list[np.ndarray]:
+class DecodeStopped(Exception):
+    """decode_files was told to stop (BackgroundDecode.cancel)."""
+
+
+def decode_files(paths: Sequence[str], processes: int | None = None,
+                 stop: threading.Event | None = None) -> list[np.ndarray]:
     """Each file's stored pixel values, in the order given. Raises DecodeError (naming the file) for a file
-    that cannot be decoded. `processes`: how many decode at once (default: processes_for)."""
+    that cannot be decoded. `processes`: how many decode at once (default: processes_for). `stop`: once set,
+    the processes are killed and DecodeStopped is raised."""
     n = processes_for(len(paths)) if processes is None else max(1, min(processes, len(paths)))
     if n < 2:
         return [decode_file(str(p)) for p in paths]
@@ -167,7 +174,10 @@ def decode_files(paths: Sequence[str], processes: int | None = None) -> list[np.
         for i in here:
             out[i] = decode_file(str(paths[i]))
         while readers:
-            for reader in wait(list(readers)):
+            ready = wait(list(readers), None if stop is None else 0.1)
+            if stop is not None and stop.is_set():
+                raise DecodeStopped()
+            for reader in ready:
                 left = readers[reader]
                 try:
                     kind, value = reader.recv()
@@ -195,3 +205,36 @@ def decode_files(paths: Sequence[str], processes: int | None = None) -> list[np.
                 proc.kill()
                 proc.join(1)
     return out  # type: ignore[return-value] - every index was filled, or an error was raised
+
+
+class BackgroundDecode:
+    """decode_files started at once in a thread of its own, so that its processes decode while the caller
+    reads the same files' headers: for a 279-slice JPEG 2000 series the headers took 0.25 s, all of it before
+    the first slice was decoded."""
+
+    def __init__(self, paths: Sequence[str], processes: int) -> None:
+        self.paths = [str(p) for p in paths]
+        self._stop = threading.Event()
+        self._out: list[np.ndarray] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(processes,), name="ainode-decode", daemon=True)
+        self._thread.start()
+
+    def _run(self, processes: int) -> None:
+        try:
+            self._out = decode_files(self.paths, processes, self._stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._out = exc
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Each file's stored pixel values by its path; raises what decode_files raised."""
+        self._thread.join()
+        if isinstance(self._out, BaseException):
+            raise self._out
+        assert self._out is not None
+        return dict(zip(self.paths, self._out))
+
+    def cancel(self) -> None:
+        """Kill the processes, if still decoding, and wait for the thread: the caller failed, and nothing will
+        take the slices. Once result() has returned there is nothing left to stop."""
+        self._stop.set()
+        self._thread.join()

@@ -4,7 +4,8 @@ Uncompressed little-endian pixel data (what most PACS send, and what the node sp
 straight from the file into the volume: the header is parsed up to the pixel data, and the pixel bytes
 are viewed with numpy, without pydicom's per-slice decoding. Compressed (or otherwise unusual) pixel data
 goes through pydicom's decoders; JPEG 2000, JPEG-LS and JPEG in several processes when there are more than
-a few slices (decode_pool.py: those decoders hold the GIL). Files are read by a few threads, so file I/O
+a few slices (decode_pool.py: those decoders hold the GIL), which start as soon as the first file shows the
+series is compressed, while the other headers are read. Files are read by a few threads, so file I/O
 overlaps header parsing.
 """
 
@@ -22,7 +23,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
-from node.run.decode_pool import DecodeError, decode_files, pixels_of, processes_for, slow_to_decode
+from node.run.decode_pool import (BackgroundDecode, DecodeError, decode_files, pixels_of, processes_for,
+                                  slow_to_decode)
 
 if TYPE_CHECKING:
     from node.run.read_ahead import ReadAhead
@@ -96,8 +98,9 @@ def _native_pixels(ds: Dataset, data: bytes, pos: int) -> np.ndarray | None:
     return arr
 
 
-def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
-    """The header and, where it can be read directly, the stored pixel values (else the full dataset).
+def read_file(path: Path | str, pixels: bool = True) -> tuple[Dataset, np.ndarray | None]:
+    """The header and, where it can be read directly, the stored pixel values (else the full dataset, or
+    with `pixels` False the header alone: the file's pixels are decoded elsewhere).
 
     The file is read with one call (no GIL held) and parsed from memory, where pydicom's many small reads
     cost no system calls."""
@@ -105,8 +108,8 @@ def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     fp = io.BytesIO(data)
     try:
         ds = dcmread(fp, stop_before_pixels=True)
-        pixels = _native_pixels(ds, data, fp.tell())
-        if pixels is None:
+        stored = _native_pixels(ds, data, fp.tell()) if pixels else None
+        if stored is None and pixels:
             ds = dcmread(io.BytesIO(data))
     except MemoryError:
         raise
@@ -117,7 +120,11 @@ def read_file(path: Path | str) -> tuple[Dataset, np.ndarray | None]:
     # pydicom keeps the BytesIO it read from, so every header would hold its whole file (158 MB for a
     # 300-slice CT, beside the volume) until the job ends; nothing reads it again.
     ds.buffer = None
-    return ds, pixels
+    return ds, stored
+
+
+def _header_only(path: Path | str) -> tuple[Dataset, None]:
+    return read_file(path, pixels=False)  # type: ignore[return-value]
 
 
 def read_file_decoded(path: Path | str) -> tuple[Dataset, np.ndarray]:
@@ -142,10 +149,26 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
         raise SeriesLoadError("series has no instances")
     read = [ahead.take(str(p)) for p in paths] if ahead is not None else [None] * len(paths)
     missing = [p for p, r in zip(paths, read) if r is None]
-    if missing:
-        with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
-            fresh = iter(list(pool.map(read_file, missing)))
-        read = [r if r is not None else next(fresh) for r in read]
+    early: BackgroundDecode | None = None
+    try:
+        if missing:
+            first = read_file(missing[0])
+            n = processes_for(len(missing)) if decode_processes is None else decode_processes
+            if first[1] is None and slow_to_decode(first[0]) and n > 1 and len(missing) > 1:
+                # The rest are most likely compressed the same way: their processes start decoding now, while
+                # the headers are read here (a file that is not compressed comes back as pydicom reads it).
+                early = BackgroundDecode([str(p) for p in missing], n)
+            with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
+                fresh = iter([first, *pool.map(read_file if early is None else _header_only, missing[1:])])
+            read = [r if r is not None else next(fresh) for r in read]
+        return _volume(paths, read, early, decode_processes)
+    finally:
+        if early is not None:
+            early.cancel()  # returns at once once the decoding is done
+
+
+def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | None]], early: BackgroundDecode | None,
+            decode_processes: int | None) -> tuple[SeriesVolume, list[Dataset]]:
     datasets = [ds for ds, _ in read]
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)
@@ -158,6 +181,16 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     order = np.argsort(positions @ normal, kind="stable")
     read = [read[i] for i in order]
+    if early is not None:
+        try:
+            decoded = early.result()
+        except DecodeError as exc:
+            raise SeriesLoadError(f"series {series_uid}: {exc}") from None
+        for k, (ds, stored) in enumerate(read):
+            if stored is None and ds.filename in decoded:
+                if "PixelData" in ds:  # the first file, read whole to see how the series is encoded
+                    del ds.PixelData
+                read[k] = (ds, decoded[ds.filename])
     undecoded = [k for k, (ds, stored) in enumerate(read) if stored is None and slow_to_decode(ds)]
     processes = processes_for(len(undecoded)) if decode_processes is None else decode_processes
     if undecoded and processes > 1:  # JPEG 2000, JPEG-LS, JPEG: decoded in processes, side by side
