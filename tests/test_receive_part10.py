@@ -317,3 +317,63 @@ def test_a_text_attribute_of_several_values_is_stored_as_dicom_writes_them():
     meta = instance_meta(ds, path="p", size=1, transfer_syntax="1.2.840.10008.1.2.1", calling_ae="X",
                          checked=("1.2.3", "1.2.4", "1.2.5", "1.2.840.10008.5.1.4.1.1.2"))
     assert (meta.accession_number, meta.modality, meta.slice_thickness) == ("A1\\B2", "CT\\PT", None)
+
+
+def _deflate(body: bytes) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return packer.compress(body) + packer.flush()
+
+
+@pytest.mark.parametrize("pixel_mb", [1, 40])
+def test_a_deflated_data_set_past_the_size_inflates_into_a_temp_file(tmp_path, pixel_mb):
+    """Past inflate_to_disk_above the inflated data set is not held in memory: the scan reads it through a map
+    of an unnamed temp file, finds the same elements, and the header reads as from memory; nothing is left."""
+    import tracemalloc
+
+    from node.receive import checks
+
+    ts = UID(DeflatedExplicitVRLittleEndian)
+    plain = _encoded_header(_plain_elements(ts)[:-1] + [(0x7FE00010, "OW", bytes(pixel_mb * 2**20))], ts)
+    body = _deflate(plain)
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    tracemalloc.start()
+    scanned = checks.scan(body, ts, 2**30, inflate_to_disk_above=2**20 // 2, inflate_dir=str(spill))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    in_memory = checks.scan(body, ts, 2**30)
+    assert dict(scanned) == dict(in_memory) and len(scanned.body) == len(plain)
+    assert not isinstance(scanned.body, bytes) and scanned.body[:] == plain  # a map, of the same bytes
+    assert peak < 3 * checks.INFLATE_STEP + 2**20  # a piece at a time (zlib holds twice one), not the whole
+    assert list(spill.iterdir()) == []  # unnamed: gone already, and after a crash too
+    ids = ("SOPInstanceUID", "StudyInstanceUID", "Rows")
+    header, reference = read_header(body, ts, scanned), read_header(plain, UID(ExplicitVRLittleEndian))
+    assert [header.get(k) for k in ids] == [reference.get(k) for k in ids]
+
+
+def test_the_header_fallback_reads_only_up_to_the_pixel_data():
+    """Where read_header needs pydicom's reader (here an attribute after the pixel data), it is given the bytes
+    before the pixel data, not a copy of the whole data set, and reads what it read before."""
+    from node.receive import checks
+    from node.receive.part10 import header_of
+
+    ts = UID(ExplicitVRLittleEndian)
+    body = _encoded_header(_plain_elements(ts), ts) + _encoded_header([(0x00100020, "LO", b"LATE")], ts)
+
+    class Counted(bytes):  # how many bytes the fallback takes from the body
+        taken = 0
+
+        def __getitem__(self, key):  # type: ignore[no-untyped-def]
+            got = bytes.__getitem__(self, key)
+            if isinstance(key, slice):
+                Counted.taken = max(Counted.taken, len(got))
+            return got
+
+    scanned = checks.scan(body, ts, 2**20)
+    assert header_of(scanned, ts) is None
+    scanned.body = Counted(body)
+    got = read_header(body, ts, scanned)
+    assert Counted.taken < len(body) - 8  # not the pixel data's 8 bytes, nor the element after them
+    assert got == read_header(body, ts)

@@ -106,6 +106,31 @@ def test_a_large_data_set_is_kept_as_sent_without_being_held_in_memory(scp, tmp_
     assert [e["event"] for e in events(scp)].count("instance-stored") == 1
 
 
+def test_a_deflated_data_set_that_inflates_past_the_size_is_checked_from_disk(scp, tmp_path):
+    """A few hundred kB deflated, 32 MB inflated: the header check reads the inflated data set from an unnamed
+    temp file, not from memory, and the instance is kept as sent (deflated)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds, _ = large(tmp_path, "plain.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    sent = (tmp_path / "deflated.dcm").read_bytes()
+    assert len(sent) < 2**20
+    tracemalloc.start()
+    try:
+        out = subprocess.run(["storescu", "-v", "-xd", "-aec", "AINODE", "127.0.0.1", str(scp.port),
+                              str(tmp_path / "deflated.dcm")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=120).stdout
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "Received Store Response (Success)" in out, out
+    stored = list(scp.spool.root.rglob("*.dcm"))
+    assert len(stored) == 1 and data_set(stored[0].read_bytes()) == data_set(sent)
+    assert peak < 16 * 2**20, peak  # inflated in memory it would be 32 MB
+    assert not list(scp.spool.tmp.iterdir())
+
+
 def test_a_large_data_set_that_is_refused_leaves_no_file(scp, tmp_path):
     """Refused by the header check (its pixel data is short of what Rows and Columns say), after it went to disk."""
     ds, _ = large(tmp_path, "short.dcm", Columns=SIDE + 2)

@@ -15,8 +15,10 @@ Reasons name attributes and UIDs, never other values: they go to logs.
 from __future__ import annotations
 
 import functools
+import mmap
 import re
 import struct
+import tempfile
 import zlib
 from typing import NamedTuple
 
@@ -142,31 +144,72 @@ class _Walker:
                 pos += length
 
 
-def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int) -> Scanned:
+INFLATE_STEP = 4 * 2**20  # inflated this much at a time (zlib holds up to twice it meanwhile): a size past the
+# limits stops it early, and past the disk size it passes through memory a piece at a time
+
+
+def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int, *,
+         inflate_to_disk_above: int | None = None, inflate_dir: str | None = None) -> Scanned:
     """Check that every element of a data set, as a C-STORE carries it (no preamble, no file meta), lies
     wholly inside it; the top-level elements by tag.
 
     Catches what pydicom reads without complaint: truncation anywhere (in a header, in a value, in a
     sequence), an unknown explicit VR, garbage after the last element. A deflated data set is inflated
-    first, up to `max_bytes` (a small deflated stream can inflate to gigabytes). The receiver scans the
-    data set itself, not the file it writes (file meta + data set): building that in memory copied 0.5 MB
-    per CT slice under the GIL.
+    first, up to `max_bytes` (a small deflated stream can inflate to gigabytes); past
+    `inflate_to_disk_above` bytes into an unnamed temp file in `inflate_dir`, read through a read-only map.
+    The receiver scans the data set itself, not the file it writes (file meta + data set): building that in
+    memory copied 0.5 MB per CT slice under the GIL.
     """
     body = data_set
     if transfer_syntax.is_deflated:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            body = inflater.decompress(body, max_bytes + 1)
-        except zlib.error as exc:
-            raise CannotUnderstand("deflated data set does not inflate") from exc
-        if len(body) > max_bytes:
-            raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
-        if not inflater.eof:
-            raise CannotUnderstand("deflated data set is cut short")
+        body = _inflate(data_set, max_bytes, inflate_to_disk_above, inflate_dir)
     top = Scanned()
     _Walker(body, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian).elements(0, len(body), 0, top=top)
     top.body = body
     return top
+
+
+def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None,
+             folder: str | None) -> bytes | mmap.mmap:
+    """The deflated data set inflated: in memory, or past `to_disk_above` bytes in a temp file that is gone
+    once closed (nothing is left after a crash) and mapped read-only. A 2 MB deflated stream can inflate to
+    node.max_dataset_mb (2 GB by default), and every association may send one at once."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pieces: list[bytes] = []
+    spill = None
+    total = 0
+    pending: bytes | memoryview = data
+    try:
+        while not inflater.eof:
+            try:
+                piece = inflater.decompress(pending, INFLATE_STEP)
+            except zlib.error as exc:
+                raise CannotUnderstand("deflated data set does not inflate") from exc
+            got = len(piece)
+            total += got
+            if total > max_bytes:
+                raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
+            if spill is None and folder is not None and to_disk_above is not None and total > to_disk_above:
+                spill = tempfile.TemporaryFile(dir=folder)
+                spill.writelines(pieces)
+                pieces = []
+            if spill is not None:
+                spill.write(piece)
+            else:
+                pieces.append(piece)
+            piece = b""  # not held while the next piece is inflated
+            pending = inflater.unconsumed_tail
+            if got < INFLATE_STEP:  # not cut by the step: the input is used up (more output only at a step)
+                break
+        if not inflater.eof:
+            raise CannotUnderstand("deflated data set is cut short")
+        if spill is None:
+            return b"".join(pieces)
+        spill.flush()
+        return mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ)  # the map stays valid once the file is closed
+    finally:
+        if spill is not None:
+            spill.close()
 
 
 @functools.cache

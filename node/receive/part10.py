@@ -70,7 +70,11 @@ def read_header(data_set: bytes, transfer_syntax: UID, scanned: checks.Scanned |
     its second walk over every element (about 100 µs a CT slice: `header_of`)."""
     if scanned is not None and (ds := header_of(scanned, transfer_syntax)) is not None:
         return ds
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:  # checks.scan has bounded its inflated size
+    if scanned is not None:  # the elements before the pixel data: a large data set is not copied whole
+        body = scanned.body
+        stop = min((scanned[t].at for t in _PIXEL_DATA_TAGS if t in scanned), default=len(body))
+        data_set = body[:stop]  # up to the pixel data element's value: its header is read, and stops the read
+    elif transfer_syntax == DeflatedExplicitVRLittleEndian:
         data_set = zlib.decompress(data_set, -zlib.MAX_WBITS)
     return read_dataset(BytesIO(data_set), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
                         stop_when=_at_pixel_data)

@@ -494,7 +494,8 @@ class StoreSCP:
         """
         sop_uid: str | None = None
         try:
-            elements = checks.scan(data_set, transfer_syntax, limit)
+            elements = checks.scan(data_set, transfer_syntax, limit, inflate_to_disk_above=self.receive_to_disk_bytes,
+                                   inflate_dir=str(self.spool.tmp))
             ds = read_header(data_set, transfer_syntax, elements)
             ids = checks.identity(ds)
             sop_uid = ids[0]
