@@ -60,6 +60,11 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_DATA_TAGS
 
 
+def _pixel_data_at(scanned: checks.Scanned) -> int:
+    """Where the pixel data's value starts in the scan's body (its end where there is none)."""
+    return min((scanned[t].at for t in _PIXEL_DATA_TAGS if t in scanned), default=len(scanned.body))
+
+
 def read_header(data_set: bytes, transfer_syntax: UID, scanned: checks.Scanned | None = None) -> Dataset:
     """The data set's elements before the pixel data, decoded lazily as pydicom does (values convert
     on first access). `data_set` is the data set as received, without preamble or File Meta Information.
@@ -71,9 +76,7 @@ def read_header(data_set: bytes, transfer_syntax: UID, scanned: checks.Scanned |
     if scanned is not None and (ds := header_of(scanned, transfer_syntax)) is not None:
         return ds
     if scanned is not None:  # the elements before the pixel data: a large data set is not copied whole
-        body = scanned.body
-        stop = min((scanned[t].at for t in _PIXEL_DATA_TAGS if t in scanned), default=len(body))
-        data_set = body[:stop]  # up to the pixel data element's value: its header is read, and stops the read
+        data_set = scanned.body[:_pixel_data_at(scanned)]  # to the pixel data's value: its header stops the read
     elif transfer_syntax == DeflatedExplicitVRLittleEndian:
         data_set = zlib.decompress(data_set, -zlib.MAX_WBITS)
     return read_dataset(BytesIO(data_set), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
@@ -93,7 +96,7 @@ def header_of(scanned: checks.Scanned, transfer_syntax: UID) -> Dataset | None:
     delimiter) or lies after the pixel data (pydicom's reader stops there)."""
     body = scanned.body
     implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
-    stop = min((scanned[t].at for t in _PIXEL_DATA_TAGS if t in scanned), default=len(body))
+    stop = _pixel_data_at(scanned)
     raw: dict[BaseTag, RawDataElement] = {}
     for tag in _header_tags():
         element = scanned.get(tag)
