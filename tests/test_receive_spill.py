@@ -172,6 +172,30 @@ def test_a_large_data_set_is_stopped_before_it_takes_the_room_storage_min_free_m
     assert not list(scp.spool.root.rglob("*.dcm")) and not list(scp.spool.tmp.iterdir())
 
 
+def test_a_deflated_data_set_is_not_inflated_into_the_room_storage_min_free_mb_keeps(start, tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds, _ = large(tmp_path, "plain.dcm")
+    side = 8192  # 128 MB inflated; the margin below leaves other tests' files on the same disk room too
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(range(256)) * (side * side * 2 // 256)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    del ds.PixelData
+    (tmp_path / "plain.dcm").unlink()
+    os.sync()  # the free space the receiver starts from stays what it is during the send
+    scp = start(below_free_mb=96)  # room for the deflated bytes (under 2 MB), not for what they inflate to
+    out = subprocess.run(["storescu", "-v", "-xd", "-aec", "AINODE", "127.0.0.1", str(scp.port),
+                          str(tmp_path / "deflated.dcm")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=120).stdout
+    assert "Received Store Response (Refused: OutOfResources)" in out, out
+    refused = [e for e in events(scp) if e["event"] == "instance-refused"]
+    assert len(refused) == 1 and refused[0]["reason"] == ("cannot inflate the deflated data set in the spool: "
+                                                          "spool disk below storage.min_free_mb"), refused
+    assert not scp.store.has_instance(str(ds.SOPInstanceUID))
+    assert not list(scp.spool.root.rglob("*.dcm")) and not list(scp.spool.tmp.iterdir())
+
+
 def test_a_spill_file_asks_for_room_ahead_of_its_writes_a_step_at_a_time(tmp_path):
     asked: list[int] = []
     spill = SpillFile(tmp_path / "a.part", os.open(tmp_path / "a.part", os.O_RDWR | os.O_CREAT), b"M" * 10,

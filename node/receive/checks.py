@@ -20,7 +20,7 @@ import re
 import struct
 import tempfile
 import zlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -41,6 +41,10 @@ class DoesNotMatch(ValueError):
 
 class TooLarge(ValueError):
     """The data set, once inflated, is larger than the configured limit."""
+
+
+class NoRoom(TooLarge):
+    """No room on the spool disk (storage.min_free_mb) to inflate the data set into."""
 
 
 class Element(NamedTuple):
@@ -149,28 +153,30 @@ INFLATE_STEP = 4 * 2**20  # inflated this much at a time (zlib holds up to twice
 
 
 def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int, *,
-         inflate_to_disk_above: int | None = None, inflate_dir: str | None = None) -> Scanned:
+         inflate_to_disk_above: int | None = None, inflate_dir: str | None = None,
+         reserve: Callable[[int], None] | None = None) -> Scanned:
     """Check that every element of a data set, as a C-STORE carries it (no preamble, no file meta), lies
     wholly inside it; the top-level elements by tag.
 
     Catches what pydicom reads without complaint: truncation anywhere (in a header, in a value, in a
     sequence), an unknown explicit VR, garbage after the last element. A deflated data set is inflated
     first, up to `max_bytes` (a small deflated stream can inflate to gigabytes); past
-    `inflate_to_disk_above` bytes into an unnamed temp file in `inflate_dir`, read through a read-only map.
+    `inflate_to_disk_above` bytes into an unnamed temp file in `inflate_dir`, read through a read-only map,
+    asking `reserve(n)` for room before each n bytes written there (it raises OSError where there is none).
     The receiver scans the data set itself, not the file it writes (file meta + data set): building that in
     memory copied 0.5 MB per CT slice under the GIL.
     """
     body = data_set
     if transfer_syntax.is_deflated:
-        body = _inflate(data_set, max_bytes, inflate_to_disk_above, inflate_dir)
+        body = _inflate(data_set, max_bytes, inflate_to_disk_above, inflate_dir, reserve)
     top = Scanned()
     _Walker(body, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian).elements(0, len(body), 0, top=top)
     top.body = body
     return top
 
 
-def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None,
-             folder: str | None) -> bytes | mmap.mmap:
+def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None, folder: str | None,
+             reserve: Callable[[int], None] | None) -> bytes | mmap.mmap:
     """The deflated data set inflated: in memory, or past `to_disk_above` bytes in a temp file that is gone
     once closed (nothing is left after a crash) and mapped read-only. A 2 MB deflated stream can inflate to
     node.max_dataset_mb (2 GB by default), and every association may send one at once."""
@@ -189,14 +195,21 @@ def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None
             total += got
             if total > max_bytes:
                 raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
-            if spill is None and folder is not None and to_disk_above is not None and total > to_disk_above:
-                spill = tempfile.TemporaryFile(dir=folder)
-                spill.writelines(pieces)
-                pieces = []
-            if spill is not None:
-                spill.write(piece)
-            else:
-                pieces.append(piece)
+            try:
+                if spill is None and folder is not None and to_disk_above is not None and total > to_disk_above:
+                    if reserve is not None:
+                        reserve(total - got)
+                    spill = tempfile.TemporaryFile(dir=folder)
+                    spill.writelines(pieces)
+                    pieces = []
+                if spill is not None:
+                    if reserve is not None:
+                        reserve(got)
+                    spill.write(piece)
+                else:
+                    pieces.append(piece)
+            except OSError as exc:  # a full disk, or below storage.min_free_mb: as for any instance, 0xA700
+                raise NoRoom(f"cannot inflate the deflated data set in the spool: {exc.strerror}") from None
             piece = b""  # not held while the next piece is inflated
             pending = inflater.unconsumed_tail
             if got < INFLATE_STEP:  # not cut by the step: the input is used up (more output only at a step)

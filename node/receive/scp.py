@@ -495,7 +495,7 @@ class StoreSCP:
         sop_uid: str | None = None
         try:
             elements = checks.scan(data_set, transfer_syntax, limit, inflate_to_disk_above=self.receive_to_disk_bytes,
-                                   inflate_dir=str(self.spool.tmp))
+                                   inflate_dir=str(self.spool.tmp), reserve=self._reserve)
             ds = read_header(data_set, transfer_syntax, elements)
             ids = checks.identity(ds)
             sop_uid = ids[0]
