@@ -329,25 +329,27 @@ def _deflate(body: bytes) -> bytes:
 @pytest.mark.parametrize("pixel_mb", [1, 40])
 def test_a_deflated_data_set_past_the_size_inflates_into_a_temp_file(tmp_path, pixel_mb):
     """Past inflate_to_disk_above the inflated data set is not held in memory: the scan reads it through a map
-    of an unnamed temp file, finds the same elements, and the header reads as from memory; nothing is left."""
+    of a spill file, finds the same elements, and the header reads as from memory; nothing is left."""
     import tracemalloc
 
     from node.receive import checks
+    from node.receive.spill import SpillFile
+    from node.receive.spool import Spool
 
     ts = UID(DeflatedExplicitVRLittleEndian)
     plain = _encoded_header(_plain_elements(ts)[:-1] + [(0x7FE00010, "OW", bytes(pixel_mb * 2**20))], ts)
     body = _deflate(plain)
-    spill = tmp_path / "tmp"
-    spill.mkdir()
+    spool = Spool(tmp_path / "spool")
     tracemalloc.start()
-    scanned = checks.scan(body, ts, 2**30, inflate_to_disk_above=2**20 // 2, inflate_dir=str(spill))
+    scanned = checks.scan(body, ts, 2**30, inflate_to_disk_above=2**20 // 2,
+                          open_spill=lambda: SpillFile(*spool.open_spill(), b""))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     in_memory = checks.scan(body, ts, 2**30)
     assert dict(scanned) == dict(in_memory) and len(scanned.body) == len(plain)
     assert not isinstance(scanned.body, bytes) and scanned.body[:] == plain  # a map, of the same bytes
     assert peak < 3 * checks.INFLATE_STEP + 2**20  # a piece at a time (zlib holds twice one), not the whole
-    assert list(spill.iterdir()) == []  # unnamed: gone already, and after a crash too
+    assert list(spool.tmp.iterdir()) == []  # deleted once mapped (after a crash, start-up removes it)
     ids = ("SOPInstanceUID", "StudyInstanceUID", "Rows")
     header, reference = read_header(body, ts, scanned), read_header(plain, UID(ExplicitVRLittleEndian))
     assert [header.get(k) for k in ids] == [reference.get(k) for k in ids]

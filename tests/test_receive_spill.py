@@ -107,7 +107,7 @@ def test_a_large_data_set_is_kept_as_sent_without_being_held_in_memory(scp, tmp_
 
 
 def test_a_deflated_data_set_that_inflates_past_the_size_is_checked_from_disk(scp, tmp_path):
-    """A few hundred kB deflated, 32 MB inflated: the header check reads the inflated data set from an unnamed
+    """A few hundred kB deflated, 32 MB inflated: the header check reads the inflated data set from a
     temp file, not from memory, and the instance is kept as sent (deflated)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 

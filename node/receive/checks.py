@@ -15,12 +15,10 @@ Reasons name attributes and UIDs, never other values: they go to logs.
 from __future__ import annotations
 
 import functools
-import mmap
 import re
 import struct
-import tempfile
 import zlib
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -29,6 +27,9 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from node.receive.spool import BadUID, check_uid
+
+if TYPE_CHECKING:
+    from node.receive.spill import SpillFile
 
 
 class CannotUnderstand(ValueError):
@@ -153,36 +154,35 @@ INFLATE_STEP = 4 * 2**20  # inflated this much at a time (zlib holds up to twice
 
 
 def scan(data_set: bytes | memoryview, transfer_syntax: UID, max_bytes: int, *,
-         inflate_to_disk_above: int | None = None, inflate_dir: str | None = None,
-         reserve: Callable[[int], None] | None = None) -> Scanned:
+         inflate_to_disk_above: int | None = None, open_spill: Callable[[], SpillFile] | None = None) -> Scanned:
     """Check that every element of a data set, as a C-STORE carries it (no preamble, no file meta), lies
     wholly inside it; the top-level elements by tag.
 
     Catches what pydicom reads without complaint: truncation anywhere (in a header, in a value, in a
     sequence), an unknown explicit VR, garbage after the last element. A deflated data set is inflated
     first, up to `max_bytes` (a small deflated stream can inflate to gigabytes); past
-    `inflate_to_disk_above` bytes into an unnamed temp file in `inflate_dir`, read through a read-only map,
-    asking `reserve(n)` for room before each n bytes written there (it raises OSError where there is none).
+    `inflate_to_disk_above` bytes into the spill file `open_spill()` gives (without a prefix), read through
+    its read-only map.
     The receiver scans the data set itself, not the file it writes (file meta + data set): building that in
     memory copied 0.5 MB per CT slice under the GIL.
     """
     body = data_set
     if transfer_syntax.is_deflated:
-        body = _inflate(data_set, max_bytes, inflate_to_disk_above, inflate_dir, reserve)
+        body = _inflate(data_set, max_bytes, inflate_to_disk_above, open_spill)
     top = Scanned()
     _Walker(body, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian).elements(0, len(body), 0, top=top)
     top.body = body
     return top
 
 
-def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None, folder: str | None,
-             reserve: Callable[[int], None] | None) -> bytes | mmap.mmap:
-    """The deflated data set inflated: in memory, or past `to_disk_above` bytes in a temp file that is gone
-    once closed (nothing is left after a crash) and mapped read-only. A 2 MB deflated stream can inflate to
+def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None,
+             open_spill: Callable[[], SpillFile] | None) -> bytes | memoryview:
+    """The deflated data set inflated: in memory, or past `to_disk_above` bytes in a spill file (it asks for
+    room against storage.min_free_mb as it grows), deleted once mapped. A 2 MB deflated stream can inflate to
     node.max_dataset_mb (2 GB by default), and every association may send one at once."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pieces: list[bytes] = []
-    spill = None
+    spill: SpillFile | None = None
     total = 0
     pending: bytes | memoryview = data
     try:
@@ -196,15 +196,12 @@ def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None
             if total > max_bytes:
                 raise TooLarge(f"inflated data set larger than {max_bytes // 2**20} MB")
             try:
-                if spill is None and folder is not None and to_disk_above is not None and total > to_disk_above:
-                    if reserve is not None:
-                        reserve(total - got)
-                    spill = tempfile.TemporaryFile(dir=folder)
-                    spill.writelines(pieces)
+                if spill is None and open_spill is not None and to_disk_above is not None and total > to_disk_above:
+                    spill = open_spill()
+                    for held in pieces:
+                        spill.write(held)
                     pieces = []
                 if spill is not None:
-                    if reserve is not None:
-                        reserve(got)
                     spill.write(piece)
                 else:
                     pieces.append(piece)
@@ -216,13 +213,10 @@ def _inflate(data: bytes | memoryview, max_bytes: int, to_disk_above: int | None
                 break
         if not inflater.eof:
             raise CannotUnderstand("deflated data set is cut short")
-        if spill is None:
-            return b"".join(pieces)
-        spill.flush()
-        return mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ)  # the map stays valid once the file is closed
+        return b"".join(pieces) if spill is None else spill.data_set()  # the map outlives the file's close
     finally:
         if spill is not None:
-            spill.close()
+            spill.close()  # deleted now; its pages stay mapped while the data set is read
 
 
 @functools.cache

@@ -238,11 +238,14 @@ class StoreSCP:
         """Where an arriving C-STORE data set goes: memory, or past node.receive_to_disk_mb a spool temp file
         that starts with the File Meta Information these request values give (node/receive/spill.py)."""
         def open_spill() -> SpillFile:
-            prefix = part10_prefix(sop_class or "", sop_instance or "", str(transfer_syntax or ""))
-            return SpillFile(*self.spool.open_spill(), prefix, self._reserve)
+            return self._spill_file(part10_prefix(sop_class or "", sop_instance or "", str(transfer_syntax or "")))
 
         spill_at = self.receive_to_disk_bytes if transfer_syntax else None
         return store_request.CappedDataSet(self.max_data_set_bytes, spill_at, open_spill)
+
+    def _spill_file(self, prefix: bytes = b"") -> SpillFile:
+        """A spool temp file written as data arrives, that asks for room against storage.min_free_mb."""
+        return SpillFile(*self.spool.open_spill(), prefix, self._reserve)
 
     def _room_for(self, size: int) -> tuple[bool, int]:
         """(whether `size` more bytes leave storage.min_free_mb free on the spool disk, bytes free before)."""
@@ -495,7 +498,7 @@ class StoreSCP:
         sop_uid: str | None = None
         try:
             elements = checks.scan(data_set, transfer_syntax, limit, inflate_to_disk_above=self.receive_to_disk_bytes,
-                                   inflate_dir=str(self.spool.tmp), reserve=self._reserve)
+                                   open_spill=self._spill_file)
             ds = read_header(data_set, transfer_syntax, elements)
             ids = checks.identity(ds)
             sop_uid = ids[0]
