@@ -592,7 +592,10 @@ def main() -> int:
             if t_scp:
                 rate = len(files) / t_scp
                 durable = with_durable_write(rate, n, write_s)
-                print(f"  {n} association(s): {durable:.0f} inst/s = {durable / rate:.2f}x storescp")
+                nodes = [f"{key} {len(files) / t:.0f} inst/s = {len(files) / t / durable:.2f}x of it"
+                         for key in ("ainode", "ainode-mp") if (t := results.get((key, n)))]
+                print(f"  {n} association(s): {durable:.0f} inst/s = {durable / rate:.2f}x storescp"
+                      + (f"; {', '.join(nodes)}" if nodes else ""))
     if PROFILE is not None:
         print_profile(PROFILE)
     for n in assoc_counts:  # issue 8's targets: >= 1.0x Orthanc and >= 0.7x storescp, per association count
