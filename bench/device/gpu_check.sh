@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 8's GPU figures in one run on a lent GPU machine (no package index there, Python 3.12 with torch).
+# Here first:   bash bench/device/fetch_wheels.sh --nvimgcodec
+# Then the device tool's run, with carry [".whl"] and timeout_s 600:
+#               bash bench/device/gpu_check.sh
+# Each bench's output goes to $OUT (the device tool brings it back) and to stdout. The time limits below
+# keep the whole run near 8 minutes, so a rerun fits a 15-minute lease. QUICK=1: small sizes, to try the
+# wiring on a machine without a GPU (every bench then runs on CPU).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$(mktemp -d)}
+PY=${PY:-python3}
+SITE=${SITE:-/tmp/ainode-site}
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+log "$(date -u +%FT%TZ) $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no nvidia-smi')"
+"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())' \
+  | tee -a "$OUT/summary.txt"
+ls .whl/*.whl > /dev/null 2>&1 || { log "no wheels in .whl: run bench/device/fetch_wheels.sh here and carry .whl"; exit 2; }
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  || { log "installing the carried wheels failed"; exit 2; }
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# nvImageCodec loads its extensions' libraries (nvjpeg2k) and CUDA's runtime by name: the wheels' folders.
+libs=$(find "$SITE/nvidia" "$("$PY" -c 'import site; print(site.getsitepackages()[0])')/nvidia" \
+  -maxdepth 3 -type d -name lib 2>/dev/null | paste -sd: -)
+export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+if [ "${QUICK:-0}" = 1 ]; then
+  decode=(--slices 40 --repeat 1); nodule=(--slices 64 --runs 1); burst=(--slices 64 --studies 2 --workers 1)
+else
+  decode=(--repeat 3); nodule=(--runs 3); burst=(--studies 20 --workers 2)
+fi
+run() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  log "$name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  log "$name: exit $rc$([ "$rc" = 124 ] && echo " (stopped at its $limit s limit)")"
+}
+run gpu_decode 150 "$PY" bench/gpu_decode.py "${decode[@]}"
+run nodule_throughput 150 "$PY" bench/nodule_throughput.py "${nodule[@]}"
+run gpu_burst 200 "$PY" bench/gpu_burst.py "${burst[@]}"
+log "$(date -u +%FT%TZ) done"

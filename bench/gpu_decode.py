@@ -1,0 +1,141 @@
+"""JPEG 2000 series decode on the CPU (the node's decode processes) against the GPU (NVIDIA nvImageCodec).
+
+    .venv/bin/python bench/gpu_decode.py [--slices 300] [--repeat 3] [--processes N]
+
+Issue 8 asks for GPU-side decode where decoding is the bottleneck. A JPEG 2000 CT pushed all at once is
+bound by its decode on 2 cores (about 18 ms of CPU per 512x512 slice, README "Performance"); this says
+what nvImageCodec would make of the same series before anything is built on it. It writes the project's
+synthetic chest CT as JPEG 2000 Lossless, takes each file's codestream, and times:
+  - `decode_files` (node/run/decode_pool.py): what a job does now, `--processes` processes (default: the
+    node's choice for this machine);
+  - one CPU process decoding with pylibjpeg-openjpeg (pydicom's plugin), for the per-slice CPU cost;
+  - nvImageCodec (`nvidia.nvimgcodec`, with the nvjpeg2k extension), when it imports and torch sees a GPU:
+    every codestream in one batch call, to GPU memory (what a GPU plugin would take) and on to host memory
+    (what the node's volume is now); every slice compared value for value with the CPU decode.
+Prints the median of --repeat runs of each. Without a GPU or nvImageCodec it says why and prints the CPU
+figures (bench/device/gpu_check.sh runs it on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def codestreams(paths: list[Path]) -> tuple[list[bytes], np.dtype]:
+    """Each single-frame file's JPEG 2000 codestream, and the dtype its stored values have."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    out, dtype = [], None
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        out.append(next(generate_frames(ds.PixelData, number_of_frames=1)))
+        dtype = dtype or np.dtype(f"{'i' if ds.PixelRepresentation else 'u'}{ds.BitsAllocated // 8}")
+    return out, np.dtype(dtype)
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    """Median seconds of `repeat` calls after one warm-up call, and the last call's result."""
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def gpu_decoder() -> tuple[Any, Any, str]:
+    """(nvimgcodec module, decoder, "") or (None, None, why not)."""
+    try:
+        import torch
+    except ImportError:
+        return None, None, "torch is not installed"
+    if not torch.cuda.is_available():
+        return None, None, "torch sees no CUDA device"
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        return None, None, f"nvImageCodec does not import ({exc}); bench/device/fetch_wheels.sh --nvimgcodec"
+    try:
+        return nvimgcodec, nvimgcodec.Decoder(), ""
+    except Exception as exc:  # noqa: BLE001 - a missing extension or driver: reported, the CPU figures stand
+        return None, None, f"nvImageCodec decoder not created: {type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from node.run.decode_pool import decode_files, processes_for
+    from node.synth import write_chest_ct
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=None, help="decode processes (default: the node's choice)")
+    a = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ainode-gpu-decode-") as tmp:
+        r = write_chest_ct(Path(tmp) / "ct", slices=a.slices, slice_thickness=1.0, rows=512, cols=512,
+                           pixel_spacing=0.7, seed=4242, transfer_syntax="JPEG2000Lossless")
+        files = sorted(r.files)
+        streams, dtype = codestreams(files)
+        n = a.processes or processes_for(len(files))
+        pool_s, volume = timed(lambda: decode_files([str(f) for f in files], processes=n), a.repeat)
+        import openjpeg
+
+        some = streams[:30]
+        one_s, _ = timed(lambda: [openjpeg.decode(s) for s in some], a.repeat)
+    cpu = np.stack(volume)
+    mb = sum(map(len, streams)) / 2**20
+    print(f"JPEG 2000 Lossless, {len(streams)} slices of 512x512 {dtype}, {mb:.0f} MB of codestreams, "
+          f"median of {a.repeat}")
+    print(f"{'decoder':58s} {'series s':>9s} {'ms/slice':>9s}")
+    print(f"{'CPU, one process (pylibjpeg-openjpeg), per slice':58s} {'':>9s} {one_s / len(some) * 1000:9.1f}")
+    print(f"{f'CPU, the node now: decode_files, {n} process(es)':58s} {pool_s:9.2f} {pool_s / len(streams) * 1000:9.1f}")
+
+    nvimgcodec, decoder, why = gpu_decoder()
+    if decoder is None:
+        print(f"GPU (nvImageCodec): not measured: {why}")
+        return 0
+    import torch
+
+    params = nvimgcodec.DecodeParams(allow_any_depth=True, color_spec=nvimgcodec.ColorSpec.UNCHANGED)
+
+    def to_gpu() -> list[Any]:
+        images = decoder.decode(streams, params=params)
+        torch.cuda.synchronize()
+        return images
+
+    def to_host() -> np.ndarray:
+        return np.stack([np.asarray(im.cpu()).reshape(512, 512).view(dtype) for im in decoder.decode(streams, params=params)])
+
+    try:
+        gpu_s, images = timed(to_gpu, a.repeat)
+        host_s, gpu_volume = timed(to_host, a.repeat)
+    except Exception as exc:  # noqa: BLE001 - a missing extension library, an API change: said, CPU figures stand
+        print(f"GPU (nvImageCodec {getattr(nvimgcodec, '__version__', '?')}): decode failed: "
+              f"{type(exc).__name__}: {exc}")
+        return 1
+    failed = sum(im is None for im in images)
+    same = failed == 0 and np.array_equal(gpu_volume, cpu)
+    print(f"{'GPU, nvImageCodec, one batch, to GPU memory':58s} {gpu_s:9.2f} {gpu_s / len(streams) * 1000:9.1f}")
+    print(f"{'GPU, nvImageCodec, one batch, to host memory':58s} {host_s:9.2f} {host_s / len(streams) * 1000:9.1f}")
+    print(f"GPU: {torch.cuda.get_device_name()}; {failed} slice(s) not decoded; values "
+          f"{'identical to' if same else 'DIFFER from'} the CPU decode; node now / GPU to host = "
+          f"{pool_s / host_s:.1f}x")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
