@@ -46,6 +46,11 @@ def codestreams(paths: list[Path]) -> tuple[list[bytes], np.dtype]:
     return out, np.dtype(dtype)
 
 
+def row(label: str, series_s: float | None, per_slice_s: float) -> None:
+    series = f"{series_s:9.2f}" if series_s is not None else " " * 9
+    print(f"{label:58s} {series} {per_slice_s * 1000:9.1f}")
+
+
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     """Median seconds of `repeat` calls after one warm-up call, and the last call's result."""
     result = fn()
@@ -101,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"JPEG 2000 Lossless, {len(streams)} slices of 512x512 {dtype}, {mb:.0f} MB of codestreams, "
           f"median of {a.repeat}")
     print(f"{'decoder':58s} {'series s':>9s} {'ms/slice':>9s}")
-    print(f"{'CPU, one process (pylibjpeg-openjpeg), per slice':58s} {'':>9s} {one_s / len(some) * 1000:9.1f}")
-    print(f"{f'CPU, the node now: decode_files, {n} process(es)':58s} {pool_s:9.2f} {pool_s / len(streams) * 1000:9.1f}")
+    row("CPU, one process (pylibjpeg-openjpeg), per slice", None, one_s / len(some))
+    row(f"CPU, the node now: decode_files, {n} process(es)", pool_s, pool_s / len(streams))
 
     nvimgcodec, decoder, why = gpu_decoder()
     if decoder is None:
@@ -129,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     failed = sum(im is None for im in images)
     same = failed == 0 and np.array_equal(gpu_volume, cpu)
-    print(f"{'GPU, nvImageCodec, one batch, to GPU memory':58s} {gpu_s:9.2f} {gpu_s / len(streams) * 1000:9.1f}")
-    print(f"{'GPU, nvImageCodec, one batch, to host memory':58s} {host_s:9.2f} {host_s / len(streams) * 1000:9.1f}")
+    row("GPU, nvImageCodec, one batch, to GPU memory", gpu_s, gpu_s / len(streams))
+    row("GPU, nvImageCodec, one batch, to host memory", host_s, host_s / len(streams))
     print(f"GPU: {torch.cuda.get_device_name()}; {failed} slice(s) not decoded; values "
           f"{'identical to' if same else 'DIFFER from'} the CPU decode; node now / GPU to host = "
           f"{pool_s / host_s:.1f}x")
