@@ -7,6 +7,10 @@ writes one record, so the counters count exactly what the audit trail holds (sin
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
+from datetime import datetime
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,6 +21,8 @@ from prometheus_client.registry import Collector
 log = logging.getLogger("ainode.metrics")
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+RESULT_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
+STUDIES_REMEMBERED = 10_000  # per table below: studies whose results never go out are forgotten, oldest first
 
 
 class _QueueCollector(Collector):
@@ -60,6 +66,13 @@ class NodeMetrics:
                               ["destination", "final"], registry=r)
         self.drift = Gauge("ainode_model_drift_alert", "1 while a model's output on a scanner drifts from its "
                            "baseline (node/monitor/drift.py)", ["model", "scanner", "metric"], registry=r)
+        self.result_latency = Histogram(
+            "ainode_result_latency_seconds", "Seconds from a study's last received instance (since=last_image) or "
+            "its completion (since=complete) to each result object or report delivered for it",
+            ["since", "destination", "kind"], buckets=RESULT_BUCKETS, registry=r)
+        # study UID -> when its last instance was stored / it was last declared complete (this process's records)
+        self._since: dict[str, OrderedDict[str, float]] = {"last_image": OrderedDict(), "complete": OrderedDict()}
+        self._since_lock = threading.Lock()  # listeners run on the appending threads, several at once
         r.register(_QueueCollector(queue))
 
     def set_drift_alerts(self, alerts: list[dict]) -> None:
@@ -75,18 +88,48 @@ class NodeMetrics:
             ae = str(rec.get("calling_ae") or "")
             self.instances.labels(ae).inc()
             self.bytes.labels(ae).inc(float(rec.get("bytes") or 0))
+            self._remember("last_image", rec)
         elif event == "association-accepted":
             self.associations.labels("accepted").inc()
         elif event == "association-rejected":
             self.associations.labels("rejected").inc()
         elif event == "study-complete" and rec.get("outcome") == "success":
             self.completions.labels(str(rec.get("reason") or "unknown")).inc()
+            self._remember("complete", rec)
         elif event == "job-end":
             self._job_end(rec)
         elif event in ("object-sent", "report-sent"):
             self.sent.labels(str(rec.get("destination") or "")).inc()
+            self._delivered(rec)
         elif event == "send-failed":
             self.failed.labels(str(rec.get("destination") or ""), "true" if rec.get("final") else "false").inc()
+
+    def _remember(self, since: str, rec: dict[str, Any]) -> None:
+        study = rec.get("study_uid")
+        if not study:
+            return
+        at = _record_time(rec)
+        with self._since_lock:
+            table = self._since[since]
+            table[study] = at
+            table.move_to_end(study)
+            if len(table) > STUDIES_REMEMBERED:
+                table.popitem(last=False)
+
+    def _delivered(self, rec: dict[str, Any]) -> None:
+        """What the radiologist waits for: a result in the PACS (or the RIS), timed from the study's last image
+        and from its completion. A result sent after a restart of this process, or of a study this process did
+        not receive, has no start here and is not observed; nor one older than the study's latest image."""
+        study = rec.get("study_uid")
+        if not study:
+            return
+        at = _record_time(rec)
+        labels = (str(rec.get("destination") or ""), str(rec.get("kind") or ""))
+        with self._since_lock:
+            starts = {since: table.get(study) for since, table in self._since.items()}
+        for since, start in starts.items():
+            if start is not None and at >= start:
+                self.result_latency.labels(since, *labels).observe(at - start)
 
     def _job_end(self, rec: dict[str, Any]) -> None:
         plugin = str(rec.get("plugin") or "")
@@ -101,3 +144,11 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _record_time(rec: dict[str, Any]) -> float:
+    """The record's own time (its `ts`), so that the figures agree with the audit trail; now if it has none."""
+    try:
+        return datetime.fromisoformat(rec["ts"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return time.time()

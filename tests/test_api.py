@@ -4,11 +4,18 @@ import os
 import re
 import subprocess
 import sys
+from datetime import datetime
+
+import pytest
 
 from node.synth import write_chest_ct
 from tests.support.api import ADMIN_TOKEN, IT_PASSWORD, VIEWER_TOKEN, api_config, base_url, basic, bearer, call
 from tests.support.pipeline import events, lung_config, send, status
 from tests.support.wait import wait_until
+
+
+def _ts(rec: dict) -> float:
+    return datetime.fromisoformat(rec["ts"]).timestamp()
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -96,6 +103,16 @@ def test_api_auth_audit_filters_timeline_metrics(tmp_path, orthanc, node_factory
     assert _metric(text, "ainode_job_stage_seconds_count", plugin="ct_lung", stage="plugin") == 1
     assert _metric(text, "ainode_job_stage_seconds_count", plugin="ct_lung", stage="total") == 1
     assert _metric(text, "ainode_dispatch_success_total", destination="pacs") == 2
+    # the SEG's delivery, timed from the study's completion and from its last image, as the audit records say
+    [done] = [r for r in events(node, "study-complete") if r["outcome"] == "success"]
+    [sent] = [r for r in events(node, "object-sent") if r["kind"] == "SEG"]
+    last = max(_ts(r) for r in events(node, "instance-stored"))
+    seg = dict(destination="pacs", kind="SEG")  # labels in the order /metrics prints them (sorted)
+    assert _metric(text, "ainode_result_latency_seconds_sum", **seg, since="complete") == pytest.approx(
+        _ts(sent) - _ts(done), abs=1e-3)
+    assert _metric(text, "ainode_result_latency_seconds_sum", **seg, since="last_image") == pytest.approx(
+        _ts(sent) - last, abs=1e-3)
+    assert _metric(text, "ainode_result_latency_seconds_count", **seg, since="last_image") == 1
     assert _metric(text, "ainode_queue_depth", priority="stat") == 0
     assert _metric(text, "ainode_queue_depth", priority="routine") == 0
 
