@@ -6,6 +6,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from node.config.schema import Rule
 from node.route.rules import could_take
@@ -197,3 +198,42 @@ def test_files_are_held_while_the_receive_can_use_every_cpu_and_dropped_once_the
     assert handed == [["/b1"]]
     pool._hand_over(0, worker)
     assert handed == [["/b1"]]  # each file once
+
+
+def test_a_compressed_file_that_decodes_past_the_budget_is_left_to_the_job(tmp_path, monkeypatch):
+    """A multi-frame RLE instance of a few kB that decodes to 80 kB, against a 20 kB budget: not decoded
+    ahead (a multi-frame JPEG 2000 of 100 MB can decode to GBs in a worker that no job limit watches yet)."""
+    import functools
+
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    import node.run.series_loader as loader
+
+    ds = pydicom.dcmread(write_chest_ct(tmp_path / "ct", slices=10, rows=64, cols=64).files[0])
+    frames = np.zeros((10, 64, 64), np.int16)
+    ds.NumberOfFrames = 10
+    ds.compress(RLELossless, frames)
+    path = tmp_path / "multi.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 20_000 < loader.decoded_bytes(ds) == frames.nbytes
+    decoded: list[str] = []
+    real_pixels_of = loader.pixels_of
+    monkeypatch.setattr(loader, "pixels_of", lambda d, p: decoded.append(p) or real_pixels_of(d, p))
+    with pytest.raises(loader.TooLargeToDecode, match="decodes to 81920 bytes, more than 20000"):
+        loader.read_file_decoded(path, max_bytes=20_000)
+    assert decoded == []
+    returned: list[str] = []
+
+    def read(p: str) -> tuple:  # as the worker's read-ahead reads (plugin_process), noting when it is done
+        try:
+            return functools.partial(loader.read_file_decoded, max_bytes=20_000)(p)
+        finally:
+            returned.append(p)
+
+    ahead = ReadAhead(budget_bytes=20_000, read=read)
+    ahead.add([str(path)])
+    wait_until(lambda: returned, 10, "the read-ahead to pass the file")
+    assert ahead.holds([str(path)]) == 0 and ahead.held_bytes == 0 and decoded == []
+    _, pixels = loader.read_file_decoded(path, max_bytes=frames.nbytes)  # within its budget: decoded
+    assert pixels.shape == (10, 64, 64) and decoded == [str(path)]

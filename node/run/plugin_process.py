@@ -8,6 +8,7 @@ dies on its own (a segfault, the kernel's OOM killer) fails its job the same way
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -82,7 +83,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
         mp.current_process().daemon = False
         sr_builder = SrProcess()
     plugins = PluginCache(sections, models_dir, device)
-    ahead = ReadAhead(read_ahead_bytes, read_file_decoded)
+    ahead = ReadAhead(read_ahead_bytes, functools.partial(read_file_decoded, max_bytes=read_ahead_bytes))
     prefetcher = Prefetcher(plugins, ahead)
     plugins.preload(preload)
     conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn

@@ -127,11 +127,32 @@ def _header_only(path: Path | str) -> tuple[Dataset, None]:
     return read_file(path, pixels=False)  # type: ignore[return-value]
 
 
-def read_file_decoded(path: Path | str) -> tuple[Dataset, np.ndarray]:
+class TooLargeToDecode(SeriesLoadError):
+    """The pixel data would decode to more than the caller may hold."""
+
+
+def decoded_bytes(ds: Dataset) -> int:
+    """What `ds`'s pixel data decodes to in numpy: every frame and sample, whole bytes per sample (1-bit
+    data unpacks to one byte a pixel); 0 where the header does not say."""
+    try:
+        bits = int(ds.BitsAllocated)
+        return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * int(ds.get("NumberOfFrames", 1) or 1) * max(1, bits // 8))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def read_file_decoded(path: Path | str, max_bytes: int | None = None) -> tuple[Dataset, np.ndarray]:
     """read_file, with compressed pixel data decoded as well: for reading ahead, in a worker that is idle
-    while the study arrives, so the job does not decode those slices after it is complete."""
+    while the study arrives, so the job does not decode those slices after it is complete.
+
+    A compressed file may decode to many times its size (a multi-frame JPEG 2000 instance: GBs from a file
+    well under the read-ahead budget); past `max_bytes` it is not decoded (TooLargeToDecode), and the job
+    reads it itself, under run.memory_limit_mb."""
     ds, pixels = read_file(path)
     if pixels is None:
+        if max_bytes is not None and (size := decoded_bytes(ds)) > max_bytes:
+            raise TooLargeToDecode(f"{path}: its pixel data decodes to {size} bytes, more than {max_bytes}")
         pixels = pixels_of(ds, str(path))
         del ds.PixelData
     return ds, pixels
