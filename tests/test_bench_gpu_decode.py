@@ -74,3 +74,11 @@ def test_the_gpu_path_compares_every_slice_with_the_cpu_decode(monkeypatch, caps
         out = capsys.readouterr().out
         assert "GPU, nvImageCodec, one batch, to host memory" in out
         assert f"values {verdict} the CPU decode" in out
+
+    class Undecodable(Decoder):  # nvImageCodec hands back None for a codestream it cannot decode
+        def decode(self, streams, params):
+            return [*super().decode(streams, params)[:-1], None]
+
+    monkeypatch.setattr(bench, "gpu_decoder", lambda: (Codec, Undecodable(False), ""))
+    assert bench.main(["--slices", "10", "--repeat", "1", "--processes", "1"]) == 1
+    assert "GPU (nvImageCodec 0.9.0): 1 of 10 slices not decoded" in capsys.readouterr().out
