@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gpu_burst.py                       # 20 studies, 2 worker slots, CUDA if present
     .venv/bin/python bench/gpu_burst.py --studies 6 --workers 1 --device cpu
+    .venv/bin/python bench/gpu_burst.py --transfer-syntax JPEG2000Lossless [--gpu-decode]
 
 Each worker slot is a process doing what a node worker does (node.run.job_process.execute_job with the
 Prefetcher: the next study's series is decoded while the current one runs; the results are built and
@@ -11,7 +12,10 @@ torch.cuda.utilization). Prints: studies/s, the GPU's busy share (samples above 
 and where the slots' time went: decode (series read) vs inference vs the rest (pre/postprocess, results
 build, validation), plus how long inference waited for a decode that was not ready.
 
-Without a GPU it runs on CPU and prints the same split (no utilisation).
+Without a GPU it runs on CPU and prints the same split (no utilisation). `--transfer-syntax JPEG2000Lossless`
+writes the CT compressed, so decoding costs what it does for a PACS that sends JPEG 2000; `--gpu-decode` has
+the slots decode it on the GPU as run.gpu_decode does (node/run/gpu_decode.py, nvImageCodec); the header line
+says which decoder the slots used, and why not the GPU when they could not.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
-         validate: bool, ready: "mp.synchronize.Barrier", results: "mp.Queue") -> None:
+         validate: bool, gpu_decode: bool, ready: "mp.synchronize.Barrier", results: "mp.Queue") -> None:
     from node.config.schema import PluginSection
+    from node.run import gpu_decode as gpu_decoder
     from node.run.job_process import JobSpec, PluginCache, execute_job
     from node.run.prefetch import Prefetcher
 
-    cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device)
-    cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
+    cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device, gpu_decode)
+    plugin = cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
+    on_gpu = gpu_decoder.active()
+    why = "" if on_gpu or not gpu_decode else gpu_decoder.enable(plugin.device)
     prefetch = Prefetcher(cache)
 
     def spec(job_id: int) -> JobSpec:
@@ -58,7 +65,8 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         results.put({"job": job_id, "wall": time.perf_counter() - t0 + waited, "load_s": load_s,
                      "waited_s": waited if loaded else out.timings.get("load_s", 0.0),
                      "inference_s": out.timings.get("inference_s", 0.0), "plugin_s": out.timings.get("plugin_s", 0.0),
-                     "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0)})
+                     "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0),
+                     "gpu_decode": on_gpu, "why": why})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,18 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker slots (processes) sharing the device")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian", help="e.g. JPEG2000Lossless")
+    ap.add_argument("--gpu-decode", action="store_true", help="decode on the GPU, as run.gpu_decode: true")
     a = ap.parse_args(argv)
     cuda = a.device.startswith("cuda")
     validate = shutil.which("dciodvfy") is not None
     with tempfile.TemporaryDirectory(prefix="ainode-gpu-burst-") as tmp:
         r = write_chest_ct(Path(tmp) / "ct", slices=a.slices, slice_thickness=1.0, rows=512, cols=512,
-                           pixel_spacing=0.7, seed=4242)
+                           pixel_spacing=0.7, seed=4242, transfer_syntax=a.transfer_syntax)
         files = [str(f) for f in r.files]
         series_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         ctx = mp.get_context("spawn")  # as the node starts its workers (CUDA needs spawn)
         ready, results = ctx.Barrier(a.workers + 1), ctx.Queue()
         procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
-                                               r.study_uid, tmp, a.device, validate, ready, results))
+                                               r.study_uid, tmp, a.device, validate, a.gpu_decode, ready,
+                                               results))
                  for w in range(a.workers)]
         for p in procs:
             p.start()
@@ -105,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     rest = slot_time - total("waited_s") - total("inference_s")
     print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) on {a.device}, "
           f"dciodvfy {'on' if validate else 'off'}")
+    decoders = {"GPU (nvImageCodec)" if row["gpu_decode"] else "CPU" for row in rows}
+    why = next((row["why"] for row in rows if row["why"]), "")
+    print(f"{a.transfer_syntax}, slices decoded on the {' and '.join(sorted(decoders))}"
+          f"{f' (--gpu-decode: {why})' if why else ''}")
     print(f"burst {wall:.1f} s = {a.studies / wall:.2f} studies/s; median job {statistics.median(r['wall'] for r in rows):.2f} s")
     if sampler:
         s = sampler.between(t0, t1)

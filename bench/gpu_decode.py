@@ -11,7 +11,9 @@ synthetic chest CT as JPEG 2000 Lossless, takes each file's codestream, and time
   - one CPU process decoding with pylibjpeg-openjpeg (pydicom's plugin), for the per-slice CPU cost;
   - nvImageCodec (`nvidia.nvimgcodec`, with the nvjpeg2k extension), when it imports and torch sees a GPU:
     every codestream in one batch call, to GPU memory (what a GPU plugin would take) and on to host memory
-    (what the node's volume is now); every slice compared value for value with the CPU decode.
+    (what the node's volume is now); every slice compared value for value with the CPU decode;
+  - the node's own GPU path, run.gpu_decode (node/run/gpu_decode.py: nvImageCodec's pydicom plugin, one
+    slice at a time in the job's process): `load_series` of the series, its volume compared with the CPU one.
 Prints the median of --repeat runs of each. Without a GPU or nvImageCodec it says why and prints the CPU
 figures (bench/device/gpu_check.sh runs it on a GPU machine).
 """
@@ -101,18 +103,19 @@ def main(argv: list[str] | None = None) -> int:
 
         some = streams[:30]
         one_s, _ = timed(lambda: [openjpeg.decode(s) for s in some], a.repeat)
-    cpu = np.stack(volume)
-    mb = sum(map(len, streams)) / 2**20
-    print(f"JPEG 2000 Lossless, {len(streams)} slices of 512x512 {dtype}, {mb:.0f} MB of codestreams, "
-          f"median of {a.repeat}")
-    print(f"{'decoder':58s} {'series s':>9s} {'ms/slice':>9s}")
-    row("CPU, one process (pylibjpeg-openjpeg), per slice", None, one_s / len(some))
-    row(f"CPU, the node now: decode_files, {n} process(es)", pool_s, pool_s / len(streams))
+        cpu = np.stack(volume)
+        mb = sum(map(len, streams)) / 2**20
+        print(f"JPEG 2000 Lossless, {len(streams)} slices of 512x512 {dtype}, {mb:.0f} MB of codestreams, "
+              f"median of {a.repeat}")
+        print(f"{'decoder':58s} {'series s':>9s} {'ms/slice':>9s}")
+        row("CPU, one process (pylibjpeg-openjpeg), per slice", None, one_s / len(some))
+        row(f"CPU, the node now: decode_files, {n} process(es)", pool_s, pool_s / len(streams))
+        node_rc = node_gpu_decode([str(f) for f in files], a.repeat)
 
     nvimgcodec, decoder, why = gpu_decoder()
     if decoder is None:
         print(f"GPU (nvImageCodec): not measured: {why}")
-        return 0
+        return node_rc
     import torch
 
     params = nvimgcodec.DecodeParams(allow_any_depth=True, color_spec=nvimgcodec.ColorSpec.UNCHANGED)
@@ -141,6 +144,30 @@ def main(argv: list[str] | None = None) -> int:
     row("GPU, nvImageCodec, one batch, to host memory", host_s, host_s / len(streams))
     print(f"GPU: {torch.cuda.get_device_name()}; values {'identical to' if same else 'DIFFER from'} the CPU "
           f"decode; node now / GPU to host = {pool_s / host_s:.1f}x")
+    return node_rc if same else 1
+
+
+def node_gpu_decode(files: list[str], repeat: int) -> int:
+    """Time load_series with run.gpu_decode against the CPU decode processes; 1 if the volumes differ."""
+    import torch
+
+    from node.run import gpu_decode
+    from node.run.series_loader import load_series
+
+    why = gpu_decode.enable("cuda:0") if torch.cuda.is_available() else "torch sees no CUDA device"
+    if why:
+        print(f"GPU, run.gpu_decode: not measured: {why}")
+        return 0
+    try:
+        gpu_s, (gpu, _) = timed(lambda: load_series(files), repeat)
+    finally:
+        gpu_decode.disable()
+    cpu_s, (cpu, _) = timed(lambda: load_series(files), repeat)
+    same = np.array_equal(gpu.pixels, cpu.pixels)
+    row("CPU, the node's load_series (headers, decode, volume)", cpu_s, cpu_s / len(files))
+    row("GPU, the node's load_series with run.gpu_decode", gpu_s, gpu_s / len(files))
+    print(f"run.gpu_decode: volume {'identical to' if same else 'DIFFERS from'} the CPU one; "
+          f"CPU / GPU = {cpu_s / gpu_s:.1f}x")
     return 0 if same else 1
 
 

@@ -107,9 +107,10 @@ class NodeService:
                                   shadow_of={r.name: r.shadow_of for r in cfg.rules if r.shadow_of},
                                   sr_process=cfg.run.use_sr_process(),
                                   read_ahead_mb=cfg.run.read_ahead_mb,
+                                  gpu_decode=cfg.run.gpu_decode,
                                   could_take=functools.partial(could_take, cfg.rules),
                                   runners=self.ray and self.ray.runners(cfg.plugins, log_level, paths.models_dir,
-                                                                        cfg.run.device))
+                                                                        cfg.run.device, cfg.run.gpu_decode))
         self.models_dir = paths.models_dir
         self.dispatcher = Dispatcher(self.store, self.audit, with_resolved_tls(cfg.destinations, tls_base),
                                      cfg.node.ae_title,

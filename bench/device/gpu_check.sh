@@ -4,7 +4,8 @@
 # Then the device tool's run, with carry [".whl"] and timeout_s 600:
 #               bash bench/device/gpu_check.sh
 # Each bench's output goes to $OUT (the device tool brings it back) and to stdout. The time limits below
-# keep the whole run near 8 minutes, so a rerun fits a 15-minute lease. QUICK=1: small sizes, to try the
+# add up to about 8 minutes (most benches end well within theirs). The last two bursts are the same JPEG 2000
+# burst with the CPU decoders and with run.gpu_decode: whether GPU-side decode pays off. QUICK=1: small sizes, to try the
 # wiring on a machine without a GPU (every bench then runs on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,8 +28,10 @@ export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 if [ "${QUICK:-0}" = 1 ]; then
   decode=(--slices 40 --repeat 1); nodule=(--slices 64 --runs 1); burst=(--slices 64 --studies 2 --workers 1)
+  j2k=(--slices 64 --studies 2 --workers 1 --transfer-syntax JPEG2000Lossless)
 else
   decode=(--repeat 3); nodule=(--runs 3); burst=(--studies 20 --workers 2)
+  j2k=(--studies 10 --workers 2 --transfer-syntax JPEG2000Lossless)
 fi
 run() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
@@ -37,7 +40,9 @@ run() {  # name, seconds, command...
   local rc=${PIPESTATUS[0]}
   log "$name: exit $rc$([ "$rc" = 124 ] && echo " (stopped at its $limit s limit)")"
 }
-run gpu_decode 150 "$PY" bench/gpu_decode.py "${decode[@]}"
-run nodule_throughput 150 "$PY" bench/nodule_throughput.py "${nodule[@]}"
-run gpu_burst 200 "$PY" bench/gpu_burst.py "${burst[@]}"
+run gpu_decode 100 "$PY" bench/gpu_decode.py "${decode[@]}"
+run nodule_throughput 90 "$PY" bench/nodule_throughput.py "${nodule[@]}"
+run gpu_burst 140 "$PY" bench/gpu_burst.py "${burst[@]}"
+run gpu_burst_j2k_cpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}"
+run gpu_burst_j2k_gpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}" --gpu-decode
 log "$(date -u +%FT%TZ) done"

@@ -188,6 +188,10 @@ class RunSection(Strict):
         "Default: 70% of physical memory shared among the workers."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpu_decode: bool = Field(
+        False, description="A worker whose plugin runs on a GPU decodes JPEG 2000, HTJ2K and JPEG slices on that "
+        "GPU (NVIDIA nvImageCodec's pydicom plugin: pip install 'nvidia-nvimgcodec-cu12[all]'), not in one process "
+        "per CPU. Without nvImageCodec or a GPU the CPU decoders stay, and the worker's log says why.")
     sr_process: bool | None = Field(
         None, description="Each worker process keeps a second process (about 100 MB) that builds a job's SR while "
         "the worker builds its SEG, so the two overlap on two cores. Default: on with 2 or more CPU cores.")

@@ -29,6 +29,7 @@ from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTr
 
 from node.cpus import usable_cpus
 from node.lifeline import die_with_parent
+from node.run import gpu_decode
 
 log = logging.getLogger("ainode.run")
 
@@ -53,9 +54,10 @@ class DecodeError(ValueError):
 
 
 def pixels_of(ds: Dataset, where: str) -> np.ndarray:
-    """The data set's stored pixel values, as pydicom decodes them; a failure names `where` (its file)."""
+    """The data set's stored pixel values, as pydicom decodes them (on the GPU where run.gpu_decode has it,
+    node/run/gpu_decode.py); a failure names `where` (its file)."""
     try:
-        return ds.pixel_array
+        return gpu_decode.pixel_array(ds) if gpu_decode.takes(ds) else ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder error: name the file it came from
         raise DecodeError(f"{where}: its pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
                           f"check the file with dcmdump, or have the sender use another transfer syntax") from None

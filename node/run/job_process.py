@@ -25,6 +25,7 @@ from node.receive.spool import scratch_prefix
 from node.results.build import AlgorithmInfo, BuiltObject, SrBuilder, build_results
 from node.results.fallback import build_fallbacks
 from node.results.validate import PendingValidation, start_dciodvfy
+from node.run import gpu_decode
 from node.run.read_ahead import ReadAhead
 from node.run.series_loader import load_series
 
@@ -78,10 +79,12 @@ class PluginCache:
     """Plugins loaded once per worker process and kept warm between jobs, with their verified models."""
 
     def __init__(self, sections: Mapping[str, PluginSection], models_dir: Path | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", gpu_decode: bool = False) -> None:
+        """`gpu_decode`: run.gpu_decode, for the plugins that run on a GPU (node/run/gpu_decode.py)."""
         self.sections = sections
         self.models_dir = models_dir
         self.device = device
+        self.gpu_decode = gpu_decode
         self._plugins: dict[str, Plugin] = {}
 
     def _device_for(self, plugin: Plugin) -> str:
@@ -116,6 +119,12 @@ class PluginCache:
             section = self.sections.get(name)
             plugin = load_plugin(name, section.options if section else None, section.entry if section else None)
             plugin.device = self._device_for(plugin)
+            if self.gpu_decode and plugin.device != "cpu":
+                if why := gpu_decode.enable(plugin.device):
+                    log.warning("run.gpu_decode is on but slices are decoded on the CPU plugin=%s reason=%s",
+                                name, why)
+                else:
+                    log.info("slices are decoded on the GPU plugin=%s device=%s", name, plugin.device)
             if plugin.model_name:
                 version = (section.model_version if section else None) or plugin.model_version
                 plugin.load_model(load_model(self.models_dir or BUNDLED_MODELS, plugin.model_name, version))

@@ -62,7 +62,7 @@ def _rss_bytes(pid: int) -> int:
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
                 models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False,
-                read_ahead_bytes: int = 0) -> None:
+                read_ahead_bytes: int = 0, gpu_decode: bool = False) -> None:
     os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
@@ -82,7 +82,7 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
         # this one (PR_SET_PDEATHSIG), so it is cleared.
         mp.current_process().daemon = False
         sr_builder = SrProcess()
-    plugins = PluginCache(sections, models_dir, device)
+    plugins = PluginCache(sections, models_dir, device, gpu_decode)
     ahead = ReadAhead(read_ahead_bytes, functools.partial(read_file_decoded, max_bytes=read_ahead_bytes))
     prefetcher = Prefetcher(plugins, ahead)
     plugins.preload(preload)
@@ -130,12 +130,14 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
 class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
                  log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
-                 env: Mapping[str, str] | None = None, sr_process: bool = False, read_ahead_mb: int = 0) -> None:
-        """`read_ahead_mb`: how much of arriving studies the idle process may hold (node/run/read_ahead.py)."""
+                 env: Mapping[str, str] | None = None, sr_process: bool = False, read_ahead_mb: int = 0,
+                 gpu_decode: bool = False) -> None:
+        """`read_ahead_mb`: how much of arriving studies the idle process may hold (node/run/read_ahead.py);
+        `gpu_decode`: run.gpu_decode."""
         self.name = name
         self.env = dict(env or {})
         self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env, sr_process,
-                      read_ahead_mb * 2**20)
+                      read_ahead_mb * 2**20, gpu_decode)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None

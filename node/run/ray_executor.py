@@ -93,7 +93,7 @@ class PluginActor:
     """Runs inside a Ray worker process: the plugins stay loaded between jobs."""
 
     def __init__(self, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,
-                 models_dir: Path | None, device: str, env: Mapping[str, str]) -> None:
+                 models_dir: Path | None, device: str, env: Mapping[str, str], gpu_decode: bool = False) -> None:
         os.environ.update(env)  # before anything initialises CUDA; Ray sets CUDA_VISIBLE_DEVICES of GPU actors
         from node.logs import setup_logging
         from node.run.heap import keep_freed_memory
@@ -101,7 +101,7 @@ class PluginActor:
         keep_freed_memory()  # the actor's process is its own: jobs reuse its pages, as local workers do
 
         setup_logging(log_level)
-        self.plugins = PluginCache(sections, models_dir, device)
+        self.plugins = PluginCache(sections, models_dir, device, gpu_decode)
         self.plugins.preload(preload)
         self.scratch, self._scratch_lock = claim_scratch()
 
@@ -213,8 +213,8 @@ class RayBackend:
                  self.ray.cluster_resources())
 
     def runners(self, sections: Mapping[str, PluginSection], log_level: str, models_dir: Path | None,
-                device: str) -> Callable[[WorkerSlot, list[str]], "RayRunner"]:
-        """A WorkerPool runner factory: (slot, plugins to preload) -> RayRunner."""
+                device: str, gpu_decode: bool = False) -> Callable[[WorkerSlot, list[str]], "RayRunner"]:
+        """A WorkerPool runner factory: (slot, plugins to preload) -> RayRunner. `gpu_decode`: run.gpu_decode."""
         per_gpu: dict[int, int] = {}
 
         def make(slot: WorkerSlot, preload: list[str]) -> RayRunner:
@@ -222,7 +222,7 @@ class RayBackend:
                 per_gpu[slot.gpu.index] = 0
             if slot.gpu is not None:
                 per_gpu[slot.gpu.index] += 1
-            return RayRunner(self, slot, dict(sections), preload, log_level, models_dir, device, per_gpu)
+            return RayRunner(self, slot, dict(sections), preload, log_level, models_dir, device, per_gpu, gpu_decode)
 
         return make
 
@@ -234,14 +234,14 @@ class RayRunner:
     """One warm Ray actor with the PluginProcess interface (start/stop/restart/kill/ready/run)."""
 
     def __init__(self, backend: RayBackend, slot: WorkerSlot, sections: dict, preload: list[str], log_level: str,
-                 models_dir: Path | None, device: str, per_gpu: Mapping[int, int]) -> None:
+                 models_dir: Path | None, device: str, per_gpu: Mapping[int, int], gpu_decode: bool = False) -> None:
         self.backend = backend
         self.ray = backend.ray
         self.slot = slot
         self._per_gpu = per_gpu  # slots per GPU, filled in as the pool makes its runners
         # A GPU actor gets its GPU from Ray (Ray sets CUDA_VISIBLE_DEVICES); a CPU actor is kept off the GPU.
         env = {k: v for k, v in slot.env.items() if not (slot.gpu is not None and k == "CUDA_VISIBLE_DEVICES")}
-        self._args = (sections, list(preload), log_level, models_dir, device, env)
+        self._args = (sections, list(preload), log_level, models_dir, device, env, gpu_decode)
         self._actor = None
         self._ready_ref = None
         self._where: dict | None = None

@@ -84,6 +84,7 @@ class WorkerPool:
         runners: Callable[[WorkerSlot, list[str]], Runner] | None = None,
         sr_process: bool = False,
         read_ahead_mb: int = 0,
+        gpu_decode: bool = False,
         could_take: Callable[[InstanceMeta], frozenset[str]] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
@@ -95,7 +96,8 @@ class WorkerPool:
         node/run/ray_executor.py makes Ray actors with the same interface. `sr_process`: each local worker
         builds SRs in a second process while it builds the SEG (node/results/sr_process.py). `read_ahead_mb`
         and `could_take` (the plugins whose rules could take an instance's series): an idle local worker
-        reads the files of a study while it arrives (arrived(), node/run/read_ahead.py)."""
+        reads the files of a study while it arrives (arrived(), node/run/read_ahead.py). `gpu_decode`:
+        run.gpu_decode, for local workers (Ray actors get it from `runners`)."""
         self.rule_priors = dict(rule_priors or {})
         self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
@@ -122,7 +124,7 @@ class WorkerPool:
 
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
             return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env,
-                                 sr_process=sr_process, read_ahead_mb=ahead_mb)
+                                 sr_process=sr_process, read_ahead_mb=ahead_mb, gpu_decode=gpu_decode)
 
         make = runners or local
         self._processes = [make(slot, [p for p in preload or [] if slot.may_run(p)]) for slot in self.slots]
