@@ -170,3 +170,23 @@ def test_bench_gpu_decode_compares_the_nodes_gpu_path_with_its_cpu_path(monkeypa
     monkeypatch.setattr(module, "_decode_frame", corrupt)
     assert main(["--slices", "10", "--repeat", "1", "--processes", "1"]) == 1
     assert "run.gpu_decode: volume DIFFERS from the CPU one" in capsys.readouterr().out
+
+
+def test_check_config_says_whether_slices_will_be_decoded_on_the_gpu(tmp_path, monkeypatch, stand_in):
+    from node.config import load_config
+    from node.run.slots import describe_slots
+
+    def plan(run: str) -> str:
+        path = tmp_path / "node.yaml"
+        path.write_text(f"run: {run}\nplugins: {{ct_nodule: {{}}}}\nrules:\n  - {{name: nodules, plugin: ct_nodule}}\n")
+        return describe_slots(load_config(path).config)
+
+    assert "run.gpu_decode" not in plan("{gpu: {devices: [0], memory_mb: 8000}}")
+    assert ("run.gpu_decode: on, but no plugin runs on a GPU: slices are decoded on the CPU"
+            in plan("{gpu_decode: true, gpu: {devices: []}}"))
+    monkeypatch.setitem(sys.modules, gpu_decode.NVIMGCODEC_PLUGIN, None)
+    assert ("run.gpu_decode: on, but nvImageCodec's pydicom plugin does not import"
+            in plan("{gpu_decode: true, gpu: {devices: [0], memory_mb: 8000}}"))
+    stand_in()
+    assert ("run.gpu_decode: GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU"
+            in plan("{gpu_decode: true, gpu: {devices: [0], memory_mb: 8000}}"))

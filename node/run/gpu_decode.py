@@ -53,6 +53,21 @@ def _decode_frame(src: bytes, runner: Any) -> bytes | bytearray:
         return _plugin._decode_frame(src, runner)
 
 
+def _not_importable(exc: ImportError) -> str:
+    return (f"nvImageCodec's pydicom plugin does not import ({exc}); pip install 'nvidia-nvimgcodec-cu12[all]' "
+            "(cu13 for CUDA 13) in the node's environment, or set run.gpu_decode: false")
+
+
+def installed() -> str | None:
+    """None if nvImageCodec's pydicom plugin is there (for `ainode check-config`; only a worker on a GPU can
+    tell whether its decoder starts), else why not."""
+    try:
+        importlib.import_module(NVIMGCODEC_PLUGIN)  # loads nvImageCodec's library, starts nothing on a GPU
+    except ImportError as exc:
+        return _not_importable(exc)
+    return None
+
+
 def enable(device: str) -> str | None:
     """Decode GPU-decodable slices on the GPU in this process from now on; None if so, else why not."""
     global _plugin
@@ -63,8 +78,7 @@ def enable(device: str) -> str | None:
     try:
         plugin = importlib.import_module(NVIMGCODEC_PLUGIN)
     except ImportError as exc:
-        return (f"nvImageCodec's pydicom plugin does not import ({exc}); pip install "
-                "'nvidia-nvimgcodec-cu12[all]' (cu13 for CUDA 13) in the node's environment, or set run.gpu_decode: false")
+        return _not_importable(exc)
     try:
         with _lock:
             plugin._get_decoder_resources()  # makes the decoder now, so a missing library is said at start
