@@ -43,7 +43,7 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
     cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device, gpu_decode)
     plugin = cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
     on_gpu = gpu_decoder.active()
-    why = "" if on_gpu or not gpu_decode else gpu_decoder.enable(plugin.device)
+    why = "" if on_gpu or not gpu_decode else cache.gpu_decode_off or f"the plugin runs on {plugin.device}"
     prefetch = Prefetcher(cache)
 
     def spec(job_id: int) -> JobSpec:

@@ -89,6 +89,7 @@ def test_a_jpeg2000_series_is_decoded_on_the_gpu_in_the_job_process(monkeypatch,
     module = stand_in()
     assert gpu_decode.enable("cuda:0") is None
     assert gpu_decode.PLUGIN in JPEG2000LosslessDecoder.available_plugins
+    assert not decode_pool.slow_to_decode(pydicom.dcmread(j2k_series[0]))  # not for the decode processes
     no_decode_processes(monkeypatch)
     monkeypatch.setattr(series_loader, "processes_for", lambda files: 2)  # as on a machine with CPUs to spare
     gpu, headers = load_series(j2k_series)
@@ -139,9 +140,11 @@ def test_the_worker_turns_it_on_for_a_plugin_on_a_gpu_only(monkeypatch, stand_in
     PluginCache({"ct_lung": PluginSection()}).get("ct_lung")  # run.gpu_decode off
     assert not gpu_decode.takes(ds)
     monkeypatch.setitem(sys.modules, gpu_decode.NVIMGCODEC_PLUGIN, None)
+    cache = PluginCache({"ct_lung": PluginSection()}, gpu_decode=True)
     with caplog.at_level(logging.WARNING, logger="ainode.run"):
-        PluginCache({"ct_lung": PluginSection()}, gpu_decode=True).get("ct_lung")
+        cache.get("ct_lung")
     assert not gpu_decode.takes(ds)
+    assert cache.gpu_decode_off is not None and "does not import" in cache.gpu_decode_off
     assert any("run.gpu_decode is on but slices are decoded on the CPU plugin=ct_lung" in r.getMessage()
                for r in caplog.records)
     stand_in()

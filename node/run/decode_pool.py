@@ -73,9 +73,11 @@ def decode_file(path: str) -> np.ndarray:
 
 
 def slow_to_decode(ds: Dataset) -> bool:
-    """Whether the file this header came from is worth decoding in another process."""
+    """Whether the file this header came from is worth decoding in another process: not where this process
+    decodes it on its GPU (run.gpu_decode), which those processes would not have."""
     meta = getattr(ds, "file_meta", None)
-    return meta is not None and str(meta.get("TransferSyntaxUID", "")) in SLOW_SYNTAXES
+    return (meta is not None and str(meta.get("TransferSyntaxUID", "")) in SLOW_SYNTAXES
+            and not gpu_decode.takes(ds))
 
 
 def processes_for(files: int) -> int:

@@ -53,19 +53,20 @@ def _decode_frame(src: bytes, runner: Any) -> bytes | bytearray:
         return _plugin._decode_frame(src, runner)
 
 
-def _not_importable(exc: ImportError) -> str:
-    return (f"nvImageCodec's pydicom plugin does not import ({exc}); pip install 'nvidia-nvimgcodec-cu12[all]' "
-            "(cu13 for CUDA 13) in the node's environment, or set run.gpu_decode: false")
+def _import() -> tuple[Any, str | None]:
+    """(nvImageCodec's pydicom plugin module, None), or (None, why not); loads its library, starts no GPU."""
+    try:
+        return importlib.import_module(NVIMGCODEC_PLUGIN), None
+    except ImportError as exc:
+        return None, (f"nvImageCodec's pydicom plugin does not import ({exc}); pip install "
+                      "'nvidia-nvimgcodec-cu12[all]' (cu13 for CUDA 13) in the node's environment, or set "
+                      "run.gpu_decode: false")
 
 
 def installed() -> str | None:
     """None if nvImageCodec's pydicom plugin is there (for `ainode check-config`; only a worker on a GPU can
     tell whether its decoder starts), else why not."""
-    try:
-        importlib.import_module(NVIMGCODEC_PLUGIN)  # loads nvImageCodec's library, starts nothing on a GPU
-    except ImportError as exc:
-        return _not_importable(exc)
-    return None
+    return _import()[1]
 
 
 def enable(device: str) -> str | None:
@@ -75,10 +76,9 @@ def enable(device: str) -> str | None:
         return f"the plugin runs on {device}"
     if _plugin is not None:
         return None
-    try:
-        plugin = importlib.import_module(NVIMGCODEC_PLUGIN)
-    except ImportError as exc:
-        return _not_importable(exc)
+    plugin, why = _import()
+    if why:
+        return why
     try:
         with _lock:
             plugin._get_decoder_resources()  # makes the decoder now, so a missing library is said at start

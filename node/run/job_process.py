@@ -85,6 +85,7 @@ class PluginCache:
         self.models_dir = models_dir
         self.device = device
         self.gpu_decode = gpu_decode
+        self.gpu_decode_off: str | None = None  # why run.gpu_decode could not be used, when it could not
         self._plugins: dict[str, Plugin] = {}
 
     def _device_for(self, plugin: Plugin) -> str:
@@ -121,6 +122,7 @@ class PluginCache:
             plugin.device = self._device_for(plugin)
             if self.gpu_decode and plugin.device != "cpu":
                 if why := gpu_decode.enable(plugin.device):
+                    self.gpu_decode_off = why
                     log.warning("run.gpu_decode is on but slices are decoded on the CPU plugin=%s reason=%s",
                                 name, why)
                 else:

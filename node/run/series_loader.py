@@ -23,7 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
-from node.run import gpu_decode
 from node.run.decode_pool import (BackgroundDecode, DecodeError, decode_files, pixels_of, processes_for,
                                   slow_to_decode)
 
@@ -176,8 +175,7 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
         if missing:
             first = read_file(missing[0])
             n = processes_for(len(missing)) if decode_processes is None else decode_processes
-            if (first[1] is None and slow_to_decode(first[0]) and not gpu_decode.takes(first[0]) and n > 1
-                    and len(missing) > 1):
+            if first[1] is None and slow_to_decode(first[0]) and n > 1 and len(missing) > 1:
                 # The rest are most likely compressed the same way: their processes start decoding now, while
                 # the headers are read here (a file that is not compressed comes back as pydicom reads it).
                 early = BackgroundDecode([str(p) for p in missing], n)
@@ -214,9 +212,8 @@ def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | 
                 if "PixelData" in ds:  # the first file, read whole to see how the series is encoded
                     del ds.PixelData
                 read[k] = (ds, decoded[ds.filename])
-    # Slices the GPU decodes (run.gpu_decode) are decoded below, in this process that holds the GPU.
-    undecoded = [k for k, (ds, stored) in enumerate(read)
-                 if stored is None and slow_to_decode(ds) and not gpu_decode.takes(ds)]
+    # Slices the GPU decodes (run.gpu_decode) are not slow_to_decode: decoded below, in this process.
+    undecoded = [k for k, (ds, stored) in enumerate(read) if stored is None and slow_to_decode(ds)]
     processes = processes_for(len(undecoded)) if decode_processes is None else decode_processes
     if undecoded and processes > 1:  # JPEG 2000, JPEG-LS, JPEG: decoded in processes, side by side
         try:
