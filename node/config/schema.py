@@ -185,7 +185,8 @@ class RunSection(Strict):
         30, ge=0, description="On SIGTERM, how long running jobs may finish; then they are queued again.")
     memory_limit_mb: int | None = Field(
         None, ge=64, description="A job's worker process using more memory is stopped and the job failed. "
-        "Default: 70% of physical memory shared among the workers."
+        "Default: 70% of physical memory shared among the workers. It counts the worker process, not its SR "
+        "process (run.sr_process) or the processes that decode a compressed series for it."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_decode: bool = Field(
