@@ -1,7 +1,8 @@
 """C-STORE receive rate of the node against its C++ peers: same files, same sender, same machine, same run.
 
     .venv/bin/python bench/receive_rate.py [--slices 300] [--repeat 3] [--associations 1,4]
-                                           [--receivers storescp,orthanc,ainode,ainode-mp] [--data DIR] [--workdir DIR]
+                                           [--receivers storescp,storescp-fsync,orthanc,ainode,ainode-mp]
+                                           [--data DIR] [--workdir DIR]
 
 Sender: DCMTK storescu for every receiver, over 127.0.0.1; with N associations the files are split
 into N groups sent by N storescu processes in parallel. Each figure is the median wall time of
@@ -12,14 +13,17 @@ target lines also give each round's own ratio. A node is stopped between its rou
 % of a core); the C++ peers idle at well under 1%. `ainode` is the node with one receive process
 (node.receive_processes: 1); `ainode-mp` is its default (auto: one receive process per CPU, at most 4).
 
-Durability is not the same for all three, and the table says so: DCMTK storescp writes each file
+Durability is not the same for all of them, and the table says so: DCMTK storescp writes each file
 and answers without fsync (it has no option for it); Orthanc fsyncs each stored file
 (SyncStorageArea, its default since 1.7.4) and indexes it in SQLite; the node fsyncs each instance's
 file and its folder entry, and commits its database row, before it answers Success (on SQLite the
 row's commit does not wait for the WAL fsync: start-up reconciliation re-indexes the durable file).
 Each round also times the node's durable write alone on the same files and disk, and the run ends with
 what storescp would reach with that write added to each round trip: an estimate of what answering only
-once the instance is on disk costs (with_durable_write). After each send the bench waits for the disk
+once the instance is on disk costs (with_durable_write). `storescp-fsync` measures it instead: the same
+storescp with bench/fsync_on_close.c preloaded (LD_PRELOAD; built with the system's C compiler at start),
+which fsyncs each received file and its folder before storescp answers. storescp serves one association
+at a time (its default, --single-process), so its figures with 4 associations are those of one after another. After each send the bench waits for the disk
 (sync), so no receiver's unwritten data is written back during the next one's send.
 """
 
@@ -194,12 +198,15 @@ class Storescp:
         self.log = open(self.work / "storescp.log", "wb")
         self.proc = subprocess.Popen(["storescp", "-aet", self.aet, "-od", str(self.out), str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env=dcmtk_env())
+                                     start_new_session=True, env=self._env())
         if not wait_for_port("127.0.0.1", self.port, 20):
             self.__exit__()
             raise RuntimeError("storescp did not listen")
         echo(self.aet, self.port)
         return self
+
+    def _env(self) -> dict[str, str]:
+        return dcmtk_env()
 
     def pause(self) -> None:
         """storescp waits in accept(): nothing to stop."""
@@ -217,6 +224,42 @@ class Storescp:
     def __exit__(self, *exc: object) -> None:
         stop_group(self.proc)
         self.log.close()
+
+
+class StorescpFsync(Storescp):
+    """storescp with bench/fsync_on_close.c preloaded: each file and its folder entry fsynced before the
+    answer, as the node does; a measured counterpart of the with_durable_write estimate. Built at start with
+    the system's C compiler; without one this receiver is reported as not available."""
+
+    key, label, durability = "storescp-fsync", "DCMTK storescp + fsync", "fsync file+dir (shim)"
+
+    def __enter__(self) -> "StorescpFsync":
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise RuntimeError("needs a C compiler for bench/fsync_on_close.c (apt-get install gcc)")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.shim, self.count = self.work / "fsync_on_close.so", self.work / "fsynced"
+        built = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(self.shim),
+                                str(Path(__file__).with_name("fsync_on_close.c")), "-ldl"],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"building bench/fsync_on_close.c failed: {built.stderr.strip()[-300:]}")
+        return super().__enter__()  # type: ignore[return-value]
+
+    def _env(self) -> dict[str, str]:
+        return {**dcmtk_env(), "LD_PRELOAD": str(self.shim), "FSYNC_ON_CLOSE_COUNT": str(self.count)}
+
+    def reset(self) -> None:
+        super().reset()
+        self.count.unlink(missing_ok=True)
+
+    def received(self) -> int:
+        """Instances stored, checked against the files the shim made durable (it was in effect for each)."""
+        got = super().received()
+        fsynced = self.count.stat().st_size if self.count.exists() else 0
+        if fsynced != got:
+            raise RuntimeError(f"the fsync shim made {fsynced} of the {got} received files durable")
+        return got
 
 
 class Orthanc:
@@ -438,7 +481,7 @@ class AinodeProcesses(Ainode):
             time.sleep(0.2)
 
 
-RECEIVERS = {cls.key: cls for cls in (Storescp, Orthanc, Ainode, AinodeProcesses)}
+RECEIVERS = {cls.key: cls for cls in (Storescp, StorescpFsync, Orthanc, Ainode, AinodeProcesses)}
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -465,7 +508,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--associations", default="1,4", help="comma-separated counts of parallel associations")
-    ap.add_argument("--receivers", default="storescp,orthanc,ainode,ainode-mp")
+    ap.add_argument("--receivers", default="storescp,storescp-fsync,orthanc,ainode,ainode-mp")
     ap.add_argument("--data", type=Path, help="a folder of DICOM files to send instead of a synthetic CT")
     ap.add_argument("--workdir", type=Path, help="where receivers store (default: a temp dir); a real disk "
                     "matters, fsync on tmpfs costs nothing")
@@ -579,8 +622,11 @@ def main() -> int:
     for key, reason in unavailable.items():
         print(f"{key}: not available ({reason})")
     print("ratio = receiver's rate / peer's rate (above 1.00x: faster than the peer). DCMTK storescp has no "
-          "fsync option; Orthanc fsyncs each file (SyncStorageArea); the node fsyncs file and folder. CPU ms/inst: "
-          "the receiver's CPU time (user + system, its process and direct children) during the send, per instance.")
+          "fsync option (storescp + fsync: the same storescp with bench/fsync_on_close.c preloaded, which fsyncs "
+          "each file and its folder before the answer); both serve one association at a time (storescp's "
+          "default, --single-process). Orthanc fsyncs each file (SyncStorageArea); the node fsyncs file and "
+          "folder. CPU ms/inst: the receiver's CPU time (user + system, its process and direct children) during "
+          "the send, per instance.")
     write_s = statistics.median(writes) if writes else None
     if write_s is not None:
         print(f"\ndurable write alone (the node's Spool.write_durable: O_DSYNC write, rename, folder fsync), same "
@@ -596,6 +642,15 @@ def main() -> int:
                          for key in ("ainode", "ainode-mp") if (t := results.get((key, n)))]
                 print(f"  {n} association(s): {durable:.0f} inst/s = {durable / rate:.2f}x storescp"
                       + (f"; {', '.join(nodes)}" if nodes else ""))
+        for n in assoc_counts:
+            t_fsync = results.get(("storescp-fsync", n))
+            t_scp = results.get(("storescp", n))
+            if t_fsync and t_scp:
+                nodes = [f"{key} {results[('storescp-fsync', n)] / t:.2f}x of it (round by round: "
+                         + " ".join(f"{p / a:.2f}x" for p, a in zip(times[("storescp-fsync", n)], times[(key, n)]))
+                         + ")" for key in ("ainode", "ainode-mp") if (t := results.get((key, n)))]
+                print(f"  measured, {n} association(s): storescp + fsync {len(files) / t_fsync:.0f} inst/s = "
+                      f"{t_scp / t_fsync:.2f}x storescp" + (f"; {', '.join(nodes)}" if nodes else ""))
     if PROFILE is not None:
         print_profile(PROFILE)
     for n in assoc_counts:  # issue 8's targets: >= 1.0x Orthanc and >= 0.7x storescp, per association count
