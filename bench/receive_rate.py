@@ -23,8 +23,9 @@ what storescp would reach with that write added to each round trip: an estimate 
 once the instance is on disk costs (with_durable_write). `storescp-fsync` measures it instead: the same
 storescp with bench/fsync_on_close.c preloaded (LD_PRELOAD; built with the system's C compiler at start),
 which fsyncs each received file and its folder before storescp answers. storescp serves one association
-at a time (its default, --single-process), so its figures with 4 associations are those of one after another. After each send the bench waits for the disk
-(sync), so no receiver's unwritten data is written back during the next one's send.
+at a time (its default, --single-process), so its figures with 4 associations are those of one after
+another. After each send the bench waits for the disk (sync), so no receiver's unwritten data is written
+back during the next one's send.
 """
 
 from __future__ import annotations
