@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -161,6 +162,9 @@ class ReceiveCounters:
     bytes: int = 0
 
 
+MAX_REFUSALS_LOGGED = 1024  # (calling AE, refused set) pairs remembered for _log_refused; past it, each is warned
+
+
 def _released(assoc: Association) -> bool:
     """The association was released, or is closing after this node answered the sender's A-RELEASE-RQ (an
     acceptor waits in pynetdicom's Sta13 for the peer's close after its A-RELEASE-RP). An A-ABORT or
@@ -208,6 +212,9 @@ class StoreSCP:
         self.on_indexed: Callable[[InstanceMeta], None] | None = None
         self._studies: dict[object, set[str]] = {}  # association -> studies it stored instances of
         self._studies_lock = threading.Lock()
+        # Open association -> its calling AE, ip and port (weak: one closed before its EVT_ACCEPTED ran is not kept)
+        self._accepted: weakref.WeakKeyDictionary[object, tuple[str, str, int]] = weakref.WeakKeyDictionary()
+        self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()  # (calling AE, refused SOP classes)
         self._storing = 0  # C-STORE handlers running now, in every association of this process
         self._storing_lock = threading.Lock()
 
@@ -397,11 +404,25 @@ class StoreSCP:
         self.audit.append("association-accepted", calling_ae=calling, peer_ip=ip, peer_port=port,
                           tls_version=tls_version, peer_cert_subject=peer_cert,
                           receiver_pid=os.getpid() if self.turns else None)  # which receive process
+        with self._studies_lock:
+            self._accepted[event.assoc] = (calling, ip, port)
         if refused:
             self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
                               peer_port=port, sop_classes=refused,
                               reason="SOP class / transfer syntax not supported by this node")
-            log.warning("presentation contexts refused calling_ae=%s sop_classes=%s", calling, ",".join(refused))
+            self._log_refused(calling, refused)
+
+    def _log_refused(self, calling: str, refused: list[str]) -> None:
+        """A warning the first time a calling AE has these contexts refused (in this receive process), then
+        debug: senders such as storescu propose every SOP class they know on every association, and a
+        warning per association buried the log. The audit log keeps a record per association."""
+        key = (calling, tuple(refused))
+        first = key not in self._refusals_logged
+        if first and len(self._refusals_logged) < MAX_REFUSALS_LOGGED:
+            self._refusals_logged.add(key)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "presentation contexts refused calling_ae=%s sop_classes=%s%s", calling, ",".join(refused),
+                " (logged once per calling AE and set of classes; every association is in the audit log)" if first else "")
 
     def _on_rejected(self, event: evt.Event) -> None:
         # Rejections that pynetdicom makes itself (its backstop connection limit); ours in
@@ -426,7 +447,15 @@ class StoreSCP:
         thread can handle before the association thread raises EVT_RELEASED; the pop under the lock makes
         whichever comes first pass it, once. A data set cut off mid-way by the close loses its spill file
         here, not whenever the association's objects are collected."""
-        self._forget_studies(event.assoc, hint=_released(event.assoc))
+        released = _released(event.assoc)
+        with self._studies_lock:
+            peer = self._accepted.pop(event.assoc, None)
+        if peer is not None and not released and not event.assoc.is_rejected:
+            # Aborted or connection lost: which, is not known yet when the close comes first (the association
+            # thread sets is_aborted when it handles the A-ABORT).
+            log.warning("association ended without release (aborted, or the connection was lost) calling_ae=%s "
+                        "ip=%s port=%d; an instance in transfer was not acknowledged and must be sent again", *peer)
+        self._forget_studies(event.assoc, hint=released)
         dimse = getattr(event.assoc, "dimse", None)
         partial = getattr(getattr(dimse, "message", None), "data_set", None)
         if isinstance(partial, store_request.CappedDataSet) and partial.spill is not None:

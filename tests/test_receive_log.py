@@ -1,0 +1,90 @@
+"""What the node's log says about senders, for the IT staff who read it: a sender that drops its connection
+or aborts gets one warning naming its AE title, not pynetdicom's errors and traceback; refused presentation
+contexts are warned once per calling AE and set of classes, while the audit log keeps every association."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Iterator
+
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support.node_proc import NodeProcess
+from tests.support.wait import wait_until
+
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.1"  # no such storage class: refused at negotiation
+ENDED = "association ended without release"
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[NodeProcess]:
+    with NodeProcess(tmp_path, {"assemble": {"quiet_period_s": 3600}}) as n:
+        yield n
+
+
+def _associate(node: NodeProcess, ae_title: str, contexts: list[str]):
+    ae = AE(ae_title=ae_title)
+    for sop_class in contexts:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def _log(node: NodeProcess) -> str:
+    return node.log_path.read_text(errors="replace")
+
+
+def _ended(node: NodeProcess, calling: str) -> list[str]:
+    return [line for line in _log(node).splitlines() if ENDED in line and f"calling_ae={calling} " in line]
+
+
+def test_a_dropped_or_aborted_association_is_one_warning_without_a_traceback(node):
+    # A sender that dies mid-PDU: half a P-DATA-TF on the wire, then a reset (SO_LINGER 0).
+    dropped = _associate(node, "DROPPER", [CTImageStorage])
+    raw = dropped.dul.socket.socket
+    raw.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\x00" * 10)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+    line = wait_until(lambda: _ended(node, "DROPPER"), 10, "the warning for the dropped association")
+    assert len(line) == 1 and "level=WARNING" in line[0] and "ip=127.0.0.1" in line[0]
+    dropped.abort()  # ends the test's own side of it
+
+    aborted = _associate(node, "ABORTER", [CTImageStorage])
+    aborted.abort()
+    line = wait_until(lambda: _ended(node, "ABORTER"), 10, "the warning for the aborted association")
+    assert len(line) == 1
+
+    released = _associate(node, "RELEASER", [Verification])
+    assert int(released.send_c_echo().Status) == 0x0000
+    released.release()
+    wait_until(lambda: [r for r in node.audit_records() if r.get("calling_ae") == "RELEASER"], 10, "RELEASER's record")
+
+    log = _log(node)
+    assert not _ended(node, "RELEASER")
+    assert "Traceback" not in log
+    assert "level=ERROR" not in log, log
+
+
+def test_refused_contexts_are_warned_once_per_calling_ae_and_audited_every_time(node):
+    for _ in range(3):
+        assoc = _associate(node, "PROPOSER", [CTImageStorage, PRIVATE_SOP_CLASS])
+        assoc.release()
+    def refusals() -> list[dict]:
+        return [r for r in node.audit_records()
+                if r["event"] == "presentation-context-refused" and r["calling_ae"] == "PROPOSER"]
+
+    records = wait_until(lambda: refusals() if len(refusals()) >= 3 else None, 10, "three refusal records")
+    assert len(records) == 3 and all(r["sop_classes"] == [PRIVATE_SOP_CLASS] for r in records)
+    warned = [line for line in _log(node).splitlines()
+              if "presentation contexts refused calling_ae=PROPOSER" in line and "level=WARNING" in line]
+    assert len(warned) == 1, warned
+
+    other = _associate(node, "OTHER", [CTImageStorage, PRIVATE_SOP_CLASS])  # another sender is warned too
+    other.release()
+    wait_until(lambda: [line for line in _log(node).splitlines()
+                        if "presentation contexts refused calling_ae=OTHER" in line], 10, "OTHER's warning")
