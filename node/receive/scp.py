@@ -453,8 +453,9 @@ class StoreSCP:
         if peer is not None and not released and not event.assoc.is_rejected:
             # Aborted or connection lost: which, is not known yet when the close comes first (the association
             # thread sets is_aborted when it handles the A-ABORT).
-            log.warning("association ended without release (aborted, or the connection was lost) calling_ae=%s "
-                        "ip=%s port=%d; an instance in transfer was not acknowledged and must be sent again", *peer)
+            log.warning("association ended without release (aborted by either side, idle past "
+                        "node.network_timeout_s, or the connection was lost) calling_ae=%s ip=%s port=%d; an "
+                        "instance in transfer was not acknowledged and must be sent again", *peer)
         self._forget_studies(event.assoc, hint=released)
         dimse = getattr(event.assoc, "dimse", None)
         partial = getattr(getattr(dimse, "message", None), "data_set", None)
