@@ -15,6 +15,12 @@ def test_dead_letter_then_requeue_delivers_exactly_once(tmp_path, orthanc, node_
     fails = events(node, "send-failed")
     assert sorted({r["attempt"] for r in fails}) == [1, 2] and all(r["final"] for r in fails if r["attempt"] == 2)
     assert "dead-letter=2" in status(node)  # SEG and SR, each kept, not dropped
+    # IT's log: a warning per object while it will be tried again, an error with what to do once it will not.
+    log = node.log_path.read_text().splitlines()
+    retried = [line for line in log if "level=WARNING" in line and "send failed dest=pacs" in line]
+    gave_up = [line for line in log if "level=ERROR" in line and "send failed, gave up (dead-letter)" in line]
+    assert sorted(k for line in retried for k in ("SEG", "SR") if f"kind={k} " in line) == ["SEG", "SR"]
+    assert len(gave_up) == 2 and all("ainode requeue --job 1" in line for line in gave_up)
 
     r = node.cli("requeue", "--config", cfg, "--job", "99")
     assert r.returncode == 1 and "no job 99" in r.stderr

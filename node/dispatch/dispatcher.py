@@ -270,5 +270,10 @@ class Dispatcher:
                           destination=d.destination, kind=d.kind, sop_instance_uid=d.sop_instance_uid,
                           attempt=attempts, error=error, final=give_up,
                           retry_in_s=None if give_up else round(delay, 1))
-        log.warning("send failed dest=%s job_id=%d attempt=%d final=%s error=%s",
-                    d.destination, d.job_id, attempts, give_up, error)
+        if give_up:  # nothing more happens on its own: say so at ERROR, with what to do
+            log.error("send failed, gave up (dead-letter) dest=%s job_id=%d kind=%s sop_instance_uid=%s attempt=%d "
+                      "error=%s; once the destination works: ainode requeue --job %d",
+                      d.destination, d.job_id, d.kind, d.sop_instance_uid, attempts, error, d.job_id)
+        else:
+            log.warning("send failed dest=%s job_id=%d kind=%s sop_instance_uid=%s attempt=%d retry_in_s=%.1f "
+                        "error=%s", d.destination, d.job_id, d.kind, d.sop_instance_uid, attempts, delay, error)
