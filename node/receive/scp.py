@@ -420,9 +420,9 @@ class StoreSCP:
         first = key not in self._refusals_logged
         if first and len(self._refusals_logged) < MAX_REFUSALS_LOGGED:
             self._refusals_logged.add(key)
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "presentation contexts refused calling_ae=%s sop_classes=%s%s", calling, ",".join(refused),
-                " (logged once per calling AE and set of classes; every association is in the audit log)" if first else "")
+        once = " (logged once per calling AE and set of classes; every association is in the audit log)"
+        log.log(logging.WARNING if first else logging.DEBUG, "presentation contexts refused calling_ae=%s "
+                "sop_classes=%s%s", calling, ",".join(refused), once if first else "")
 
     def _on_rejected(self, event: evt.Event) -> None:
         # Rejections that pynetdicom makes itself (its backstop connection limit); ours in
