@@ -33,12 +33,30 @@ class DropDecoderTracebacks(logging.Filter):
         return not (record.exc_info and record.name.startswith("pydicom.pixels.decoders"))
 
 
+class DropLostConnectionErrors(logging.Filter):
+    """pynetdicom logs a peer's dropped connection as errors and a traceback ("Connection closed before the
+    entire PDU was received", the OSError, "The received PDU is shorter than expected"). A modality that
+    restarts or a cable pulled is not the node's error, and the node says what it means where it knows the
+    peer: a warning naming the calling AE when a received association ends without release
+    (receive/scp.py), a failed send naming the destination (dispatch)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "pynetdicom.dul":
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], (OSError, TimeoutError)):
+            return False
+        message = record.getMessage()
+        return not (message == "Connection closed before the entire PDU was received"
+                    or message.startswith("The received PDU is shorter than expected"))
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s", "%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(RedactLibraryValues())
     handler.addFilter(DropDecoderTracebacks())
+    handler.addFilter(DropLostConnectionErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from node.receive.scp import ENDED_CHECK_S
 from tests.support.node_proc import NodeProcess
 from tests.support.wait import wait_until
 
@@ -63,6 +65,7 @@ def test_a_dropped_or_aborted_association_is_one_warning_without_a_traceback(nod
     assert int(released.send_c_echo().Status) == 0x0000
     released.release()
     wait_until(lambda: [r for r in node.audit_records() if r.get("calling_ae") == "RELEASER"], 10, "RELEASER's record")
+    time.sleep(3 * ENDED_CHECK_S)  # the node looks again this long after a close
 
     log = _log(node)
     assert not _ended(node, "RELEASER")
@@ -88,3 +91,25 @@ def test_refused_contexts_are_warned_once_per_calling_ae_and_audited_every_time(
     other.release()
     wait_until(lambda: [line for line in _log(node).splitlines()
                         if "presentation contexts refused calling_ae=OTHER" in line], 10, "OTHER's warning")
+
+
+def test_pynetdicoms_lost_connection_errors_are_dropped_and_nothing_else():
+    """pynetdicom's own reader (used outside the node's P-DATA path, e.g. while an association is being
+    negotiated or released) logs the same loss as errors and a traceback: the log filter drops exactly those."""
+    import logging
+
+    from node.logs import DropLostConnectionErrors
+
+    def record(name: str, msg: object, exc: BaseException | None = None) -> logging.LogRecord:
+        exc_info = (type(exc), exc, None) if exc is not None else None
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None, exc_info)
+
+    keep = DropLostConnectionErrors().filter
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert not keep(record("pynetdicom.dul", "Connection closed before the entire PDU was received"))
+    assert not keep(record("pynetdicom.dul", reset, reset))
+    assert not keep(record("pynetdicom.dul", "The received PDU is shorter than expected (12 of 1006 bytes received)"))
+    assert keep(record("pynetdicom.dul", "Unknown PDU type received '0x09'"))
+    assert keep(record("pynetdicom.transport", "TCP Initialisation Error: [Errno 111] Connection refused"))
+    assert keep(record("ainode.receive", "Connection closed before the entire PDU was received"))
+    assert keep(record("pynetdicom.dul", ValueError("bad"), ValueError("bad")))

@@ -162,6 +162,7 @@ class ReceiveCounters:
     bytes: int = 0
 
 
+ENDED_CHECK_S = 1.0  # after a close without release, how long until _warn_if_not_released looks again
 MAX_REFUSALS_LOGGED = 1024  # (calling AE, refused set) pairs remembered for _log_refused; past it, each is warned
 
 
@@ -451,16 +452,24 @@ class StoreSCP:
         with self._studies_lock:
             peer = self._accepted.pop(event.assoc, None)
         if peer is not None and not released and not event.assoc.is_rejected:
-            # Aborted or connection lost: which, is not known yet when the close comes first (the association
-            # thread sets is_aborted when it handles the A-ABORT).
-            log.warning("association ended without release (aborted by either side, idle past "
-                        "node.network_timeout_s, or the connection was lost) calling_ae=%s ip=%s port=%d; an "
-                        "instance in transfer was not acknowledged and must be sent again", *peer)
+            # Decided a moment later: the close can come before the association thread has handled the
+            # A-RELEASE (is_released) that preceded it.
+            timer = threading.Timer(ENDED_CHECK_S, self._warn_if_not_released, args=(event.assoc, peer))
+            timer.daemon = True
+            timer.start()
         self._forget_studies(event.assoc, hint=released)
         dimse = getattr(event.assoc, "dimse", None)
         partial = getattr(getattr(dimse, "message", None), "data_set", None)
         if isinstance(partial, store_request.CappedDataSet) and partial.spill is not None:
             partial.spill.close()
+
+    @staticmethod
+    def _warn_if_not_released(assoc: Association, peer: tuple[str, str, int]) -> None:
+        if assoc.is_released:
+            return
+        log.warning("association ended without release (aborted by either side, idle past node.network_timeout_s, "
+                    "or the connection was lost) calling_ae=%s ip=%s port=%d; an instance in transfer was not "
+                    "acknowledged and must be sent again", *peer)
 
     def _forget_studies(self, assoc: object, hint: bool) -> None:
         """Drop the association's studies; with `hint`, pass them to on_released (the sender is done)."""
