@@ -52,22 +52,24 @@ static void track(FILE *file, const char *path, const char *mode) {
     pthread_mutex_unlock(&lock);
 }
 
-FILE *fopen(const char *path, const char *mode) {
-    static FILE *(*real)(const char *, const char *);
-    if (!real)
-        real = (FILE * (*)(const char *, const char *)) dlsym(RTLD_NEXT, "fopen");
-    FILE *file = real(path, mode);
+typedef FILE *(*fopen_fn)(const char *, const char *);
+
+static FILE *open_tracked(fopen_fn *real, const char *symbol, const char *path, const char *mode) {
+    if (!*real)
+        *real = (fopen_fn) dlsym(RTLD_NEXT, symbol);
+    FILE *file = (*real)(path, mode);
     track(file, path, mode);
     return file;
 }
 
+FILE *fopen(const char *path, const char *mode) {
+    static fopen_fn real;
+    return open_tracked(&real, "fopen", path, mode);
+}
+
 FILE *fopen64(const char *path, const char *mode) {
-    static FILE *(*real)(const char *, const char *);
-    if (!real)
-        real = (FILE * (*)(const char *, const char *)) dlsym(RTLD_NEXT, "fopen64");
-    FILE *file = real(path, mode);
-    track(file, path, mode);
-    return file;
+    static fopen_fn real;
+    return open_tracked(&real, "fopen64", path, mode);
 }
 
 static void count(void) {
