@@ -281,7 +281,7 @@ def test_a_release_hint_survives_the_connection_closing_before_evt_released():
 
     scp = StoreSCP.__new__(StoreSCP)  # only the two handlers and their bookkeeping
     scp._studies, scp._studies_lock = {}, threading.Lock()
-    scp._accepted = weakref.WeakKeyDictionary()  # none accepted here: no "ended without release" check
+    scp._accepted = weakref.WeakSet()  # none accepted here: no "ended without release" check
     hints: list[set[str]] = []
     scp.on_released = hints.append
 

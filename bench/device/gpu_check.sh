@@ -5,8 +5,8 @@
 #               bash bench/device/gpu_check.sh
 # Each bench's output goes to $OUT (the device tool brings it back) and to stdout. The time limits below
 # add up to about 8 minutes (most benches end well within theirs). The last two bursts are the same JPEG 2000
-# burst with the CPU decoders and with run.gpu_decode: whether GPU-side decode pays off. QUICK=1: small sizes, to try the
-# wiring on a machine without a GPU (every bench then runs on CPU).
+# burst with the CPU decoders and with run.gpu_decode: whether GPU-side decode pays off. QUICK=1: small sizes,
+# to try the wiring on a machine without a GPU (every bench then runs on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$(mktemp -d)}

@@ -29,7 +29,8 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from node.receive import dul_io, dul_store
 
-LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's own messages for the same failures
+LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's own messages for the same failures (a lost
+# connection's are dropped by node/logs.py DropLostConnectionErrors: the node warns naming the sender)
 P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _HEADER = struct.Struct(">BBL")
@@ -61,13 +62,6 @@ def pdv_list(body: memoryview) -> list[tuple[int, memoryview]]:
     return out
 
 
-def _connection_lost(exc: BaseException) -> None:
-    """pynetdicom logs a lost connection as two errors and a traceback. A sender that resets its connection
-    (a modality restarting, a cable pulled) is not the node's error: the node logs one warning naming the
-    calling AE when the association ends (StoreSCP._on_closed); here only a debug line."""
-    LOGGER.debug("Connection closed before the entire PDU was received: %s: %s", type(exc).__name__, exc)
-
-
 def _fast(dul: _dul.DULServiceProvider) -> bool:
     assoc = dul.assoc
     return (dul.state_machine.current_state == "Sta6" and dul.event_queue.empty()
@@ -83,7 +77,8 @@ def read_pdu_data(self: _dul.DULServiceProvider) -> None:
     try:
         head = self.socket.recv(6)  # type: ignore[union-attr]
     except (OSError, TimeoutError) as exc:
-        _connection_lost(exc)
+        LOGGER.error("Connection closed before the entire PDU was received")
+        LOGGER.exception(exc)
         self.event_queue.put("Evt17")
         return
     while head is not None and _read_one(self, head):
@@ -136,11 +131,12 @@ def _read_one(self: _dul.DULServiceProvider, head: bytearray) -> bool:
     try:
         body = sock.recv(length)  # type: ignore[union-attr]
     except (OSError, TimeoutError) as exc:
-        _connection_lost(exc)
+        LOGGER.error("Connection closed before the entire PDU was received")
+        LOGGER.exception(exc)
         self.event_queue.put("Evt17")
         return False
-    if len(body) != length:  # the peer closed the connection mid-PDU: as _connection_lost
-        LOGGER.debug(f"The received PDU is shorter than expected ({6 + len(body)} of {6 + length} bytes "
+    if len(body) != length:
+        LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of {6 + length} bytes "
                      "received)")
         self.event_queue.put("Evt17")
         return False

@@ -213,8 +213,8 @@ class StoreSCP:
         self.on_indexed: Callable[[InstanceMeta], None] | None = None
         self._studies: dict[object, set[str]] = {}  # association -> studies it stored instances of
         self._studies_lock = threading.Lock()
-        # Open association -> its calling AE, ip and port (weak: one closed before its EVT_ACCEPTED ran is not kept)
-        self._accepted: weakref.WeakKeyDictionary[object, tuple[str, str, int]] = weakref.WeakKeyDictionary()
+        # Open associations this node accepted (weak: one closed before its EVT_ACCEPTED ran is not kept)
+        self._accepted: weakref.WeakSet[Association] = weakref.WeakSet()
         self._refusals_logged: set[tuple[str, tuple[str, ...]]] = set()  # (calling AE, refused SOP classes)
         self._storing = 0  # C-STORE handlers running now, in every association of this process
         self._storing_lock = threading.Lock()
@@ -406,7 +406,7 @@ class StoreSCP:
                           tls_version=tls_version, peer_cert_subject=peer_cert,
                           receiver_pid=os.getpid() if self.turns else None)  # which receive process
         with self._studies_lock:
-            self._accepted[event.assoc] = (calling, ip, port)
+            self._accepted.add(event.assoc)
         if refused:
             self.audit.append("presentation-context-refused", "failure", calling_ae=calling, peer_ip=ip,
                               peer_port=port, sop_classes=refused,
@@ -450,11 +450,13 @@ class StoreSCP:
         here, not whenever the association's objects are collected."""
         released = _released(event.assoc)
         with self._studies_lock:
-            peer = self._accepted.pop(event.assoc, None)
-        if peer is not None and not released and not event.assoc.is_rejected:
+            accepted = event.assoc in self._accepted
+            self._accepted.discard(event.assoc)
+        if accepted and not released and not event.assoc.is_rejected:
             # Decided a moment later: the close can come before the association thread has handled the
             # A-RELEASE (is_released) that preceded it.
-            timer = threading.Timer(ENDED_CHECK_S, self._warn_if_not_released, args=(event.assoc, peer))
+            timer = threading.Timer(ENDED_CHECK_S, self._warn_if_not_released,
+                                    args=(event.assoc, self._peer(event)))
             timer.daemon = True
             timer.start()
         self._forget_studies(event.assoc, hint=released)
