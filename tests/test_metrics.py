@@ -31,7 +31,7 @@ def _at(seconds: float) -> str:
     return f"2026-12-05T10:00:{seconds:09.6f}+00:00"
 
 
-def test_result_latency_is_timed_from_the_last_image_and_from_completion(monkeypatch):
+def test_result_latency_is_timed_from_the_last_image_and_from_completion():
     m = NodeMetrics(lambda: {"queued": {}, "running": 0})
     for t in (1.0, 2.5):
         m.on_record({"event": "instance-stored", "study_uid": "1.1", "calling_ae": "CT1", "ts": _at(t)})
