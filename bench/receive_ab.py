@@ -52,7 +52,7 @@ def main() -> int:
                 os.environ["PYTHONPATH"] = str(root)  # the node's subprocess imports `node` from here
                 with Node(work / name) as rx:
                     for a in counts:
-                        t, cpu = rr.send_once(rx, files, a, work)
+                        t, cpu, *_ = rr.send_once(rx, files, a, work)
                         results[(name, a)].append((t, cpu or 0.0))
                         print(f"round {rnd}/{args.rounds} {name} x{a}: {t:.2f} s, {cpu:.2f} ms CPU/instance",
                               flush=True)

@@ -25,13 +25,16 @@ storescp with bench/fsync_on_close.c preloaded (LD_PRELOAD; built with the syste
 which fsyncs each received file and its folder before storescp answers. storescp serves one association
 at a time (its default, --single-process), so its figures with 4 associations are those of one after
 another. After each send the bench waits for the disk (sync), so no receiver's unwritten data is written
-back during the next one's send.
+back during the next one's send. Each row also gives the senders' CPU (the storescu processes') and the
+share of the machine's CPU time left idle during the send: on a machine this small the senders take a
+large part of it, and an idle share near zero means every receiver is short of CPU, not of speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -41,7 +44,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -294,13 +297,33 @@ class Orthanc:
         self.server.stop()
 
 
-def send_once(rx: Any, files: list[Path], associations: int, logdir: Path) -> tuple[float, float | None]:
-    """One send into an emptied receiver: wall seconds and the receiver's CPU ms per instance (None if it
-    has no process of its own to measure). Raises unless every instance arrived."""
+class Sent(NamedTuple):
+    seconds: float
+    cpu_ms: float | None  # the receiver's CPU per instance (None: no process of its own to measure)
+    sender_ms: float  # the storescu processes' CPU per instance
+    idle: float  # share of the machine's CPU time idle or waiting for the disk during the send
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(idle + iowait, all) clock ticks of every CPU since boot, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children: the storescu processes of the sends."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def send_once(rx: Any, files: list[Path], associations: int, logdir: Path) -> Sent:
+    """One send into an emptied receiver. Raises unless every instance arrived."""
     rx.reset()
     pid = rx.pid()
     c0 = _tree_cpu_s(pid) if pid else 0.0
+    s0, (i0, a0) = _children_cpu_s(), _machine_cpu()
     t = send(files, rx.aet, rx.port, associations, logdir)
+    s1, (i1, a1) = _children_cpu_s(), _machine_cpu()
     c = (_tree_cpu_s(pid) - c0) / len(files) * 1000 if pid else None
     got = rx.received()
     if got is not None and got != len(files):
@@ -310,7 +333,7 @@ def send_once(rx: Any, files: list[Path], associations: int, logdir: Path) -> tu
     # 1.45 ms a file right after a round, 0.85 ms on a quiet disk).
     os.sync()
     rx.pause()
-    return t, c
+    return Sent(t, c, (s1 - s0) / len(files) * 1000, (i1 - i0) / max(a1 - a0, 1))
 
 
 def durable_write_s(files: list[Path], folder: Path) -> list[float]:
@@ -545,6 +568,8 @@ def main() -> int:
     times: dict[tuple[str, int], list[float]] = defaultdict(list)  # every round's wall time
     writes: list[float] = []  # durable_write_s of every file, every round
     cpu: dict[tuple[str, int], list[float]] = defaultdict(list)
+    senders: dict[tuple[str, int], list[float]] = defaultdict(list)  # storescu CPU ms per instance
+    idle: dict[tuple[str, int], list[float]] = defaultdict(list)  # machine's idle share during the send
     unavailable: dict[str, str] = {}
     failed = False
     try:
@@ -581,7 +606,7 @@ def main() -> int:
                     for key in list(running):
                         rx = running[key]
                         try:
-                            t, c = send_once(rx, files, n, tmp / key)
+                            t, c, sender_ms, idle_share = send_once(rx, files, n, tmp / key)
                         except Exception as exc:  # noqa: BLE001
                             failed = True
                             print(f"{key}: FAILED ({exc})", file=sys.stderr)
@@ -590,6 +615,8 @@ def main() -> int:
                         times[(key, n)].append(t)
                         if c is not None:
                             cpu[(key, n)].append(c)
+                        senders[(key, n)].append(sender_ms)
+                        idle[(key, n)].append(idle_share)
                         print(f"round {rnd + 1}/{args.repeat} {key} x{n}: {t:.2f} s", file=sys.stderr)
         finally:
             for rx in running.values():
@@ -603,7 +630,7 @@ def main() -> int:
           f"median of {args.repeat}, {os.cpu_count()} CPUs, DCMTK "
           f"{'Nagle on (its default)' if NAGLE else 'TCP_NODELAY=1'}")
     head = (f"{'receiver':26s} {'durability':22s} {'assoc':>5s} {'seconds':>8s} {'inst/s':>8s} {'MB/s':>7s} "
-            f"{'vs storescp':>11s} {'vs Orthanc':>10s} {'CPU ms/inst':>11s}")
+            f"{'vs storescp':>11s} {'vs Orthanc':>10s} {'CPU ms/inst':>11s} {'senders':>7s} {'idle':>5s}")
     print(head)
     print("-" * len(head))
     for n in assoc_counts:
@@ -619,7 +646,8 @@ def main() -> int:
             cls = RECEIVERS[key]
             print(f"{cls.label:26s} {cls.durability:22s} {n:5d} {t:8.2f} {len(files) / t:8.1f} {mb / t:7.1f} "
                   f"{ratio('storescp'):>11s} {ratio('orthanc'):>10s} "
-                  f"{cpu_ms[(key, n)] if (key, n) in cpu_ms else float('nan'):11.2f}")
+                  f"{cpu_ms[(key, n)] if (key, n) in cpu_ms else float('nan'):11.2f} "
+                  f"{statistics.median(senders[(key, n)]):7.2f} {100 * statistics.median(idle[(key, n)]):4.0f}%")
     for key, reason in unavailable.items():
         print(f"{key}: not available ({reason})")
     print("ratio = receiver's rate / peer's rate (above 1.00x: faster than the peer). DCMTK storescp has no "
@@ -627,7 +655,8 @@ def main() -> int:
           "each file and its folder before the answer); both serve one association at a time (storescp's "
           "default, --single-process). Orthanc fsyncs each file (SyncStorageArea); the node fsyncs file and "
           "folder. CPU ms/inst: the receiver's CPU time (user + system, its process and direct children) during "
-          "the send, per instance.")
+          "the send, per instance; senders: the storescu processes' CPU per instance; idle: the share of the "
+          f"machine's CPU time ({os.cpu_count()} CPUs) idle or waiting for the disk during the send.")
     write_s = statistics.median(writes) if writes else None
     if write_s is not None:
         print(f"\ndurable write alone (the node's Spool.write_durable: O_DSYNC write, rename, folder fsync), same "

@@ -41,3 +41,17 @@ def test_storescp_with_the_fsync_shim_makes_every_received_file_durable(tmp_path
         rx.count.write_bytes(b"+")  # as if the shim had missed nine of them
         with pytest.raises(RuntimeError, match="made 1 of the 10 received files durable"):
             rx.received()
+
+
+def test_a_send_reports_the_senders_cpu_and_the_idle_share(tmp_path):
+    """Each row of the table also says what the storescu processes cost and how much of the machine was
+    left idle: on two cores the senders take a large share, which the receivers' ratios alone hide."""
+    from bench.receive_rate import Storescp, send_once
+    from node.synth import write_chest_ct
+
+    files = sorted(write_chest_ct(tmp_path / "ct", slices=10, rows=64, cols=64).files)
+    with Storescp(tmp_path / "rx") as rx:
+        sent = send_once(rx, files, 2, tmp_path)
+    assert sent.seconds > 0 and sent.cpu_ms is not None
+    assert sent.sender_ms > 0  # two storescu processes ran, and were waited for
+    assert 0.0 <= sent.idle <= 1.0
