@@ -18,9 +18,9 @@ the other and from 4 threads at once (as 4 associations do), and reports the med
                      that file then renamed into the spool and its folder fsynced (Spool.publish): what
                      a spool that kept temp files written ahead of time would wait for.
 
-The gap between the last two is the filesystem allocating a new file's blocks durably; only a spool that
-writes into space allocated ahead of time could avoid it. The figures vary with the disk and its load, so
-compare rows of one run.
+The gap between "new file" and "overwrite" is the filesystem allocating a new file's blocks durably (a
+journal commit). Preparing such space ahead of time costs as much again once the preparing is counted
+(bench/RESULTS.md, 2026-12-05). The figures vary with the disk and its load, so compare rows of one run.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def _dsync_write(path: Path, data: bytes, flags: int) -> None:
         os.close(fd)
 
 
-def _kinds(folder: Path, data: bytes, count: int) -> dict[str, tuple[Callable[[int, str], None], Callable[[], None]]]:
-    """Each kind: (write file `i` of writer `tag`, prepare the folder before a run)."""
+def _kinds(folder: Path, data: bytes, count: int) -> dict[str, tuple[Callable[[int, str], None],
+                                                                     Callable[[int], None]]]:
+    """Each kind: (write file `i` of writer `tag`, prepare the folder before a run with that many writers)."""
     spools: list[Spool] = []  # the spool of the current run
 
     def node(i: int, tag: str) -> None:
@@ -68,7 +69,7 @@ def _kinds(folder: Path, data: bytes, count: int) -> dict[str, tuple[Callable[[i
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, dest)
 
-    def new_spool() -> None:
+    def new_spool(threads: int = 1) -> None:
         shutil.rmtree(folder / "spool", ignore_errors=True)
         spools.append(Spool(folder / "spool"))
 
@@ -84,18 +85,18 @@ def _kinds(folder: Path, data: bytes, count: int) -> dict[str, tuple[Callable[[i
         spool = spools[-1]
         spool.publish(tmp, spool.root / "study" / "series" / f"{tag}-{i}.dcm")
 
-    def fresh(*names: str) -> Callable[[], None]:
-        def prepare() -> None:
+    def fresh(*names: str) -> Callable[[int], None]:
+        def prepare(threads: int = 1) -> None:
             for name in names:
                 shutil.rmtree(folder / name, ignore_errors=True)
                 (folder / name).mkdir(parents=True)
         return prepare
 
-    def prewritten() -> None:  # the files `overwrite` writes over: written and synced beforehand
+    def prewritten(threads: int = 1) -> None:  # the files `overwrite` writes over, written and synced
         new_spool()
         fresh("pre")()
-        for tag in ["s", *(f"t{t}" for t in range(THREADS))]:
-            for i in range(count):
+        for tag in _tags(threads):
+            for i in range(_per_writer(count, threads)):
                 (folder / "pre" / f"{tag}-{i}").write_bytes(bytes(len(data)))
         os.sync()
 
@@ -103,6 +104,13 @@ def _kinds(folder: Path, data: bytes, count: int) -> dict[str, tuple[Callable[[i
             "new file O_DSYNC": (new_file, fresh("new")), "overwrite O_DSYNC": (overwrite, prewritten),
             "overwrite, then publish": (prewritten_node, prewritten)}
 
+
+def _tags(threads: int) -> list[str]:
+    return [f"t{t}" for t in range(threads)] if threads > 1 else ["s"]
+
+
+def _per_writer(count: int, threads: int) -> int:
+    return max(count // threads, 1)
 
 
 def filesystem(path: Path) -> str:
@@ -120,7 +128,7 @@ def filesystem(path: Path) -> str:
 
 def timed(write: Callable[[int, str], None], count: int, threads: int) -> float:
     """ms per file: `count` files by one writer, or split across `threads` writers at once."""
-    per = max(count // threads, 1)
+    per = _per_writer(count, threads)
     errors: list[BaseException] = []
 
     def run(tag: str) -> None:
@@ -130,7 +138,7 @@ def timed(write: Callable[[int, str], None], count: int, threads: int) -> float:
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
             errors.append(exc)
 
-    workers = [threading.Thread(target=run, args=(f"t{t}" if threads > 1 else "s",)) for t in range(threads)]
+    workers = [threading.Thread(target=run, args=(tag,)) for tag in _tags(threads)]
     t0 = time.perf_counter()
     for w in workers:
         w.start()
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):  # rounds: a disk that gets busier weighs on every kind alike
             for name, (write, prepare) in kinds.items():
                 for threads in (1, THREADS):
-                    prepare()
+                    prepare(threads)
                     os.sync()
                     results.setdefault((name, threads), []).append(timed(write, args.count, threads))
     finally:
