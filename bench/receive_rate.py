@@ -27,7 +27,8 @@ at a time (its default, --single-process), so its figures with 4 associations ar
 another. After each send the bench waits for the disk (sync), so no receiver's unwritten data is written
 back during the next one's send. Each row also gives the senders' CPU (the storescu processes') and the
 share of the machine's CPU time left idle during the send: on a machine this small the senders take a
-large part of it, and an idle share near zero means every receiver is short of CPU, not of speed.
+large part of it. Where the idle share is near zero the CPUs set the pace; where it is high, waiting did
+(for the disk, or for the other side).
 """
 
 from __future__ import annotations
