@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,6 +62,7 @@ def main() -> int:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved
+        shutil.rmtree(work, ignore_errors=True)  # the CT and both nodes' spools: about 450 MB
     print(f"\n{args.slices} instances, median of {args.rounds} alternated rounds, "
           f"receive_processes: {args.receive_processes}")
     print(f"{'assoc':>5} {'old s':>7} {'new s':>7} {'old CPU ms':>11} {'new CPU ms':>11} {'CPU new/old':>12}  lower in")
