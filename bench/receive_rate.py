@@ -434,6 +434,7 @@ class Ainode:
                 self._stop()
                 raise RuntimeError(f"`ainode serve` exited {self.proc.returncode}: {' | '.join(tail)}")
         echo(self.aet, self.port)
+        self.answered_at = time.perf_counter()  # first C-ECHO answered; settling (below) comes after
         settle(self.proc.pid)
         self.spy = None
         if PROFILE is not None:

@@ -51,8 +51,8 @@ def one_run(files: list[Path], work: Path, associations: int) -> dict:
         acked = {r["sop_instance_uid"] for r in audit(node) if r["event"] == "instance-stored"}
 
         t0 = time.perf_counter()
-        node._start()  # returns once the node answers C-ECHO
-        restart_s = time.perf_counter() - t0
+        node._start()  # returns once the node answers C-ECHO and its start-up work has settled
+        restart_s = node.answered_at - t0  # to the first C-ECHO answered, not to the settling
         start = [r for r in audit(node) if r["event"] == "node-start"][-1]
         con = sqlite3.connect(f"file:{node.var / 'ainode.db'}?mode=ro", uri=True)
         held = {row[0] for row in con.execute("SELECT sop_instance_uid FROM instances")}
