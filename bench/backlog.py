@@ -249,7 +249,7 @@ def one_run(work: Path, backlog: list[list[Path]], associations: int, quiet: flo
     rules = [{"name": "backlog", "series": {"modality": "CT"}, "plugin": plugin}] if plugin else []
     cfg = {"assemble": {"quiet_period_s": quiet, "poll_interval_s": 0.2}, "storage": {"min_free_mb": 500},
            "rules": rules}
-    node = NodeProcess(work / "node", cfg).start()
+    node = NodeProcess(work / "node", cfg, prefault=True).start()
     try:
         echo(node.ae_title, node.port)
         audit = AuditTail(node.audit_path)

@@ -158,7 +158,7 @@ def push_study(work: Path, *, slices: int, seed: int, node_config: Callable[[Ort
         orthanc.upload_files(synth.files)
         if first is not None:
             orthanc.upload_files(first.files)
-        node = NodeProcess(work / "node", node_config(orthanc)).start()
+        node = NodeProcess(work / "node", node_config(orthanc), prefault=True).start()
         try:
             wait_warm(node)
             orthanc.add_modality("ainode", node.ae_title, "127.0.0.1", node.port)

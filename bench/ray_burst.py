@@ -58,14 +58,14 @@ def one_run(work: Path, studies: list, executor: str, workers: int) -> dict:
                 "rules": [{"name": "lung", "series": {"modality": "CT"}, "plugin": "ct_lung",
                            "destinations": ["pacs"]}],
             }
-            with NodeProcess(work / "node", cfg) as node:
+            with NodeProcess(work / "node", cfg, prefault=True) as node:
                 files = [str(f) for s in studies for f in s.files]
                 subprocess.run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
                                check=True, capture_output=True, timeout=600)
             cfg["run"] = {"workers": workers}
             if cluster is not None:
                 cfg["run"].update(executor="ray", ray={"address": cluster.address, "namespace": "bench"})
-            node = NodeProcess(work / "node", cfg)
+            node = NodeProcess(work / "node", cfg, prefault=True)
             with node:
                 deadline = time.monotonic() + 120
                 while executor == "ray" and node.log_path.read_text().count("Ray actor ready") < workers:

@@ -53,7 +53,7 @@ def main() -> None:
         # Phase 2: restarted with a 1 s quiet period, all studies complete in one tick, in arrival order:
         # a burst of routine jobs with the stat ones last, as after a PACS outage.
         cfg = {"assemble": {"quiet_period_s": 3600}, "run": {"workers": args.workers}, "rules": rules}
-        node = NodeProcess(work / "node", cfg).start()
+        node = NodeProcess(work / "node", cfg, prefault=True).start()
         try:
             t0 = time.time()
             for calling, ct in studies:
@@ -64,7 +64,7 @@ def main() -> None:
             node.stop()
             node.kill()
         cfg["assemble"] = {"quiet_period_s": 1.0, "poll_interval_s": 0.1}
-        node = NodeProcess(work / "node", cfg).start()
+        node = NodeProcess(work / "node", cfg, prefault=True).start()
         try:
             deadline = time.monotonic() + 3600
             while time.monotonic() < deadline:

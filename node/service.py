@@ -108,6 +108,7 @@ class NodeService:
                                   sr_process=cfg.run.use_sr_process(),
                                   read_ahead_mb=cfg.run.read_ahead_mb,
                                   gpu_decode=cfg.run.gpu_decode,
+                                  prefault_mb=cfg.run.prefault_mb,
                                   could_take=functools.partial(could_take, cfg.rules),
                                   runners=self.ray and self.ray.runners(cfg.plugins, log_level, paths.models_dir,
                                                                         cfg.run.device, cfg.run.gpu_decode))

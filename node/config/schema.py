@@ -200,6 +200,11 @@ class RunSection(Strict):
         512, ge=0, description="An idle worker process reads the files of an arriving study that a rule could take, "
         "up to this much (and a quarter of run.memory_limit_mb at most), so that the job finds its series read "
         "when the study completes. 0: off.")
+    prefault_mb: int = Field(
+        1024, ge=0, description="Each local worker process touches this much memory once when it starts, before it "
+        "takes a job, and keeps it (half of run.memory_limit_mb at most), so that its first job does not wait for "
+        "fresh memory: a new worker's first ct_lung job on a 300-slice CT took about 2 s longer without it. The "
+        "worker's resident size starts at about this much. 0: off.")
     executor: Literal["local", "ray"] = Field(
         "local", description="Where jobs run: 'local' (worker processes of this node) or 'ray' (actors on the "
         "Ray cluster of run.ray; pip install '.[ray]').")

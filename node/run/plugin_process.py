@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
 from node.lifeline import die_with_parent
-from node.run.heap import keep_freed_memory
+from node.run.heap import keep_freed_memory, prefault
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
 from node.run.prefetch import Prefetcher
@@ -62,14 +62,14 @@ def _rss_bytes(pid: int) -> int:
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
                 models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False,
-                read_ahead_bytes: int = 0, gpu_decode: bool = False) -> None:
+                read_ahead_bytes: int = 0, gpu_decode: bool = False, prefault_bytes: int = 0) -> None:
     os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
-    keep_freed_memory()  # a job's volume reuses the last job's pages (heap.py says why)
+    kept = keep_freed_memory()  # a job's volume reuses the last job's pages (heap.py says why)
     from node.logs import setup_logging
 
     setup_logging(log_level)
@@ -86,6 +86,8 @@ def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str],
     ahead = ReadAhead(read_ahead_bytes, functools.partial(read_file_decoded, max_bytes=read_ahead_bytes))
     prefetcher = Prefetcher(plugins, ahead)
     plugins.preload(preload)
+    if kept and preload and prefault_bytes:  # the first job's pages, touched now rather than during it
+        log.debug("prefaulted mb=%d seconds=%.2f", prefault_bytes // 2**20, prefault(prefault_bytes))
     conn.send(("ready", None))  # warm: the node starts timing jobs from here, not from the spawn
     runs: queue.Queue = queue.Queue()
 
@@ -131,13 +133,13 @@ class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
                  log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
                  env: Mapping[str, str] | None = None, sr_process: bool = False, read_ahead_mb: int = 0,
-                 gpu_decode: bool = False) -> None:
+                 gpu_decode: bool = False, prefault_mb: int = 0) -> None:
         """`read_ahead_mb`: how much of arriving studies the idle process may hold (node/run/read_ahead.py);
-        `gpu_decode`: run.gpu_decode."""
+        `gpu_decode`: run.gpu_decode; `prefault_mb`: memory touched at start for the first job (heap.py)."""
         self.name = name
         self.env = dict(env or {})
         self._args = (dict(sections), list(preload), log_level, models_dir, device, self.env, sr_process,
-                      read_ahead_mb * 2**20, gpu_decode)
+                      read_ahead_mb * 2**20, gpu_decode, prefault_mb * 2**20)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None

@@ -85,6 +85,7 @@ class WorkerPool:
         sr_process: bool = False,
         read_ahead_mb: int = 0,
         gpu_decode: bool = False,
+        prefault_mb: int = 0,
         could_take: Callable[[InstanceMeta], frozenset[str]] | None = None,
     ) -> None:
         """`slots` (node.run.slots.plan_slots) say which worker processes run and which jobs each takes;
@@ -97,7 +98,8 @@ class WorkerPool:
         builds SRs in a second process while it builds the SEG (node/results/sr_process.py). `read_ahead_mb`
         and `could_take` (the plugins whose rules could take an instance's series): an idle local worker
         reads the files of a study while it arrives (arrived(), node/run/read_ahead.py). `gpu_decode`:
-        run.gpu_decode, for local workers (Ray actors get it from `runners`)."""
+        run.gpu_decode, for local workers (Ray actors get it from `runners`). `prefault_mb`: memory each local
+        worker touches once at start, for its first job (node/run/heap.py); half its memory limit at most."""
         self.rule_priors = dict(rule_priors or {})
         self.shadow_of = dict(shadow_of or {})  # shadow rule -> primary rule: built, never dispatched
         self.priors = PriorRetriever(spool.root / ".priors", sources or {}, node_ae, audit)
@@ -121,10 +123,12 @@ class WorkerPool:
         self.poll_interval_s = poll_interval_s
         # The files a worker holds count against its memory limit: a quarter of it at most.
         ahead_mb = min(read_ahead_mb, self.memory_limit_mb // 4) if could_take else 0
+        prefault_mb = min(prefault_mb, self.memory_limit_mb // 2)
 
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
             return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env,
-                                 sr_process=sr_process, read_ahead_mb=ahead_mb, gpu_decode=gpu_decode)
+                                 sr_process=sr_process, read_ahead_mb=ahead_mb, gpu_decode=gpu_decode,
+                                 prefault_mb=prefault_mb)
 
         make = runners or local
         self._processes = [make(slot, [p for p in preload or [] if slot.may_run(p)]) for slot in self.slots]

@@ -17,7 +17,11 @@ from tests.support.net import free_port, wait_for_port
 
 
 class NodeProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *, ae_title: str = "AINODE") -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any] | None = None, *, ae_title: str = "AINODE",
+                 prefault: bool = False) -> None:
+        """`prefault`: keep the node's default run.prefault_mb (benchmarks measure the node as configured).
+        Tests turn it off: each worker would hold about 1 GB from its start, and four tests at once each start
+        nodes with workers."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -28,6 +32,7 @@ class NodeProcess:
             "node": {"ae_title": ae_title, "host": "127.0.0.1", "port": self.port, "receive_processes": 1},
             "storage": {"root": str(self.workdir / "var"), "min_free_mb": 50},
             "assemble": {"quiet_period_s": 1.0, "poll_interval_s": 0.2},
+            "run": {} if prefault else {"prefault_mb": 0},
         }
         for key, value in (config or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
