@@ -29,8 +29,9 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from node.receive import dul_io, dul_store
 
-LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's own messages for the same failures (a lost
-# connection's are dropped by node/logs.py DropLostConnectionErrors: the node warns naming the sender)
+# pynetdicom's own logger and messages for the same failures; a lost connection's are dropped by
+# node/logs.py DropLostConnectionErrors, and the node warns naming the sender instead.
+LOGGER = logging.getLogger("pynetdicom.dul")
 P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _HEADER = struct.Struct(">BBL")
