@@ -7,12 +7,12 @@ import argparse
 import faulthandler
 import signal
 import sys
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 from node.config import ConfigError, load_config
+from node.stop_request import StopRequest
 
 
 def _load(path: str | None):  # type: ignore[no-untyped-def]
@@ -93,13 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (SlotConfigError, PluginNotFound, AtnaConfigError, ApiConfigError, ApiStartError, StoreError) as exc:
         print(f"refusing to start: {exc} ({loaded.source})", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):  # type: ignore[no-untyped-def]
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopRequest()
+    stop.install()
     # `kill -USR1 <pid>` writes every thread's stack to the log: for a node that hangs, and works even then
     # (faulthandler writes from the signal handler, without the GIL). Stacks hold code locations only.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -114,8 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     print(f"ainode: {loaded.config.node.ae_title} listening on {loaded.config.node.host}:{node.scp.port} "
           f"(config: {loaded.source}, storage: {loaded.storage.spool_dir.parent})", flush=True)
-    while not stop.wait(0.5):
-        pass
+    stop.wait()
     node.stop()
     return 0
 
