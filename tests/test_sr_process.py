@@ -19,7 +19,7 @@ CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "Content
 
 
 def warm(proc: SrProcess) -> SrProcess:
-    proc._warm.result(timeout=120)
+    assert proc.wait_ready(120)
     return proc
 
 
@@ -97,9 +97,9 @@ def test_an_error_of_the_sr_itself_still_fails_the_build(sr_process):
 def test_a_dead_sr_process_means_the_sr_is_built_in_place():
     proc = warm(SrProcess())
     try:
-        assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
-        for pid in list(proc._pool._processes):  # the process a kernel OOM kill would take
-            os.kill(pid, signal.SIGKILL)
+        first = proc.pid
+        assert first not in (None, os.getpid())
+        os.kill(first, signal.SIGKILL)  # the process a kernel OOM kill would take
         src = small_ct()
         objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
         assert [o.kind for o in objs] == ["SEG", "SR"]
@@ -107,9 +107,41 @@ def test_a_dead_sr_process_means_the_sr_is_built_in_place():
         warm(proc)
         objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
         assert [o.kind for o in objs] == ["SEG", "SR"]
-        assert proc._pool.submit(os.getpid).result(timeout=60) != os.getpid()
+        assert proc.pid not in (None, first, os.getpid())
     finally:
         proc.close()
+
+
+def test_a_reply_nobody_waited_for_is_not_handed_to_the_next_sr(sr_process):
+    src = small_ct()
+    sources = {src[0].SeriesInstanceUID: headers_only(src)}
+
+    def twice(args, path):  # a first request whose reply is never collected, then the real one
+        sr_process({**args, "sop_uid": "1.2.826.0.1.3680043.8.498.1"}, path)
+        return sr_process(args, path)
+
+    here = build_results(result_for(src), sources, ALGO)
+    there = build_results(result_for(src), sources, ALGO, sr_builder=twice)
+    assert there[1].sop_instance_uid == here[1].sop_instance_uid
+    assert there[1].dataset.SOPInstanceUID == here[1].sop_instance_uid
+
+
+def _named_semaphores(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as maps:
+        return {line.split()[-1] for line in maps if "/dev/shm/sem." in line}
+
+
+def test_the_process_uses_no_named_semaphores():
+    """A worker killed mid-job (past run.shutdown_grace_s) must leave nothing for the resource tracker to
+    warn about, and a node killed outright nothing in /dev/shm."""
+    before = _named_semaphores(os.getpid())
+    proc = warm(SrProcess())
+    try:
+        assert _named_semaphores(proc.pid) == set()
+        assert _named_semaphores(os.getpid()) == before
+    finally:
+        proc.close(wait=True)
+    assert proc.pid is None
 
 
 def test_a_job_never_waits_for_the_process_to_start(monkeypatch):
@@ -117,7 +149,7 @@ def test_a_job_never_waits_for_the_process_to_start(monkeypatch):
     try:
         monkeypatch.setattr(proc, "warm", lambda: False)  # as in the seconds after a worker starts
         submitted = []
-        monkeypatch.setattr(proc._pool, "submit", lambda *a: submitted.append(a))
+        monkeypatch.setattr(proc, "_send", lambda *a: submitted.append(a))
         src = small_ct()
         objs = build_results(result_for(src), {src[0].SeriesInstanceUID: headers_only(src)}, ALGO, sr_builder=proc)
         assert [o.kind for o in objs] == ["SEG", "SR"] and submitted == []  # built in place

@@ -13,8 +13,8 @@ import logging
 import multiprocessing as mp
 import pickle
 import signal
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -73,26 +73,75 @@ def _build(args: dict[str, Any], path: Path | None) -> Dataset | WrittenSr:
     return WrittenSr(str(sr.SOPClassUID), str(sr.SOPInstanceUID), str(sr.SeriesInstanceUID), path)
 
 
-def _ready() -> bool:
-    return True
+class _Dead(Exception):
+    """The SR process ended, or its pipe broke."""
+
+
+def _serve(conn: Connection) -> None:
+    """The SR process: warm up, say so, then build each SR the worker sends until the pipe closes.
+
+    A plain pipe rather than a ProcessPoolExecutor: the pool's queues are named POSIX semaphores, which the
+    worker's resource tracker has to remove. A worker killed mid-job (past run.shutdown_grace_s) left the
+    tracker a "leaked semaphore objects" warning on the node's stderr at every such stop, and the node
+    killed outright left the five files in /dev/shm for good. A pipe is only two file descriptors."""
+    _warm()
+    try:
+        conn.send(("ready", 0, None))
+        while True:
+            try:
+                seq, args, path = conn.recv()
+            except EOFError:  # the worker closed its end: it is ending
+                return
+            try:
+                reply: tuple[str, int, Any] = ("ok", seq, _build(args, path))
+            except Exception as exc:  # noqa: BLE001 - the SR's own errors go back to fail the job
+                reply = ("error", seq, exc)
+            try:
+                conn.send(reply)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:  # an error that will not pickle
+                conn.send(("error", seq, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]} ({exc})")))
+    except OSError:  # the worker went away mid-send (BrokenPipeError): nothing is waiting for us
+        return
 
 
 class SrProcess:
     """Call it with build_sr's arguments (as build_results collects them) to start an SR; the function it
-    returns waits for the SR."""
+    returns waits for the SR. One SR at a time, as a worker runs one job at a time."""
 
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._seq = 0
         self._start()
 
     def _start(self) -> None:
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=_warm)
-        self._warm: Future[bool] = self._pool.submit(_ready)  # starts the process and warms it now
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), name="ainode-sr", daemon=True)
+        self._proc.start()  # it imports highdicom now, so no job pays for that
+        child.close()
+        self._ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def warm(self) -> bool:
         """The process has started and imported highdicom (seconds after a worker starts, more on a busy
         machine)."""
-        return self._warm.done() and self._warm.exception() is None
+        return self.wait_ready(0)
+
+    def wait_ready(self, timeout: float) -> bool:
+        if not self._ready and self._conn is not None:
+            try:
+                if self._conn.poll(timeout):
+                    self._ready = self._conn.recv()[0] == "ready"
+            except (EOFError, OSError):  # it died while starting: jobs build their SRs in the worker
+                log.warning("SR process ended while starting; SRs are built in the worker exit_code=%s",
+                            self._proc.exitcode if self._proc else None)
+                self.close()
+        return self._ready
 
     def __call__(self, args: dict[str, Any], path: Path | None = None) -> Callable[[], Dataset | WrittenSr]:
         """With `path`, the process also writes the SR there and hands back a WrittenSr: unpickling the
@@ -102,35 +151,65 @@ class SrProcess:
 
         if not self.warm():  # a job must never wait for the process to start: build here this time
             return lambda: build_sr_from(args)
+        self._seq += 1
+        seq = self._seq
         try:
             shipped = {**args, "sources": {uid: _for_sr(series) for uid, series in args["sources"].items()}}
-            future: Future[Dataset | WrittenSr] | None = (self._pool.submit(_build, shipped, path)
-                                                          if self._pool else None)
-        except Exception as exc:  # noqa: BLE001 - a broken pool: build here, and start a new process
+            self._send((seq, shipped, path))
+        except Exception as exc:  # noqa: BLE001 - a broken pipe: build here, and start a new process
             log.warning("SR process unusable; building the SR in the worker error=%s", type(exc).__name__)
             self._restart()
-            future = None
+            return lambda: build_sr_from(args)
 
         def wait() -> Dataset | WrittenSr:
-            if future is None:
-                return build_sr_from(args)
             try:
-                return future.result()  # the SR's own errors (an unknown segment label, say) are raised here
-            except (BrokenProcessPool, pickle.PicklingError) as exc:  # the process died: build here
-                log.warning("SR process failed; building the SR in the worker error=%s", type(exc).__name__)
+                kind, value = self._receive(seq)
+            except _Dead as exc:  # the process died (a kernel OOM kill, say): build here
+                log.warning("SR process failed; building the SR in the worker error=%s", exc)
                 self._restart()
                 return build_sr_from(args)
+            if kind == "error":
+                raise value  # the SR's own errors (an unknown segment label, say) fail the job
+            return value
 
         return wait
+
+    def _send(self, msg: tuple[int, dict[str, Any], Path | None]) -> None:
+        assert self._conn is not None
+        self._conn.send(msg)
+
+    def _receive(self, seq: int) -> tuple[str, Any]:
+        """The reply to request `seq`; earlier replies nobody waited for are dropped."""
+        conn, proc = self._conn, self._proc
+        if conn is None or proc is None:
+            raise _Dead("closed")
+        while True:
+            try:
+                while not conn.poll(0.5):
+                    if not proc.is_alive():
+                        raise _Dead(f"exit code {proc.exitcode}")
+                kind, got, value = conn.recv()
+            except (EOFError, OSError) as exc:
+                raise _Dead(type(exc).__name__) from exc
+            if got == seq:
+                return kind, value
 
     def _restart(self) -> None:
         self.close()
         self._start()
 
     def close(self, wait: bool = False) -> None:
-        """`wait`: until the process has ended. A worker that is ending waits: its exit removes the
-        semaphores of the pool's queues, and a process still starting would fail to open them (a traceback
-        on the node's stderr when it is stopped seconds after it started)."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=wait, cancel_futures=True)
+        """`wait`: until the process has ended (a worker that is ending waits, so no SR process outlives it
+        by even a moment)."""
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        self._ready = False
+        if conn is not None:
+            conn.close()  # the process reads EOF and returns
+        if proc is not None:
+            if wait:
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                if wait:
+                    proc.join(5)
