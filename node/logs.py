@@ -50,6 +50,24 @@ class DropLostConnectionErrors(logging.Filter):
                     or message.startswith("The received PDU is shorter than expected"))
 
 
+class DemoteConnectFailures(logging.Filter):
+    """pynetdicom logs an outgoing connection that fails (refused, timed out, no route) as two ERROR lines
+    that do not say to where. The node retries such a send with back-off, logs each failure as a WARNING
+    that names the destination (dispatch, find, priors, commitment), and logs an ERROR when it gives up. So
+    the first line is dropped and the second, which holds the reason, becomes a WARNING: a PACS restart is
+    not an error for IT to chase."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "pynetdicom.transport" or record.levelno != logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message == "Association request failed: unable to connect to remote":
+            return False
+        if message.startswith("TCP Initialisation Error"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
@@ -57,9 +75,13 @@ def setup_logging(level: str = "INFO") -> None:
     handler.addFilter(RedactLibraryValues())
     handler.addFilter(DropDecoderTracebacks())
     handler.addFilter(DropLostConnectionErrors())
+    handler.addFilter(DemoteConnectFailures())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # highdicom logs about eight INFO lines per SEG or SR it builds ("copy attributes of module ..."): more
+    # than all of the node's own lines in a day's log, and nothing IT can act on. Kept at DEBUG.
+    logging.getLogger("highdicom").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(True)  # library warnings go through the handler above, redacted
     # pynetdicom logs dataset summaries at INFO/DEBUG, which may hold patient data.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

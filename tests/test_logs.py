@@ -52,3 +52,48 @@ def test_pydicom_decoder_tracebacks_are_left_out(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "slice.dcm: its pixel data cannot be decoded" in err
+
+
+def _lines(capsys, level: str, emit) -> str:  # type: ignore[no-untyped-def]
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("highdicom").level)
+    setup_logging(level)
+    try:
+        emit()
+    finally:
+        logging.captureWarnings(False)
+        warnings.resetwarnings()
+        root.handlers[:], root.level = saved[:2]
+        logging.getLogger("highdicom").setLevel(saved[2])
+    return capsys.readouterr().err
+
+
+def test_a_refused_outgoing_connection_is_one_warning_with_its_reason(capsys):
+    """The node's own WARNING names the destination and retries; pynetdicom's two ERROR lines said neither."""
+    from pynetdicom import AE
+
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def emit() -> None:
+        ae = AE(ae_title="AINODE")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assert not ae.associate("127.0.0.1", port, ae_title="PACS").is_established
+        ae.shutdown()
+
+    err = _lines(capsys, "INFO", emit)
+    assert "level=ERROR" not in err
+    assert "unable to connect to remote" not in err
+    assert "level=WARNING logger=pynetdicom.transport msg=TCP Initialisation Error: [Errno 111]" in err
+
+
+def test_highdicom_s_per_object_info_lines_only_at_debug(capsys):
+    def emit() -> None:
+        logging.getLogger("highdicom.base").info("copy attributes of module %s", "Patient")
+        logging.getLogger("highdicom.base").warning("a highdicom warning")
+
+    at_info = _lines(capsys, "INFO", emit)
+    assert "copy attributes" not in at_info and "a highdicom warning" in at_info
+    assert "copy attributes" in _lines(capsys, "DEBUG", emit)
