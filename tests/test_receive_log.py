@@ -113,3 +113,37 @@ def test_pynetdicoms_lost_connection_errors_are_dropped_and_nothing_else():
     assert keep(record("pynetdicom.transport", "TCP Initialisation Error: [Errno 111] Connection refused"))
     assert keep(record("ainode.receive", "Connection closed before the entire PDU was received"))
     assert keep(record("pynetdicom.dul", ValueError("bad"), ValueError("bad")))
+
+
+def test_a_release_handled_late_on_a_busy_machine_is_no_warning(caplog):
+    """The close can reach the node before the association thread has handled the A-RELEASE, and on a busy
+    machine that thread can take longer than ENDED_CHECK_S: the check waits for the thread to end."""
+    import logging
+    import threading
+
+    from node.receive import scp
+
+    class LateRelease(threading.Thread):  # stands in for a pynetdicom Association (a Thread) that is slow
+        is_released = False
+
+        def run(self) -> None:
+            time.sleep(0.5)
+            self.is_released = True
+
+    late = LateRelease()
+    late.start()
+    with caplog.at_level(logging.WARNING, logger="ainode.receive"):
+        scp.StoreSCP._warn_if_not_released(late, ("RELEASER", "127.0.0.1", 104))
+    assert ENDED not in caplog.text
+
+    class Dropped(threading.Thread):
+        is_released = False
+
+        def run(self) -> None:
+            pass
+
+    dropped = Dropped()
+    dropped.start()
+    with caplog.at_level(logging.WARNING, logger="ainode.receive"):
+        scp.StoreSCP._warn_if_not_released(dropped, ("DROPPER", "127.0.0.1", 104))
+    assert f"{ENDED} " in caplog.text and "calling_ae=DROPPER " in caplog.text

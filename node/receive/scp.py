@@ -163,6 +163,7 @@ class ReceiveCounters:
 
 
 ENDED_CHECK_S = 1.0  # after a close without release, how long until _warn_if_not_released looks again
+ENDED_JOIN_S = 30.0  # then how long it waits at most for the association's thread to end
 MAX_REFUSALS_LOGGED = 1024  # (calling AE, refused set) pairs remembered for _log_refused; past it, each is warned
 
 
@@ -467,6 +468,9 @@ class StoreSCP:
 
     @staticmethod
     def _warn_if_not_released(assoc: Association, peer: tuple[str, str, int]) -> None:
+        # On a busy machine the association thread may not have handled the A-RELEASE even ENDED_CHECK_S
+        # after the close; it ends right after it does, so its end is when the answer is final.
+        assoc.join(ENDED_JOIN_S)
         if assoc.is_released:
             return
         log.warning("association ended without release (aborted by either side, idle past node.network_timeout_s, "
