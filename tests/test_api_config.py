@@ -37,3 +37,23 @@ def test_missing_secret_and_taken_port_refuse_start(node_factory, monkeypatch, t
                          name="taken", start=False)
         with pytest.raises(RuntimeError, match=rf"api: cannot listen on 127.0.0.1:{port}.*change api.port"):
             n.start()
+
+
+def test_the_api_server_s_own_lines_are_structured_like_the_node_s(node_factory, monkeypatch):
+    """uvicorn's default logging config printed 'WARNING:  Invalid HTTP request received.' on its own
+    handler; IT's log tooling expects every line in the node's key=value form."""
+    from tests.support.api import api_config, base_url
+    from tests.support.wait import wait_until
+
+    node = node_factory({"api": api_config(monkeypatch)})
+    base_url(node)  # listening
+    with socket.create_connection(("127.0.0.1", node.config["api"]["port"]), timeout=10) as s:
+        s.sendall(b"\x00\x01 this is not HTTP\r\n\r\n")
+        s.recv(1024)
+
+    def lines() -> list[str]:
+        return [line for line in node.log_path.read_text(errors="replace").splitlines()
+                if "Invalid HTTP request" in line]
+
+    wait_until(lines, 10, "uvicorn's warning")
+    assert all(line.startswith("ts=") and "level=WARNING logger=uvicorn.error " in line for line in lines()), lines()

@@ -33,7 +33,9 @@ class ApiServer:
         self.metrics = NodeMetrics(Views(store, audit.path).queue)
         audit.add_listener(self.metrics.on_record)  # counts from now on: before the node starts receiving
         app = create_app(cfg, store, audit, Authenticator(section, base), self.metrics)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+        # log_config=None: uvicorn's lines go through the node's handler (key=value, node/logs.py) rather
+        # than a handler of uvicorn's own that printed "WARNING:  Invalid HTTP request received."
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
                                                      timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
         self._sock = self._bind()  # now: a taken port refuses the start before anything runs
