@@ -85,6 +85,32 @@ def test_an_old_sqlite_store_made_by_create_all_is_upgraded_with_its_rows(tmp_pa
     _check_upgraded(f"sqlite:///{old}")
 
 
+def test_an_upgrade_is_one_line_of_the_store_s_and_a_start_at_head_is_none(tmp_path, caplog):
+    from node.logs import setup_logging
+    import logging
+    import warnings
+
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).executescript(OLD_SCHEMA.read_text())
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("alembic").level)
+    setup_logging("INFO")  # alembic's chatter is cut there
+    root.addHandler(caplog.handler)
+    try:
+        Store(f"sqlite:///{old}").close()
+        upgraded = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        Store(f"sqlite:///{old}").close()
+        again = [r.getMessage() for r in caplog.records]
+    finally:
+        logging.captureWarnings(False)
+        warnings.resetwarnings()
+        root.handlers[:], root.level = saved[:2]
+        logging.getLogger("alembic").setLevel(saved[2])
+    assert upgraded == [f"store schema upgraded from_revision=none to_revision={head()}"]
+    assert again == []
+
+
 def test_an_old_store_lacking_a_table_gets_it(tmp_path):
     """create_all made a table only once its model was imported: an old store may lack pseudonyms."""
     old = tmp_path / "old.db"

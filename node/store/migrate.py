@@ -9,6 +9,7 @@ revision 0001, which creates only the tables it lacks, and then upgraded like an
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from alembic import command
@@ -19,6 +20,8 @@ from sqlalchemy import select, func
 from sqlalchemy.engine import Connection, Engine
 
 from node.store.engine import is_postgresql
+
+log = logging.getLogger("ainode.store")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _LOCK_KEY = 0x41494E4F4445  # "AINODE": the advisory lock id of schema upgrades
@@ -55,8 +58,11 @@ def upgrade(engine: Engine) -> None:
             conn.execute(select(func.pg_advisory_lock(_LOCK_KEY)))
             conn.commit()
         try:
+            before = current(conn)  # again: under the lock, another node may have upgraded it meanwhile
             command.upgrade(alembic_config(conn), "head")
             conn.commit()
+            if before != target:
+                log.info("store schema upgraded from_revision=%s to_revision=%s", before or "none", target)
         finally:
             if pg:
                 conn.rollback()
