@@ -59,6 +59,7 @@ def upgrade(engine: Engine) -> None:
             conn.commit()
         try:
             before = current(conn)  # again: under the lock, another node may have upgraded it meanwhile
+            conn.rollback()  # the upgrade starts from no open transaction, as it did before this read
             command.upgrade(alembic_config(conn), "head")
             conn.commit()
             if before != target:
