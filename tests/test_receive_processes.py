@@ -137,6 +137,11 @@ def test_receive_processes_die_with_a_killed_node(ct, node_factory):
     node = node_factory({"node": {"receive_processes": 3}})
     wait_until(lambda: "receive processes listening" in node.log_path.read_text(), 60, "receive processes")
     before = set(children(node.proc.pid))
+    # No process of the node holds a named POSIX semaphore (a multiprocessing lock): a node killed with its
+    # whole process group (systemd's KillMode=control-group after a stop timeout) would leave it in /dev/shm.
+    for pid in (node.proc.pid, *before):
+        with open(f"/proc/{pid}/maps") as maps:
+            assert not [line for line in maps if "/dev/shm/sem." in line], pid
     os.kill(node.proc.pid, signal.SIGKILL)
     node.proc.wait(10)
     wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and

@@ -37,14 +37,14 @@ class AcceptTurns:
     """
 
     def __init__(self, counts: Any, index: int = 0, listener: socket.socket | None = None) -> None:
-        self.counts = counts  # multiprocessing Array("i")
+        self.counts = counts  # multiprocessing Array("i", lock=False)
         self.index = index
         self.listener = listener  # None in the node process, which binds node.port itself
 
     @classmethod
     def create(cls, processes: int) -> "AcceptTurns":
         """The node process's turns; call for_process to make the others'."""
-        return cls(mp.get_context("spawn").Array("i", processes))
+        return cls(mp.get_context("spawn").Array("i", processes, lock=False))  # no lock: processes.py says why
 
     def for_process(self, index: int, listener: socket.socket) -> "AcceptTurns":
         """A receive process's turns: pass it to that process when it is spawned (the socket travels then)."""

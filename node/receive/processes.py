@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,9 @@ class ReceiveProcesses:
         self.server = RpcServer(targets, self.rpc_path, authkey)
         self.authkey = authkey
         ctx = mp.get_context("spawn")
-        self.counts: Synchronized = ctx.Array("i", self.count)  # type: ignore[assignment]
+        # lock=False: each slot has one writer at a time, and an int slot is read or written whole; a
+        # lock would be a named POSIX semaphore, left in /dev/shm if the node's process group is SIGKILLed.
+        self.counts: Any = ctx.Array("i", self.count, lock=False)
         self._procs: list[tuple[Any, Any]] = []
         self._ctx = ctx
         self._stopped = threading.Event()
