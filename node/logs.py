@@ -79,12 +79,12 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # highdicom logs about eight INFO lines per SEG or SR it builds ("copy attributes of module ..."): more
-    # than all of the node's own lines in a day's log, and nothing IT can act on. Kept at DEBUG.
-    logging.getLogger("highdicom").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
-    # alembic says "Context impl SQLiteImpl." and "Will assume non-transactional DDL." at every start; the
-    # store logs its own line when it upgrades the schema (node/store/migrate.py).
-    logging.getLogger("alembic").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
+    # Their INFO lines only at DEBUG: highdicom logs about eight per SEG or SR it builds ("copy attributes of
+    # module ..."), more than all of the node's own lines in a day's log; alembic says "Context impl
+    # SQLiteImpl." and "Will assume non-transactional DDL." at every start (the store logs its own line when
+    # it upgrades the schema, node/store/migrate.py). Nothing IT can act on.
+    for name in ("highdicom", "alembic"):
+        logging.getLogger(name).setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(True)  # library warnings go through the handler above, redacted
     # pynetdicom logs dataset summaries at INFO/DEBUG, which may hold patient data.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

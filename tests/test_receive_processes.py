@@ -16,6 +16,7 @@ from pydicom import dcmread
 from node.config.schema import NodeConfig
 from node.synth import write_chest_ct
 from tests.support.pipeline import events, held_association, query, send
+from tests.support.shm import named_semaphores
 from tests.support.wait import wait_until
 
 
@@ -140,8 +141,7 @@ def test_receive_processes_die_with_a_killed_node(ct, node_factory):
     # No process of the node holds a named POSIX semaphore (a multiprocessing lock): a node killed with its
     # whole process group (systemd's KillMode=control-group after a stop timeout) would leave it in /dev/shm.
     for pid in (node.proc.pid, *before):
-        with open(f"/proc/{pid}/maps") as maps:
-            assert not [line for line in maps if "/dev/shm/sem." in line], pid
+        assert named_semaphores(pid) == set(), pid
     os.kill(node.proc.pid, signal.SIGKILL)
     node.proc.wait(10)
     wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and

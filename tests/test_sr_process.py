@@ -12,6 +12,7 @@ import pytest
 from node.plugin_api import Finding, Measurement, PluginResult
 from node.results import AlgorithmInfo, build_results, iod_lookup, validate_with_dciodvfy
 from node.results.sr_process import SrProcess
+from tests.support.shm import named_semaphores
 from tests.test_results import LUNG, ML, VOLUME, headers_only, result_for, small_ct
 
 ALGO = AlgorithmInfo("ct_lung", "1.0.0", model_name="unet", model_version="7")
@@ -126,19 +127,14 @@ def test_a_reply_nobody_waited_for_is_not_handed_to_the_next_sr(sr_process):
     assert there[1].dataset.SOPInstanceUID == here[1].sop_instance_uid
 
 
-def _named_semaphores(pid: int) -> set[str]:
-    with open(f"/proc/{pid}/maps") as maps:
-        return {line.split()[-1] for line in maps if "/dev/shm/sem." in line}
-
-
 def test_the_process_uses_no_named_semaphores():
     """A worker killed mid-job (past run.shutdown_grace_s) must leave nothing for the resource tracker to
     warn about, and a node killed outright nothing in /dev/shm."""
-    before = _named_semaphores(os.getpid())
+    before = named_semaphores(os.getpid())
     proc = warm(SrProcess())
     try:
-        assert _named_semaphores(proc.pid) == set()
-        assert _named_semaphores(os.getpid()) == before
+        assert named_semaphores(proc.pid) == set()
+        assert named_semaphores(os.getpid()) == before
     finally:
         proc.close(wait=True)
     assert proc.pid is None
