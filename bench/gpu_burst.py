@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
-         validate: bool, gpu_decode: bool, ready: "mp.synchronize.Barrier", results: "mp.Queue") -> None:
+         validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue") -> None:
     from node.config.schema import PluginSection
     from node.run import gpu_decode as gpu_decoder
     from node.run.job_process import JobSpec, PluginCache, execute_job
@@ -50,7 +50,8 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         return JobSpec(job_id=job_id, study_uid=study_uid, plugin="ct_nodule", series={series_uid: files},
                        temp_dir=out_dir, validate=validate)
 
-    ready.wait()
+    results.put({"ready": True})
+    go.wait()
     for i, job_id in enumerate(jobs):
         t = time.perf_counter()
         loaded = prefetch.take(spec(job_id))
@@ -67,6 +68,22 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
                      "inference_s": out.timings.get("inference_s", 0.0), "plugin_s": out.timings.get("plugin_s", 0.0),
                      "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0),
                      "gpu_decode": on_gpu, "why": why})
+
+
+def _get(results: "mp.Queue", procs: list) -> dict:
+    """The next message, or SystemExit once a slot has died (a slot that cannot load the plugin would
+    otherwise leave the burst waiting until its time limit)."""
+    import queue
+
+    while True:
+        try:
+            return results.get(timeout=1)
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"gpu_burst: a worker slot exited with code {dead[0]}; its traceback is above")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,19 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         files = [str(f) for f in r.files]
         series_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         ctx = mp.get_context("spawn")  # as the node starts its workers (CUDA needs spawn)
-        ready, results = ctx.Barrier(a.workers + 1), ctx.Queue()
+        go, results = ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
-                                               r.study_uid, tmp, a.device, validate, a.gpu_decode, ready,
+                                               r.study_uid, tmp, a.device, validate, a.gpu_decode, go,
                                                results))
                  for w in range(a.workers)]
         for p in procs:
             p.start()
-        ready.wait()  # every slot has its model loaded
+        for _ in procs:
+            _get(results, procs)  # every slot has its model loaded
         sampler = GpuSampler(torch.device(a.device).index or 0) if cuda else None
         if sampler:
             sampler.__enter__()
         t0 = time.perf_counter()
-        rows = [results.get(timeout=3600) for _ in range(a.studies)]
+        go.set()
+        rows = [_get(results, procs) for _ in range(a.studies)]
         t1 = time.perf_counter()
         if sampler:
             sampler.__exit__(None, None, None)

@@ -1,0 +1,39 @@
+"""bench/gpu_burst.py: its figures on a machine without a GPU, and a burst whose worker slot dies ends at once
+(bench/device/gpu_check.sh runs it on a GPU, where a slot that could not load the plugin used to leave the
+burst waiting until its time limit)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.gpu_burst import _get, main
+
+
+def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--slices", "20", "--studies", "2", "--workers", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ct_nodule burst: 2 studies of 20x512x512, 1 worker slot(s) on cpu" in out
+    assert "GPU: none (CPU run; no utilisation figure)" in out
+    assert "decode vs inference:" in out
+
+
+def _exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def test_a_dead_slot_ends_the_burst_at_once():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_exit_with, args=(3,))]
+    procs[0].start()
+    t = time.monotonic()
+    with pytest.raises(SystemExit, match="a worker slot exited with code 3"):
+        _get(results, procs)
+    assert time.monotonic() - t < 30
+    procs[0].join(10)
