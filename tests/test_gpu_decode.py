@@ -1,10 +1,11 @@
 """run.gpu_decode (node/run/gpu_decode.py): JPEG 2000 slices decoded through nvImageCodec's pydicom plugin in the
 job's process, the CPU decoders where it cannot.
 
-nvImageCodec cannot run here (no GPU): a stand-in takes its module's place and decodes each frame with
-pydicom's own pylibjpeg plugin, so what is tested is the node's side: the plugin registered and asked for
-by name, every GPU-decodable slice sent to it in the job's process (no decode processes), the values the
-CPU decode gives, the fall-back, and the worker's switch. bench/device/gpu_check.sh runs the real one.
+nvImageCodec cannot run here (no GPU): a stand-in takes its plugin module's place and decodes with openjpeg,
+so what is tested is the node's side: the plugin registered and asked for by name, every GPU-decodable
+slice sent to it in the job's process (no decode processes), a series' slices decoded in batched calls,
+the values the CPU decode gives, the fall-backs, and the worker's switch. bench/device/gpu_check.sh runs
+the real one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import sys
 import types
 
 import numpy as np
+import openjpeg
 import pydicom
 import pytest
 from pydicom.pixels.decoders import JPEG2000LosslessDecoder
-from pydicom.pixels.decoders.pylibjpeg import _decode_frame as cpu_decode_frame
 
 from node.config.schema import PluginSection, RunSection
 from node.run import decode_pool, gpu_decode, series_loader
@@ -26,25 +27,64 @@ from node.run.series_loader import load_series, read_file_decoded
 from node.synth import write_chest_ct
 
 
-class StandIn(types.ModuleType):
-    """nvidia.nvimgcodec.tools.dicom.pydicom_plugin, decoding on the CPU."""
+class FakeImage:
+    """An nvImageCodec image: `.cpu()` gives what numpy reads."""
 
-    def __init__(self, fail_on: int | None = None, start_error: Exception | None = None) -> None:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def cpu(self) -> np.ndarray:
+        return self.array
+
+
+class FakeDecoder:
+    """nvimgcodec.Decoder, decoding on the CPU (openjpeg): one code stream, or a list of them in one call."""
+
+    def __init__(self) -> None:
+        self.single = 0  # calls for one frame
+        self.batches: list[int] = []  # frames per batched call
+        self.batch_error: Exception | None = None
+
+    def decode(self, src, params=None):  # type: ignore[no-untyped-def]
+        if isinstance(src, list):
+            self.batches.append(len(src))
+            if self.batch_error is not None:
+                raise self.batch_error
+            return [FakeImage(openjpeg.decode(s)) for s in src]
+        self.single += 1
+        return FakeImage(openjpeg.decode(src))
+
+
+class StandIn(types.ModuleType):
+    """nvidia.nvimgcodec.tools.dicom.pydicom_plugin, decoding on the CPU: its decoder is a module global made
+    on first use, and its per-frame call decodes through it, as nvImageCodec 0.9's plugin does."""
+
+    def __init__(self, fail_on: int | None = None, start_error: Exception | None = None,
+                 batchable: bool = True) -> None:
         super().__init__(gpu_decode.NVIMGCODEC_PLUGIN)
         self.calls = 0
         self.fail_on = fail_on
         self.start_error = start_error
+        self.made = FakeDecoder()
+        if batchable:  # a release of the plugin without these decodes slice by slice
+            self._NVIMGCODEC_DECODER = None
+            self.nvimgcodec = types.SimpleNamespace(DecodeParams=lambda **kw: kw,
+                                                    ColorSpec=types.SimpleNamespace(UNCHANGED="unchanged"))
 
     def _get_decoder_resources(self) -> object:
         if self.start_error is not None:
             raise self.start_error
-        return object()
+        if not hasattr(self, "_NVIMGCODEC_DECODER"):
+            return self.made
+        if self._NVIMGCODEC_DECODER is None:
+            self._NVIMGCODEC_DECODER = self.made
+        return self._NVIMGCODEC_DECODER
 
     def _decode_frame(self, src: bytes, runner) -> bytes:  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.calls == self.fail_on:
             raise RuntimeError("Decoding failed: decoder.decode() returned None")
-        return cpu_decode_frame(src, runner)
+        return np.ascontiguousarray(np.asarray(self._get_decoder_resources().decode(src).cpu())).tobytes()
 
 
 @pytest.fixture
@@ -118,6 +158,61 @@ def test_a_slice_the_gpu_cannot_decode_is_decoded_on_the_cpu(monkeypatch, stand_
     assert len([r for r in caplog.records if "GPU decode failed" in r.getMessage()]) == 1  # once per process
 
 
+def test_a_series_is_decoded_in_batched_calls(monkeypatch, stand_in, j2k_series):
+    """One nvImageCodec call per slice costs 8x what a batch does on an H100 (bench/gpu_decode.py)."""
+    cpu, _ = load_series(j2k_series, decode_processes=1)
+    module = stand_in()
+    assert gpu_decode.enable("cuda:0") is None
+    no_decode_processes(monkeypatch)
+    monkeypatch.setattr(gpu_decode, "BATCH_FRAMES", 5)
+    gpu, _ = load_series(j2k_series)
+    assert module.made.batches == [5, 5, 2] and module.made.single == 0
+    assert module.calls == len(j2k_series)  # pydicom's per-frame handling still runs for every slice
+    assert np.array_equal(gpu.pixels, cpu.pixels)
+    assert gpu_decode._batched is not None and gpu_decode._batched.ready == {}  # nothing held after the series
+    gpu_decode.disable()
+    assert module._NVIMGCODEC_DECODER is module.made  # the plugin has its own decoder back
+
+
+def test_two_batches_at_once_keep_each_others_slices(stand_in, j2k_series):
+    """A prefetch's batch beside the job's: the one that ends first leaves the other's slices there."""
+    stand_in()
+    assert gpu_decode.enable("cuda:0") is None
+    first, second = ([pydicom.dcmread(f) for f in half] for half in (j2k_series[:6], j2k_series[6:]))
+    with gpu_decode.batch(first):
+        with gpu_decode.batch(second):
+            assert len(gpu_decode._batched.ready) == 12
+        assert len(gpu_decode._batched.ready) == 6
+        assert np.array_equal(gpu_decode.pixel_array(first[0]), pydicom.dcmread(j2k_series[0]).pixel_array)
+    assert gpu_decode._batched.ready == {}
+
+
+def test_a_batch_that_fails_is_decoded_slice_by_slice(monkeypatch, stand_in, j2k_series, caplog):
+    cpu, _ = load_series(j2k_series, decode_processes=1)
+    module = stand_in()
+    assert gpu_decode.enable("cuda:0") is None
+    module.made.batch_error = RuntimeError("nvjpeg2k: out of device memory")
+    no_decode_processes(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        gpu, _ = load_series(j2k_series)
+    assert module.made.batches == [12] and module.made.single == 12
+    assert np.array_equal(gpu.pixels, cpu.pixels)
+    said = [r.getMessage() for r in caplog.records if "batch" in r.getMessage()]
+    assert len(said) == 1 and "12 slices failed" in said[0] and "out of device memory" in said[0]
+
+
+def test_a_plugin_without_a_decoder_to_batch_for_decodes_slice_by_slice(monkeypatch, stand_in, j2k_series, caplog):
+    cpu, _ = load_series(j2k_series, decode_processes=1)
+    module = stand_in(batchable=False)
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        assert gpu_decode.enable("cuda:0") is None
+    assert any("one call each" in r.getMessage() for r in caplog.records)
+    no_decode_processes(monkeypatch)
+    gpu, _ = load_series(j2k_series)
+    assert module.made.batches == [] and module.made.single == len(j2k_series)
+    assert np.array_equal(gpu.pixels, cpu.pixels)
+
+
 def test_other_syntaxes_keep_the_cpu_decoders(stand_in, tmp_path):
     module = stand_in()
     assert gpu_decode.enable("cuda:0") is None
@@ -130,14 +225,14 @@ def test_other_syntaxes_keep_the_cpu_decoders(stand_in, tmp_path):
 
 
 def test_the_worker_turns_it_on_for_a_plugin_on_a_gpu_only(monkeypatch, stand_in, j2k_series, caplog):
-    assert RunSection().gpu_decode is False
+    assert RunSection().gpu_decode == "auto"
     assert RunSection(gpu_decode=True).gpu_decode is True
     ds = pydicom.dcmread(j2k_series[0])
     stand_in()
     PluginCache({"ct_lung": PluginSection()}, gpu_decode=True).get("ct_lung")  # ct_lung runs on the CPU
     assert not gpu_decode.takes(ds)
     monkeypatch.setattr(PluginCache, "_device_for", lambda self, plugin: "cuda:0")
-    PluginCache({"ct_lung": PluginSection()}).get("ct_lung")  # run.gpu_decode off
+    PluginCache({"ct_lung": PluginSection()}, gpu_decode=False).get("ct_lung")  # run.gpu_decode: false
     assert not gpu_decode.takes(ds)
     monkeypatch.setitem(sys.modules, gpu_decode.NVIMGCODEC_PLUGIN, None)
     cache = PluginCache({"ct_lung": PluginSection()}, gpu_decode=True)
@@ -150,6 +245,33 @@ def test_the_worker_turns_it_on_for_a_plugin_on_a_gpu_only(monkeypatch, stand_in
     stand_in()
     PluginCache({"ct_lung": PluginSection()}, gpu_decode=True).get("ct_lung")
     assert gpu_decode.takes(ds)
+
+
+def test_auto_uses_the_gpu_where_nvimgcodec_is_installed_and_is_quiet_where_not(monkeypatch, stand_in, j2k_series,
+                                                                                  caplog):
+    """run.gpu_decode's default: a GPU worker without nvImageCodec is the usual case, not a warning."""
+    ds = pydicom.dcmread(j2k_series[0])
+    monkeypatch.setattr(PluginCache, "_device_for", lambda self, plugin: "cuda:0")
+    monkeypatch.setitem(sys.modules, gpu_decode.NVIMGCODEC_PLUGIN, None)
+    cache = PluginCache({"ct_lung": PluginSection()}, gpu_decode="auto")
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        cache.get("ct_lung")
+    assert not gpu_decode.takes(ds) and "does not import" in (cache.gpu_decode_off or "")
+    said = [r for r in caplog.records if "slices are decoded on the CPU" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO] and "run.gpu_decode is auto" in said[0].getMessage()
+    stand_in()
+    PluginCache({"ct_lung": PluginSection()}, gpu_decode="auto").get("ct_lung")
+    assert gpu_decode.takes(ds)
+
+
+def test_a_bad_gpu_decode_value_is_refused_by_name(tmp_path):
+    from node.config import ConfigError, load_config
+
+    path = tmp_path / "node.yaml"
+    path.write_text("run: {gpu_decode: maybe}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "gpu_decode" in str(err.value) and "auto" in str(err.value)
 
 
 def test_bench_gpu_decode_compares_the_nodes_gpu_path_with_its_cpu_path(monkeypatch, stand_in, capsys):
@@ -168,7 +290,7 @@ def test_bench_gpu_decode_compares_the_nodes_gpu_path_with_its_cpu_path(monkeypa
     assert module.calls == 20 and not gpu_decode.active()  # a warm-up and a timed load; then back to the CPU
 
     def corrupt(src, runner):  # type: ignore[no-untyped-def]
-        return bytes(b ^ 1 for b in cpu_decode_frame(src, runner))
+        return bytes(b ^ 1 for b in openjpeg.decode(src).tobytes())
 
     monkeypatch.setattr(module, "_decode_frame", corrupt)
     assert main(["--slices", "10", "--repeat", "1", "--processes", "1"]) == 1
@@ -184,12 +306,16 @@ def test_check_config_says_whether_slices_will_be_decoded_on_the_gpu(tmp_path, m
         path.write_text(f"run: {run}\nplugins: {{ct_nodule: {{}}}}\nrules:\n  - {{name: nodules, plugin: ct_nodule}}\n")
         return describe_slots(load_config(path).config)
 
-    assert "run.gpu_decode" not in plan("{gpu: {devices: [0], memory_mb: 8000}}")
+    assert "run.gpu_decode" not in plan("{gpu_decode: false, gpu: {devices: [0], memory_mb: 8000}}")
     assert ("run.gpu_decode: on, but no plugin runs on a GPU: slices are decoded on the CPU"
             in plan("{gpu_decode: true, gpu: {devices: []}}"))
+    assert ("run.gpu_decode: auto, but no plugin runs on a GPU: slices are decoded on the CPU"
+            in plan("{gpu: {devices: []}}"))
     monkeypatch.setitem(sys.modules, gpu_decode.NVIMGCODEC_PLUGIN, None)
     assert ("run.gpu_decode: on, but nvImageCodec's pydicom plugin does not import"
             in plan("{gpu_decode: true, gpu: {devices: [0], memory_mb: 8000}}"))
     stand_in()
-    assert ("run.gpu_decode: GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU"
+    assert ("run.gpu_decode: on, GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU"
             in plan("{gpu_decode: true, gpu: {devices: [0], memory_mb: 8000}}"))
+    assert ("run.gpu_decode: auto, GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU"
+            in plan("{gpu: {devices: [0], memory_mb: 8000}}"))

@@ -189,10 +189,11 @@ class RunSection(Strict):
         "process (run.sr_process) or the processes that decode a compressed series for it."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpu_decode: bool = Field(
-        False, description="A worker whose plugin runs on a GPU decodes JPEG 2000, HTJ2K and JPEG slices on that "
+    gpu_decode: Literal["auto"] | bool = Field(
+        "auto", description="A worker whose plugin runs on a GPU decodes JPEG 2000, HTJ2K and JPEG slices on that "
         "GPU (NVIDIA nvImageCodec's pydicom plugin: pip install 'nvidia-nvimgcodec-cu12[all]'), not in one process "
-        "per CPU. Without nvImageCodec or a GPU the CPU decoders stay, and the worker's log says why.")
+        "per CPU. auto: wherever nvImageCodec is installed. true: the same, and a warning where it cannot be "
+        "used. false: always the CPU decoders. The worker's log says which it uses, and why not the GPU.")
     sr_process: bool | None = Field(
         None, description="Each worker process keeps a second process (about 100 MB) that builds a job's SR while "
         "the worker builds its SEG, so the two overlap on two cores. Default: on with 2 or more CPU cores.")

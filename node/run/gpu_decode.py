@@ -11,17 +11,25 @@ such a process already holds a CUDA context, where the node's decode processes (
 each start one of their own. Its decoder is one per process and not documented as thread-safe, so calls
 are made one at a time (the job's conversion threads, read-ahead and prefetch all decode). A slice the GPU
 cannot decode is decoded by pydicom's CPU plugins instead, and said once in the log.
+
+One call per slice costs 12 ms on an H100 (nvImageCodec's per-call setup and sync), 3x the node's 16 CPU
+decode processes there; one call for a batch of slices costs 1.5 ms a slice (bench/gpu_decode.py). So a
+series' slices are decoded in batches first (`batch`), and the plugin's per-frame call then takes each
+slice's decoded frame from that batch through the decoder it asks for, which keeps pydicom's handling of
+the result (bit depth, sign, colour) exactly as it is for a single frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import threading
-from typing import Any
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders import (HTJ2KDecoder, HTJ2KLosslessDecoder, HTJ2KLosslessRPCLDecoder, JPEG2000Decoder,
                                      JPEG2000LosslessDecoder, JPEGBaseline8BitDecoder, JPEGLosslessDecoder,
                                      JPEGLosslessSV1Decoder)
@@ -37,9 +45,37 @@ SYNTAXES = frozenset(str(d.UID) for d in _DECODERS)
 DECODER_DEPENDENCIES = {d.UID: ("numpy", "nvidia-nvimgcodec-cu12 or -cu13 with its jpeg and jpeg2k extras")
                         for d in _DECODERS}  # pydicom's plugin interface asks for it
 
+Setting = Literal["auto"] | bool  # run.gpu_decode: "auto" uses it where nvImageCodec and a GPU plugin are there
+BATCH_FRAMES = 128  # frames per batched call: 64 MB of 512x512 int16 on the GPU at once, whatever the series
+
 _lock = threading.Lock()
 _plugin: Any = None  # nvImageCodec's pydicom plugin module, once enable() has succeeded in this process
+_batched: "_BatchedDecoder | None" = None  # the decoder the plugin asks for, where batches are possible
 _failed_once = False
+
+
+class _HostFrame:
+    """A frame decoded in a batch, already in host memory: what the plugin calls `.cpu()` on."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self._array = array
+
+    def cpu(self) -> np.ndarray:
+        return self._array
+
+
+class _BatchedDecoder:
+    """nvImageCodec's decoder as the plugin asks for it: a frame decoded in the current batch is handed
+    back from there, any other is decoded on its own."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.ready: dict[bytes, np.ndarray] = {}
+
+    def decode(self, src: Any, params: Any = None) -> Any:
+        if isinstance(src, (bytes, bytearray)) and (frame := self.ready.get(bytes(src))) is not None:
+            return _HostFrame(frame)
+        return self.decoder.decode(src, params=params)
 
 
 def is_available(uid: UID) -> bool:
@@ -81,19 +117,35 @@ def enable(device: str) -> str | None:
         return why
     try:
         with _lock:
-            plugin._get_decoder_resources()  # makes the decoder now, so a missing library is said at start
+            decoder = plugin._get_decoder_resources()  # makes the decoder now: a missing library is said at start
     except Exception as exc:  # noqa: BLE001 - a missing CUDA library or driver: the CPU decoders stay
         return f"nvImageCodec's decoder cannot start on {device}: {type(exc).__name__}: {exc}"
     _plugin = plugin
+    _use_batches(plugin, decoder)
     for decoder in _DECODERS:
         if PLUGIN not in decoder.available_plugins:
             decoder.add_plugin(PLUGIN, (__name__, "_decode_frame"))
     return None
 
 
+def _use_batches(plugin: Any, decoder: Any) -> None:
+    """Have the plugin ask for a _BatchedDecoder from now on. Its decoder is the module's global
+    `_NVIMGCODEC_DECODER` (nvImageCodec 0.8-0.9); a release without it decodes slice by slice, as before."""
+    global _batched
+    if isinstance(decoder, _BatchedDecoder):  # enabled before in this process
+        _batched = decoder
+    elif getattr(plugin, "_NVIMGCODEC_DECODER", None) is decoder and getattr(plugin, "nvimgcodec", None):
+        _batched = plugin._NVIMGCODEC_DECODER = _BatchedDecoder(decoder)
+    else:
+        log.info("GPU decode: slices are decoded one call each (this nvImageCodec has no decoder to batch for)")
+
+
 def disable() -> None:
     """Back to pydicom's CPU decoders in this process (tests)."""
-    global _plugin, _failed_once
+    global _plugin, _failed_once, _batched
+    if _batched is not None and getattr(_plugin, "_NVIMGCODEC_DECODER", None) is _batched:
+        _plugin._NVIMGCODEC_DECODER = _batched.decoder
+    _batched = None
     _plugin = None
     _failed_once = False
     for decoder in _DECODERS:
@@ -110,6 +162,51 @@ def takes(ds: Dataset) -> bool:
     """Whether this data set's pixel data is decoded on the GPU in this process."""
     meta = getattr(ds, "file_meta", None)
     return _plugin is not None and meta is not None and str(meta.get("TransferSyntaxUID", "")) in SYNTAXES
+
+
+def _batchable_frame(ds: Dataset) -> bytes | None:
+    """The one frame of a single-frame, one-sample data set the GPU takes; None for any other (multi-frame
+    and colour data keep the plugin's per-frame handling)."""
+    if not takes(ds) or "PixelData" not in ds or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    try:
+        return bytes(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    except Exception:  # noqa: BLE001 - a damaged encapsulation: the per-frame call says what is wrong
+        return None
+
+
+@contextlib.contextmanager
+def batch(datasets: Sequence[Dataset]) -> Iterator[None]:
+    """Within: these data sets' slices are decoded already, in batches of BATCH_FRAMES, and pixel_array
+    takes each from there. A batch that fails leaves its slices to the per-frame call (and its fall-back)."""
+    if _batched is None:
+        yield
+        return
+    frames = [f for f in map(_batchable_frame, datasets) if f is not None]
+    ready: dict[bytes, np.ndarray] = {}
+    params = _plugin.nvimgcodec.DecodeParams(allow_any_depth=True,
+                                            color_spec=_plugin.nvimgcodec.ColorSpec.UNCHANGED)  # the plugin's, grey
+    for start in range(0, len(frames), BATCH_FRAMES):
+        chunk = frames[start:start + BATCH_FRAMES]
+        try:
+            with _lock:
+                images = _batched.decoder.decode(chunk, params=params)
+            for src, image in zip(chunk, images):
+                if image is not None:  # None: this frame is not decodable here; its own call says why
+                    ready[src] = np.ascontiguousarray(np.asarray(image.cpu()))
+        except Exception as exc:  # noqa: BLE001 - the per-frame path decodes them, or falls back to the CPU
+            log.info("GPU decode: a batch of %d slices failed, decoding them one by one error=%s",
+                     len(chunk), f"{type(exc).__name__}: {exc}")
+    with _lock:  # beside another batch (a prefetch while a job reads): both stay
+        _batched.ready.update(ready)
+    try:
+        yield
+    finally:
+        with _lock:
+            for src in ready:
+                _batched.ready.pop(src, None)
 
 
 def pixel_array(ds: Dataset) -> np.ndarray:

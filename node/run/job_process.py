@@ -79,8 +79,9 @@ class PluginCache:
     """Plugins loaded once per worker process and kept warm between jobs, with their verified models."""
 
     def __init__(self, sections: Mapping[str, PluginSection], models_dir: Path | None = None,
-                 device: str = "auto", gpu_decode: bool = False) -> None:
-        """`gpu_decode`: run.gpu_decode, for the plugins that run on a GPU (node/run/gpu_decode.py)."""
+                 device: str = "auto", gpu_decode: gpu_decode.Setting = False) -> None:
+        """`gpu_decode`: run.gpu_decode, for the plugins that run on a GPU (node/run/gpu_decode.py): True, or
+        "auto" where nvImageCodec is installed (else said at INFO, not as a warning)."""
         self.sections = sections
         self.models_dir = models_dir
         self.device = device
@@ -120,11 +121,12 @@ class PluginCache:
             section = self.sections.get(name)
             plugin = load_plugin(name, section.options if section else None, section.entry if section else None)
             plugin.device = self._device_for(plugin)
-            if self.gpu_decode and plugin.device != "cpu":
+            if self.gpu_decode is not False and plugin.device != "cpu":
                 if why := gpu_decode.enable(plugin.device):
                     self.gpu_decode_off = why
-                    log.warning("run.gpu_decode is on but slices are decoded on the CPU plugin=%s reason=%s",
-                                name, why)
+                    log.log(logging.WARNING if self.gpu_decode is True else logging.INFO,
+                            "run.gpu_decode is %s but slices are decoded on the CPU plugin=%s reason=%s",
+                            "on" if self.gpu_decode is True else "auto", name, why)
                 else:
                     log.info("slices are decoded on the GPU plugin=%s device=%s", name, plugin.device)
             if plugin.model_name:

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
 from node.lifeline import die_with_parent
+from node.run.gpu_decode import Setting as GpuDecode
 from node.run.heap import keep_freed_memory, prefault
 
 from node.run.job_process import JobOutput, JobSpec, PluginCache, execute_job
@@ -62,7 +63,7 @@ def _rss_bytes(pid: int) -> int:
 
 def _child_main(conn, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,  # type: ignore[no-untyped-def]
                 models_dir: Path | None, device: str, env: Mapping[str, str], sr_process: bool = False,
-                read_ahead_bytes: int = 0, gpu_decode: bool = False, prefault_bytes: int = 0) -> None:
+                read_ahead_bytes: int = 0, gpu_decode: GpuDecode = False, prefault_bytes: int = 0) -> None:
     os.environ.update(env)  # CUDA_VISIBLE_DEVICES: set before anything initialises CUDA
     # The node handles SIGTERM/SIGINT (systemd and Ctrl-C signal the whole group) and stops this process
     # itself; and if the node is killed outright, this process must not outlive it.
@@ -133,7 +134,7 @@ class PluginProcess:
     def __init__(self, name: str, sections: Mapping[str, PluginSection], preload: list[str],
                  log_level: str = "INFO", models_dir: Path | None = None, device: str = "auto",
                  env: Mapping[str, str] | None = None, sr_process: bool = False, read_ahead_mb: int = 0,
-                 gpu_decode: bool = False, prefault_mb: int = 0) -> None:
+                 gpu_decode: GpuDecode = False, prefault_mb: int = 0) -> None:
         """`read_ahead_mb`: how much of arriving studies the idle process may hold (node/run/read_ahead.py);
         `gpu_decode`: run.gpu_decode; `prefault_mb`: memory touched at start for the first job (heap.py)."""
         self.name = name

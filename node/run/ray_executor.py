@@ -31,6 +31,7 @@ from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
 from node.receive.spool import Spool
+from node.run.gpu_decode import Setting as GpuDecode
 from node.run.job_process import BuiltFile, JobOutput, JobSpec, PluginCache, execute_job
 from node.run.plugin_process import Abandoned, JobFailed, _rss_bytes
 from node.run.ray_config import RaySection
@@ -93,7 +94,7 @@ class PluginActor:
     """Runs inside a Ray worker process: the plugins stay loaded between jobs."""
 
     def __init__(self, sections: Mapping[str, PluginSection], preload: list[str], log_level: str,
-                 models_dir: Path | None, device: str, env: Mapping[str, str], gpu_decode: bool = False) -> None:
+                 models_dir: Path | None, device: str, env: Mapping[str, str], gpu_decode: GpuDecode = False) -> None:
         os.environ.update(env)  # before anything initialises CUDA; Ray sets CUDA_VISIBLE_DEVICES of GPU actors
         from node.logs import setup_logging
         from node.run.heap import keep_freed_memory
@@ -213,7 +214,7 @@ class RayBackend:
                  self.ray.cluster_resources())
 
     def runners(self, sections: Mapping[str, PluginSection], log_level: str, models_dir: Path | None,
-                device: str, gpu_decode: bool = False) -> Callable[[WorkerSlot, list[str]], "RayRunner"]:
+                device: str, gpu_decode: GpuDecode = False) -> Callable[[WorkerSlot, list[str]], "RayRunner"]:
         """A WorkerPool runner factory: (slot, plugins to preload) -> RayRunner. `gpu_decode`: run.gpu_decode."""
         per_gpu: dict[int, int] = {}
 
@@ -234,7 +235,7 @@ class RayRunner:
     """One warm Ray actor with the PluginProcess interface (start/stop/restart/kill/ready/run)."""
 
     def __init__(self, backend: RayBackend, slot: WorkerSlot, sections: dict, preload: list[str], log_level: str,
-                 models_dir: Path | None, device: str, per_gpu: Mapping[int, int], gpu_decode: bool = False) -> None:
+                 models_dir: Path | None, device: str, per_gpu: Mapping[int, int], gpu_decode: GpuDecode = False) -> None:
         self.backend = backend
         self.ray = backend.ray
         self.slot = slot

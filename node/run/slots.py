@@ -172,11 +172,12 @@ def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
     for name in names:
         n = needs[name]
         lines.append(f"plugin {name}: " + (f"GPU, {n.gpu_memory_mb} MB per job" if name in on_gpu else "CPU"))
-    if cfg.run.gpu_decode:
+    if cfg.run.gpu_decode is not False:
         from node.run import gpu_decode
 
         why = gpu_decode.installed() if on_gpu else "no plugin runs on a GPU"
-        lines.append("run.gpu_decode: " + (f"on, but {why}: slices are decoded on the CPU" if why else
-                                           "GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU "
-                                           "(each says so in its log, or why not)"))
+        setting = "on" if cfg.run.gpu_decode is True else "auto"
+        lines.append(f"run.gpu_decode: {setting}, " + (f"but {why}: slices are decoded on the CPU" if why else
+                                                        "GPU workers decode JPEG 2000, HTJ2K and JPEG slices on "
+                                                        "their GPU (each says so in its log, or why not)"))
     return "\n".join(lines)

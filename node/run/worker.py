@@ -22,6 +22,7 @@ from node.monitor.records import record_agreements
 from node.priors.config import PriorsSpec
 from node.priors.retrieve import PriorRetriever
 from node.receive.spool import Spool
+from node.run.gpu_decode import Setting as GpuDecode
 from node.run.job_process import JobOutput, JobSpec
 from node.run.plugin_process import Abandoned, JobFailed, PluginProcess, default_memory_limit_mb
 from node.results.fallback import FALLBACK_KINDS
@@ -84,7 +85,7 @@ class WorkerPool:
         runners: Callable[[WorkerSlot, list[str]], Runner] | None = None,
         sr_process: bool = False,
         read_ahead_mb: int = 0,
-        gpu_decode: bool = False,
+        gpu_decode: GpuDecode = False,
         prefault_mb: int = 0,
         could_take: Callable[[InstanceMeta], frozenset[str]] | None = None,
     ) -> None:
