@@ -16,6 +16,7 @@ study's time the GPU was idle (samples at 0%), plus the peak GPU memory the plug
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import subprocess
@@ -140,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["idle_share"] = sum(u == 0 for u in whole) / len(whole) if whole else float("nan")
                 row["samples"] = len(whole)
             rows.append(row)
-            extra = (f", GPU util during inference {row['util_inference']:.0f}%, idle {100 * row['idle_share']:.0f}% "
-                     f"of the study ({row['samples']} samples), peak {row['peak_mb']:.0f} MB") if sampler else ""
+            extra = ""
+            if sampler:
+                util = (f"{row['util_inference']:.0f}%" if not math.isnan(row["util_inference"])
+                        else "not sampled (shorter than the 100 ms sampling)")
+                extra = (f", GPU util during inference {util}, idle {100 * row['idle_share']:.0f}% "
+                         f"of the study ({row['samples']} samples), peak {row['peak_mb']:.0f} MB")
             print(f"run {i + 1}: {row['total']:.2f} s (preprocess {tm['preprocess_s']:.2f}, inference "
                   f"{tm['inference_s']:.2f}, postprocess {tm['postprocess_s']:.2f}; batch {row['batch']}){extra}")
     finally:
@@ -152,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedian of {len(rows)}: {med('total'):.2f} s per study = preprocess {med('preprocess_s'):.2f} + "
           f"inference {med('inference_s'):.2f} + postprocess {med('postprocess_s'):.2f} s  [{a.device}]")
     if sampler:
-        print(f"GPU utilisation during inference {med('util_inference'):.0f}% (median), GPU idle "
+        sampled = [r["util_inference"] for r in rows if not math.isnan(r["util_inference"])]
+        util = (f"{statistics.median(sampled):.0f}% (median of {len(sampled)} runs sampled)" if sampled else
+                "not sampled: inference is shorter than the 100 ms sampling (bench/gpu_burst.py measures the busy "
+                "share over a burst)")
+        print(f"GPU utilisation during inference {util}, GPU idle "
               f"{100 * med('idle_share'):.0f}% of the study time; peak GPU memory {med('peak_mb'):.0f} MB "
               f"(declared {plugin.resources.gpu_memory_mb} MB); sampler: {sampler.source}")
     return 0
