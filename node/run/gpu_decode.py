@@ -117,11 +117,11 @@ def enable(device: str) -> str | None:
         return why
     try:
         with _lock:
-            decoder = plugin._get_decoder_resources()  # makes the decoder now: a missing library is said at start
+            nv_decoder = plugin._get_decoder_resources()  # made now: a missing library is said at start
     except Exception as exc:  # noqa: BLE001 - a missing CUDA library or driver: the CPU decoders stay
         return f"nvImageCodec's decoder cannot start on {device}: {type(exc).__name__}: {exc}"
     _plugin = plugin
-    _use_batches(plugin, decoder)
+    _use_batches(plugin, nv_decoder)
     for decoder in _DECODERS:
         if PLUGIN not in decoder.available_plugins:
             decoder.add_plugin(PLUGIN, (__name__, "_decode_frame"))
