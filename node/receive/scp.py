@@ -162,8 +162,7 @@ class ReceiveCounters:
     bytes: int = 0
 
 
-ENDED_CHECK_S = 1.0  # after a close without release, how long until _warn_if_not_released looks again
-ENDED_JOIN_S = 30.0  # then how long it waits at most for the association's thread to end
+ENDED_JOIN_S = 30.0  # after a close without release, how long _warn_if_not_released waits for the thread to end
 MAX_REFUSALS_LOGGED = 1024  # (calling AE, refused set) pairs remembered for _log_refused; past it, each is warned
 
 
@@ -454,12 +453,10 @@ class StoreSCP:
             accepted = event.assoc in self._accepted
             self._accepted.discard(event.assoc)
         if accepted and not released and not event.assoc.is_rejected:
-            # Decided a moment later: the close can come before the association thread has handled the
-            # A-RELEASE (is_released) that preceded it.
-            timer = threading.Timer(ENDED_CHECK_S, self._warn_if_not_released,
-                                    args=(event.assoc, self._peer(event)))
-            timer.daemon = True
-            timer.start()
+            # Decided once the association thread has ended: the close can come before that thread has
+            # handled the A-RELEASE (is_released) that preceded it.
+            threading.Thread(target=self._warn_if_not_released, args=(event.assoc, self._peer(event)),
+                             name="ainode-ended-check", daemon=True).start()
         self._forget_studies(event.assoc, hint=released)
         dimse = getattr(event.assoc, "dimse", None)
         partial = getattr(getattr(dimse, "message", None), "data_set", None)
@@ -468,8 +465,8 @@ class StoreSCP:
 
     @staticmethod
     def _warn_if_not_released(assoc: Association, peer: tuple[str, str, int]) -> None:
-        # On a busy machine the association thread may not have handled the A-RELEASE even ENDED_CHECK_S
-        # after the close; it ends right after it does, so its end is when the answer is final.
+        # On a busy machine the association thread may handle the A-RELEASE well after the close; it ends
+        # right after it does, so its end is when the answer is final.
         assoc.join(ENDED_JOIN_S)
         if assoc.is_released:
             return
