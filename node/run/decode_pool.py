@@ -152,6 +152,8 @@ def _rebuild_shared_file(dupfd) -> SharedFile:  # type: ignore[no-untyped-def]
 
 
 def _page_aligned(n: int) -> int:
+    """Where the next slice starts: every view of the mapping aligned for its dtype, whatever the slices
+    before it held (the gaps are holes in the file and take no memory)."""
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
