@@ -125,7 +125,7 @@ def test_enable_says_why_the_cpu_decoders_stay(monkeypatch, stand_in, j2k_series
 
 
 def test_a_jpeg2000_series_is_decoded_on_the_gpu_in_the_job_process(monkeypatch, stand_in, j2k_series):
-    cpu, _ = load_series(j2k_series, decode_processes=1)
+    cpu, _ = load_series(j2k_series, decode_processes=0)
     module = stand_in()
     assert gpu_decode.enable("cuda:0") is None
     assert gpu_decode.PLUGIN in JPEG2000LosslessDecoder.available_plugins
@@ -142,7 +142,7 @@ def test_a_jpeg2000_series_is_decoded_on_the_gpu_in_the_job_process(monkeypatch,
 
 
 def test_a_slice_the_gpu_cannot_decode_is_decoded_on_the_cpu(monkeypatch, stand_in, j2k_series, caplog):
-    cpu, _ = load_series(j2k_series, decode_processes=1)
+    cpu, _ = load_series(j2k_series, decode_processes=0)
     module = stand_in(fail_on=3)
     assert gpu_decode.enable("cuda:0") is None
     no_decode_processes(monkeypatch)
@@ -160,7 +160,7 @@ def test_a_slice_the_gpu_cannot_decode_is_decoded_on_the_cpu(monkeypatch, stand_
 
 def test_a_series_is_decoded_in_batched_calls(monkeypatch, stand_in, j2k_series):
     """One nvImageCodec call per slice costs 8x what a batch does on an H100 (bench/gpu_decode.py)."""
-    cpu, _ = load_series(j2k_series, decode_processes=1)
+    cpu, _ = load_series(j2k_series, decode_processes=0)
     module = stand_in()
     assert gpu_decode.enable("cuda:0") is None
     no_decode_processes(monkeypatch)
@@ -188,7 +188,7 @@ def test_two_batches_at_once_keep_each_others_slices(stand_in, j2k_series):
 
 
 def test_a_batch_that_fails_is_decoded_slice_by_slice(monkeypatch, stand_in, j2k_series, caplog):
-    cpu, _ = load_series(j2k_series, decode_processes=1)
+    cpu, _ = load_series(j2k_series, decode_processes=0)
     module = stand_in()
     assert gpu_decode.enable("cuda:0") is None
     module.made.batch_error = RuntimeError("nvjpeg2k: out of device memory")
@@ -202,7 +202,7 @@ def test_a_batch_that_fails_is_decoded_slice_by_slice(monkeypatch, stand_in, j2k
 
 
 def test_a_plugin_without_a_decoder_to_batch_for_decodes_slice_by_slice(monkeypatch, stand_in, j2k_series, caplog):
-    cpu, _ = load_series(j2k_series, decode_processes=1)
+    cpu, _ = load_series(j2k_series, decode_processes=0)
     module = stand_in(batchable=False)
     with caplog.at_level(logging.INFO, logger="ainode.run"):
         assert gpu_decode.enable("cuda:0") is None

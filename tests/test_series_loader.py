@@ -192,10 +192,11 @@ def test_a_slice_decoded_in_the_jobs_process_is_named_too(tmp_path):
         load_series(r.files)
 
 
-def test_prefetch_decodes_in_the_worker_alone_and_the_job_in_processes(tmp_path, monkeypatch):
-    """The next job's input, loaded while a job runs, must not start decoding processes that would take the
-    running job's CPUs; the job's own load does."""
-    from node.run import decode_pool, series_loader
+def test_prefetch_decodes_in_processes_of_its_own_on_half_the_cpus(tmp_path, monkeypatch):
+    """The next job's input, loaded while a job runs, is decoded in processes apart from the job's: in the
+    job's process the decoders would hold its GIL against the running job. It gets half the CPUs; the job's
+    own load gets them all."""
+    from node.run import decode_pool, prefetch, series_loader
     from node.run.job_process import JobSpec, PluginCache, load_input
     from node.run.prefetch import Prefetcher
 
@@ -209,15 +210,38 @@ def test_prefetch_decodes_in_the_worker_alone_and_the_job_in_processes(tmp_path,
     monkeypatch.setattr(series_loader, "decode_files", recording)
     monkeypatch.setattr(decode_pool, "decode_files", recording)  # BackgroundDecode's
     monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
+    monkeypatch.setattr(decode_pool, "usable_cpus", lambda: 2)
     spec = JobSpec(job_id=1, study_uid=r.study_uid, plugin="none", series={r.series_uid: list(map(str, r.files))},
                    temp_dir=str(tmp_path), validate=False)
     prefetcher = Prefetcher(PluginCache({}))
     prefetcher.start(spec)
     loaded = prefetcher.take(spec)
-    assert loaded is not None and calls == []
+    assert loaded is not None and calls == [1]  # one process of two CPUs, apart from this one
     assert np.array_equal(loaded.volumes[0].pixels, reference(r.files)[0])
     load_input(spec, None)
-    assert calls == [2]
+    assert calls == [1, 2]
+
+
+def test_background_processes_take_half_the_cpus_and_never_none(monkeypatch):
+    from node.run import decode_pool
+
+    for cpus, files, expected in ((1, 300, 1), (2, 300, 1), (16, 300, 8), (64, 300, decode_pool.MAX_PROCESSES),
+                                  (16, 20, 2), (16, 3, 1)):
+        monkeypatch.setattr(decode_pool, "usable_cpus", lambda: cpus)
+        assert decode_pool.background_processes(files) == expected, (cpus, files)
+
+
+def test_decode_processes_0_decodes_in_this_process(tmp_path, monkeypatch):
+    from node.run import series_loader
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a decode process was started")
+
+    monkeypatch.setattr(series_loader, "decode_files", refuse)
+    monkeypatch.setattr(series_loader, "BackgroundDecode", refuse)
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
+    vol, _ = load_series(r.files, decode_processes=0)
+    assert np.array_equal(vol.pixels, reference(r.files)[0])
 
 
 def _forkserver_children() -> list[int]:

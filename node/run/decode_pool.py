@@ -94,6 +94,17 @@ def processes_for(files: int) -> int:
     return max(1, min(usable_cpus(), files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
 
 
+def background_processes(files: int) -> int:
+    """How many processes decode the next job's files while a job runs (node/run/prefetch.py): half the CPUs,
+    at least one, so the running job keeps the rest.
+
+    Never none, that is never in the job's process: there the decoders hold its GIL against the running
+    job. On an H100 host (16 cores, two slots) a JPEG 2000 burst decoded that way spent 7.3 s a series
+    (one core's pace: 0.77 s with 16 processes) and 3.3 s building each study's results (0.37 s without a
+    decode beside it)."""
+    return max(1, min(usable_cpus() // 2, files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
+
+
 def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
@@ -223,11 +234,11 @@ class DecodeStopped(Exception):
 def decode_files(paths: Sequence[str], processes: int | None = None,
                  stop: threading.Event | None = None) -> list[np.ndarray]:
     """Each file's stored pixel values, in the order given. Raises DecodeError (naming the file) for a file
-    that cannot be decoded. `processes`: how many decode at once (default: processes_for). `stop`: once set,
-    the processes are killed and DecodeStopped is raised."""
-    n = processes_for(len(paths)) if processes is None else max(1, min(processes, len(paths)))
-    if n < 2:
+    that cannot be decoded. `processes`: how many processes decode them (default: processes_for, and where
+    that is one, this process does). `stop`: once set, the processes are killed and DecodeStopped is raised."""
+    if processes is None and processes_for(len(paths)) < 2:
         return [decode_file(str(p)) for p in paths]
+    n = processes_for(len(paths)) if processes is None else max(1, min(processes, len(paths)))
     ctx = _context()
     # A process started from this one must not be daemonic (multiprocessing refuses children to one); the
     # job's process is daemonic only so that the node's exit never waits for it.

@@ -1,4 +1,6 @@
-"""Decode (and `prepare`) the next queued job's series while the current job runs, in the worker process.
+"""Decode (and `prepare`) the next queued job's series while the current job runs, in the worker process;
+its JPEG 2000, JPEG-LS and JPEG slices in processes of their own on half the CPUs
+(decode_pool.background_processes).
 
 The node only hints which job is likely next; it does not claim it. If another job is claimed instead (a
 stat study arrived, another worker took it), the prefetched input is dropped, so prefetching never
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from node.run.decode_pool import background_processes
 from node.run.job_process import JobSpec, LoadedInput, PluginCache, load_input
 from node.run.read_ahead import ReadAhead
 
@@ -26,8 +29,8 @@ class _Pending:
 
     def _load(self, plugin, ahead: ReadAhead | None) -> None:  # type: ignore[no-untyped-def]
         try:
-            # In this process alone: decoding processes would take the CPUs from the job that runs now.
-            self.result = load_input(self.spec, plugin, ahead, decode_processes=1)
+            files = max((len(paths) for paths in self.spec.series.values()), default=0)
+            self.result = load_input(self.spec, plugin, ahead, decode_processes=background_processes(files))
         except Exception as exc:  # noqa: BLE001 - the job reports it when it loads its input itself
             log.info("prefetch failed job_id=%d error=%s", self.spec.job_id, type(exc).__name__)
 
