@@ -63,6 +63,8 @@ run gpu_burst_1slot 80 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 1
 run gpu_burst_4slots 80 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 4
 run gpu_burst_j2k_cpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}"
 run gpu_burst_j2k_gpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}" --gpu-decode
-# Diagnostics, run only when ONLY names them: the CPU-decode burst with one torch thread per slot.
+# Diagnostics, run only when ONLY names them: the CPU-decode burst with one torch thread per slot; and
+# whether 8 slots (two cores each on a 16-core host) keep the GPU 80% busy with uncompressed studies.
 [ -n "${ONLY:-}" ] && run gpu_burst_j2k_cpu_1thread 80 env OMP_NUM_THREADS=1 "$PY" bench/gpu_burst.py "${j2k[@]}"
+[ -n "${ONLY:-}" ] && run gpu_burst_8slots 90 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 8
 log "$(date -u +%FT%TZ) done"

@@ -98,10 +98,9 @@ def background_processes(files: int) -> int:
     """How many processes decode the next job's files while a job runs (node/run/prefetch.py): half the CPUs,
     at least one, so the running job keeps the rest.
 
-    Never none, that is never in the job's process: there the decoders hold its GIL against the running
-    job. On an H100 host (16 cores, two slots) a JPEG 2000 burst decoded that way spent 7.3 s a series
-    (one core's pace: 0.77 s with 16 processes) and 3.3 s building each study's results (0.37 s without a
-    decode beside it)."""
+    Never none, that is never in a thread of the job's process, as before: that decodes at one core's pace
+    (an H100 host's JPEG 2000 burst waited 7.3 s a series for it, against 0.77 s with its 16 processes),
+    and the decoder holds the GIL for part of each slice (a pure-Python thread beside it ran 1.5x slower)."""
     return max(1, min(usable_cpus() // 2, files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
 
 
