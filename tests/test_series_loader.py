@@ -192,10 +192,10 @@ def test_a_slice_decoded_in_the_jobs_process_is_named_too(tmp_path):
         load_series(r.files)
 
 
-def test_prefetch_decodes_in_processes_of_its_own_on_half_the_cpus(tmp_path, monkeypatch):
-    """The next job's input, loaded while a job runs, is decoded in processes apart from the job's: in the
-    job's process the decoders would hold its GIL against the running job. It gets half the CPUs; the job's
-    own load gets them all."""
+def test_prefetch_decodes_in_processes_of_its_own_at_a_lower_priority(tmp_path, monkeypatch):
+    """The next job's input, loaded while a job runs, is decoded in processes apart from the job's (in the
+    job's process the decoder would hold its GIL against the running job), one per CPU as for the job's own
+    load, but niced so that the running job keeps its CPUs."""
     from node.run import decode_pool, prefetch, series_loader
     from node.run.job_process import JobSpec, PluginCache, load_input
     from node.run.prefetch import Prefetcher
@@ -203,32 +203,59 @@ def test_prefetch_decodes_in_processes_of_its_own_on_half_the_cpus(tmp_path, mon
     r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 20})
     calls = []
 
-    def recording(paths, processes=None, stop=None):  # type: ignore[no-untyped-def]
-        calls.append(processes)
-        return decode_files(paths, processes, stop)
+    def recording(paths, processes=None, stop=None, nice=0):  # type: ignore[no-untyped-def]
+        calls.append((processes, nice))
+        return decode_files(paths, processes, stop, nice)
 
     monkeypatch.setattr(series_loader, "decode_files", recording)
     monkeypatch.setattr(decode_pool, "decode_files", recording)  # BackgroundDecode's
     monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
-    monkeypatch.setattr(decode_pool, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(prefetch, "processes_for", lambda n: 1)  # one CPU: still not in the job's process
     spec = JobSpec(job_id=1, study_uid=r.study_uid, plugin="none", series={r.series_uid: list(map(str, r.files))},
                    temp_dir=str(tmp_path), validate=False)
     prefetcher = Prefetcher(PluginCache({}))
     prefetcher.start(spec)
     loaded = prefetcher.take(spec)
-    assert loaded is not None and calls == [1]  # one process of two CPUs, apart from this one
+    assert loaded is not None and calls == [(1, decode_pool.BACKGROUND_NICE)]
     assert np.array_equal(loaded.volumes[0].pixels, reference(r.files)[0])
     load_input(spec, None)
-    assert calls == [1, 2]
+    assert calls == [(1, decode_pool.BACKGROUND_NICE), (2, 0)]
 
 
-def test_background_processes_take_half_the_cpus_and_never_none(monkeypatch):
+def test_decode_processes_run_at_the_niceness_asked_for(tmp_path):
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+
     from node.run import decode_pool
 
-    for cpus, files, expected in ((1, 300, 1), (2, 300, 1), (16, 300, 8), (64, 300, decode_pool.MAX_PROCESSES),
-                                  (16, 20, 2), (16, 3, 1)):
-        monkeypatch.setattr(decode_pool, "usable_cpus", lambda: cpus)
-        assert decode_pool.background_processes(files) == expected, (cpus, files)
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    held = tmp_path / "held.dcm"  # the process's first file: a FIFO, so that the process waits in open()
+    os.mkfifo(held)
+    result: dict[str, object] = {}
+    caller = threading.Thread(target=lambda: result.update(arrays=decode_files(
+        [str(held), str(r.files[1])], processes=1, nice=decode_pool.BACKGROUND_NICE)), daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 60
+    waiting: list[int] = []
+    while not waiting:
+        assert time.monotonic() < deadline, "no decoding process reached the FIFO"
+        time.sleep(0.1)
+        try:
+            waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid)]
+        except AttributeError:  # the forkserver has not started yet
+            pass
+    nice = int(Path(f"/proc/{waiting[0]}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
+    shutil.copy(r.files[0], held)
+    os.kill(waiting[0], signal.SIGKILL)  # its files are then decoded in the caller
+    caller.join(60)
+    assert nice == min(19, os.nice(0) + decode_pool.BACKGROUND_NICE)
+    assert not caller.is_alive()
+    arrays = result["arrays"]
+    assert all(np.array_equal(a, pydicom.dcmread(f).pixel_array) for a, f in zip(arrays, r.files[:2]))
 
 
 def test_decode_processes_0_decodes_in_this_process(tmp_path, monkeypatch):
@@ -318,8 +345,8 @@ def test_a_compressed_series_decodes_while_its_headers_are_read(tmp_path, monkey
         ds.save_as(f, enforce_file_format=True)
     started = []
     monkeypatch.setattr(decode_pool.BackgroundDecode, "__init__",
-                        lambda self, paths, n, _init=decode_pool.BackgroundDecode.__init__:
-                        (started.append(list(paths)), _init(self, paths, n))[1])
+                        lambda self, paths, *args, _init=decode_pool.BackgroundDecode.__init__:
+                        (started.append(list(paths)), _init(self, paths, *args))[1])
     vol, headers = load_series(files)
     assert started == [[str(f) for f in files]]
     assert np.array_equal(vol.pixels, reference(files)[0])

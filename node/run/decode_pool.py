@@ -94,14 +94,10 @@ def processes_for(files: int) -> int:
     return max(1, min(usable_cpus(), files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
 
 
-def background_processes(files: int) -> int:
-    """How many processes decode the next job's files while a job runs (node/run/prefetch.py): half the CPUs,
-    at least one, so the running job keeps the rest.
-
-    Never none, that is never in a thread of the job's process, as before: that decodes at one core's pace
-    (an H100 host's JPEG 2000 burst waited 7.3 s a series for it, against 0.77 s with its 16 processes),
-    and the decoder holds the GIL for part of each slice (a pure-Python thread beside it ran 1.5x slower)."""
-    return max(1, min(usable_cpus() // 2, files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
+# The next job's slices, decoded while a job runs (node/run/prefetch.py), are decoded at this niceness: the
+# running job (a stat study, say) keeps its CPUs, and the decoders take the idle ones (all of them once the
+# job is done). At nice 10 a process gets about a tenth of what one at nice 0 gets of a CPU both want.
+BACKGROUND_NICE = 10
 
 
 def _context() -> mp.context.BaseContext:
@@ -186,8 +182,10 @@ def _take_slices(shared: SharedFile, written: list[tuple[int, int, str, tuple[in
         out[i] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
-def _decode_share(conn: Connection, paths: list[str], shared: SharedFile | None = None) -> None:
+def _decode_share(conn: Connection, paths: list[str], shared: SharedFile | None = None, nice: int = 0) -> None:
     die_with_parent(check_started_by_parent=False)  # the forkserver, which ends when the job's process does
+    if nice:
+        os.nice(nice)
     # Nothing here logs: a decoder's error goes back through the pipe, and pydicom's own log lines and
     # warnings (which may quote a header value) would reach the node's log unformatted and unredacted.
     logging.disable(logging.CRITICAL)
@@ -231,10 +229,11 @@ class DecodeStopped(Exception):
 
 
 def decode_files(paths: Sequence[str], processes: int | None = None,
-                 stop: threading.Event | None = None) -> list[np.ndarray]:
+                 stop: threading.Event | None = None, nice: int = 0) -> list[np.ndarray]:
     """Each file's stored pixel values, in the order given. Raises DecodeError (naming the file) for a file
     that cannot be decoded. `processes`: how many processes decode them (default: processes_for, and where
-    that is one, this process does). `stop`: once set, the processes are killed and DecodeStopped is raised."""
+    that is one, this process does). `stop`: once set, the processes are killed and DecodeStopped is raised.
+    `nice`: added to the processes' niceness (BACKGROUND_NICE for a prefetch)."""
     if processes is None and processes_for(len(paths)) < 2:
         return [decode_file(str(p)) for p in paths]
     n = processes_for(len(paths)) if processes is None else max(1, min(processes, len(paths)))
@@ -254,7 +253,7 @@ def decode_files(paths: Sequence[str], processes: int | None = None,
             share = list(range(k * len(paths) // n, (k + 1) * len(paths) // n))  # neighbours: files read in order
             reader, writer = ctx.Pipe(duplex=False)
             shared = SharedFile.create()
-            proc = ctx.Process(target=_decode_share, args=(writer, [str(paths[i]) for i in share], shared),
+            proc = ctx.Process(target=_decode_share, args=(writer, [str(paths[i]) for i in share], shared, nice),
                                name=f"ainode-decode-{k}", daemon=True)
             try:
                 with _main_left_out():
@@ -322,16 +321,16 @@ class BackgroundDecode:
     reads the same files' headers: for a 279-slice JPEG 2000 series the headers took 0.25 s, all of it before
     the first slice was decoded."""
 
-    def __init__(self, paths: Sequence[str], processes: int) -> None:
+    def __init__(self, paths: Sequence[str], processes: int, nice: int = 0) -> None:
         self.paths = [str(p) for p in paths]
         self._stop = threading.Event()
         self._out: list[np.ndarray] | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(processes,), name="ainode-decode", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(processes, nice), name="ainode-decode", daemon=True)
         self._thread.start()
 
-    def _run(self, processes: int) -> None:
+    def _run(self, processes: int, nice: int) -> None:
         try:
-            self._out = decode_files(self.paths, processes, self._stop)
+            self._out = decode_files(self.paths, processes, self._stop, nice)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._out = exc
 

@@ -149,33 +149,33 @@ class LoadedInput:
     priors: list = field(default_factory=list)  # SeriesVolumes of the prior studies
 
 
-def load_priors(series: Mapping[str, list[str]], decode_processes: int | None = None) -> list:
+def load_priors(series: Mapping[str, list[str]], decode_processes: int | None = None, nice: int = 0) -> list:
     """Prior series as volumes; one that cannot be read as a volume (a scout, a report) is left out, not fatal."""
     out = []
     for series_uid, paths in series.items():
         try:
-            out.append(load_series(paths, decode_processes=decode_processes)[0])
+            out.append(load_series(paths, decode_processes=decode_processes, nice=nice)[0])
         except Exception as exc:  # noqa: BLE001 - a prior is extra input: the job goes on without it
             log.warning("prior series left out series=%s error=%s", series_uid, f"{type(exc).__name__}: {exc}")
     return out
 
 
 def load_input(spec: JobSpec, plugin: Plugin | None, ahead: ReadAhead | None = None,
-               decode_processes: int | None = None) -> LoadedInput:
+               decode_processes: int | None = None, nice: int = 0) -> LoadedInput:
     """Decode the job's series into volumes and run the plugin's `prepare` (when `plugin` is given). Files
-    `ahead` read while the study arrived are taken from it. `decode_processes`: as for load_series."""
+    `ahead` read while the study arrived are taken from it. `decode_processes`, `nice`: as for load_series."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if ahead is not None and (held := sum(ahead.holds(paths) for paths in spec.series.values())):
         timings["read_ahead_files"] = held  # of the series' files, read while the study arrived
     volumes, sources = [], {}
     for series_uid, paths in spec.series.items():
-        vol, headers = load_series(paths, ahead, decode_processes)
+        vol, headers = load_series(paths, ahead, decode_processes, nice)
         volumes.append(vol)
         sources[series_uid] = headers
     timings["load_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    priors = load_priors(spec.priors, decode_processes)
+    priors = load_priors(spec.priors, decode_processes, nice)
     if spec.priors:
         timings["priors_load_s"] = round(time.perf_counter() - t, 3)
     prepared = None

@@ -168,13 +168,13 @@ def _decode_processes(files: int, requested: int | None) -> int:
 
 
 def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
-                decode_processes: int | None = None) -> tuple[SeriesVolume, list[Dataset]]:
+                decode_processes: int | None = None, nice: int = 0) -> tuple[SeriesVolume, list[Dataset]]:
     """Volume (slices sorted along the plane normal) and the headers in the same order.
 
     The returned datasets have no pixel data, to keep memory to one copy of the volume. Files that `ahead`
     has read already are taken from it. `decode_processes`: how many processes decode JPEG 2000, JPEG-LS
     and JPEG slices (default: one per CPU, decode_pool.processes_for, and none where that is one; 0: none,
-    this process decodes them).
+    this process decodes them). `nice`: added to those processes' niceness (decode_pool.BACKGROUND_NICE).
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
@@ -188,18 +188,18 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
             if first[1] is None and slow_to_decode(first[0]) and n and len(missing) > 1:
                 # The rest are most likely compressed the same way: their processes start decoding now, while
                 # the headers are read here (a file that is not compressed comes back as pydicom reads it).
-                early = BackgroundDecode([str(p) for p in missing], n)
+                early = BackgroundDecode([str(p) for p in missing], n, nice)
             with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
                 fresh = iter([first, *pool.map(read_file if early is None else _header_only, missing[1:])])
             read = [r if r is not None else next(fresh) for r in read]
-        return _volume(paths, read, early, decode_processes)
+        return _volume(paths, read, early, decode_processes, nice)
     finally:
         if early is not None:
             early.cancel()  # returns at once once the decoding is done
 
 
 def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | None]], early: BackgroundDecode | None,
-            decode_processes: int | None) -> tuple[SeriesVolume, list[Dataset]]:
+            decode_processes: int | None, nice: int) -> tuple[SeriesVolume, list[Dataset]]:
     datasets = [ds for ds, _ in read]
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)
@@ -227,7 +227,7 @@ def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | 
     processes = _decode_processes(len(undecoded), decode_processes)
     if undecoded and processes:  # JPEG 2000, JPEG-LS, JPEG: decoded in processes, side by side
         try:
-            arrays = decode_files([str(paths[order[k]]) for k in undecoded], processes)
+            arrays = decode_files([str(paths[order[k]]) for k in undecoded], processes, nice=nice)
         except DecodeError as exc:
             raise SeriesLoadError(f"series {series_uid}: {exc}") from None
         for k, arr in zip(undecoded, arrays):
