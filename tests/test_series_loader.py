@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -223,38 +224,13 @@ def test_prefetch_decodes_in_processes_of_its_own_at_a_lower_priority(tmp_path, 
 
 
 def test_decode_processes_run_at_the_niceness_asked_for(tmp_path):
-    import os
-    import shutil
-    import signal
-    import threading
-    import time
-
     from node.run import decode_pool
 
     r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
-    held = tmp_path / "held.dcm"  # the process's first file: a FIFO, so that the process waits in open()
-    os.mkfifo(held)
-    result: dict[str, object] = {}
-    caller = threading.Thread(target=lambda: result.update(arrays=decode_files(
-        [str(held), str(r.files[1])], processes=1, nice=decode_pool.BACKGROUND_NICE)), daemon=True)
-    caller.start()
-    deadline = time.monotonic() + 60
-    waiting: list[int] = []
-    while not waiting:
-        assert time.monotonic() < deadline, "no decoding process reached the FIFO"
-        time.sleep(0.1)
-        try:
-            waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid)]
-        except AttributeError:  # the forkserver has not started yet
-            pass
-    nice = int(Path(f"/proc/{waiting[0]}/stat").read_text().rsplit(")", 1)[1].split()[16])
-    held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
-    shutil.copy(r.files[0], held)
-    os.kill(waiting[0], signal.SIGKILL)  # its files are then decoded in the caller
-    caller.join(60)
+    pid, finish = _decoding_with_one_file_held(tmp_path, r.files[:2], 0, processes=1, nice=decode_pool.BACKGROUND_NICE)
+    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    arrays = finish()
     assert nice == min(19, os.nice(0) + decode_pool.BACKGROUND_NICE)
-    assert not caller.is_alive()
-    arrays = result["arrays"]
     assert all(np.array_equal(a, pydicom.dcmread(f).pixel_array) for a, f in zip(arrays, r.files[:2]))
 
 
@@ -295,21 +271,21 @@ def _waits_in_open(pid: int) -> bool:
         return False
 
 
-def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_process(tmp_path, caplog):
-    """Killed for memory, say: its files are decoded in the caller and the volume is whole."""
-    import os
+def _decoding_with_one_file_held(tmp_path: Path, files: list[Path], held_index: int,
+                                 **kwargs: object) -> tuple[int, Callable[[], list[np.ndarray]]]:
+    """decode_files of `files` in a thread, with the file at `held_index` a FIFO, so that the process given it
+    waits in open(). Returns that process's pid, and a function that puts the real file in place, kills the
+    process (its files are then decoded in the caller) and returns what decode_files returned."""
     import shutil
     import signal
     import threading
     import time
 
-    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
-    files = r.files[:4]
-    held = tmp_path / "held.dcm"  # the second process's first file: a FIFO, so that process waits in open()
+    held = tmp_path / "held.dcm"
     os.mkfifo(held)
-    paths = [str(files[0]), str(files[1]), str(held), str(files[3])]
-    result: dict[str, object] = {}
-    caller = threading.Thread(target=lambda: result.update(arrays=decode_files(paths, processes=2)), daemon=True)
+    paths = [str(held) if i == held_index else str(f) for i, f in enumerate(files)]
+    result: dict[str, list[np.ndarray]] = {}
+    caller = threading.Thread(target=lambda: result.update(arrays=decode_files(paths, **kwargs)), daemon=True)
     caller.start()
     deadline = time.monotonic() + 60
     waiting: list[int] = []
@@ -320,12 +296,24 @@ def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_proc
             waiting = [pid for pid in _forkserver_children() if _waits_in_open(pid)]
         except AttributeError:  # the forkserver has not started yet
             pass
-    held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
-    shutil.copy(files[2], held)
-    os.kill(waiting[0], signal.SIGKILL)
-    caller.join(60)
-    assert not caller.is_alive()
-    arrays = result["arrays"]
+
+    def finish() -> list[np.ndarray]:
+        held.unlink()  # the waiting process keeps the FIFO it is opening; the caller will find the real file
+        shutil.copy(files[held_index], held)
+        os.kill(waiting[0], signal.SIGKILL)
+        caller.join(60)
+        assert not caller.is_alive()
+        return result["arrays"]
+
+    return waiting[0], finish
+
+
+def test_a_decode_process_that_dies_mid_series_leaves_its_files_to_the_jobs_process(tmp_path, caplog):
+    """Killed for memory, say: its files are decoded in the caller and the volume is whole."""
+    r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **SMALL)
+    files = r.files[:4]
+    _, finish = _decoding_with_one_file_held(tmp_path, files, 2, processes=2)  # the second process's first file
+    arrays = finish()
     assert all(np.array_equal(a, pydicom.dcmread(f).pixel_array) for a, f in zip(arrays, files))
     assert "decode process died; decoding its files=2 in the job's process" in caplog.text
 
