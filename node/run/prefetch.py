@@ -2,14 +2,14 @@
 its JPEG 2000, JPEG-LS and JPEG slices in processes of their own, one per CPU, at a lower priority
 (decode_pool.BACKGROUND_NICE).
 
-Never in a thread of the worker process, as before 2026-12-05: that decoded at one core's pace (an H100
-host's JPEG 2000 burst waited 7.3 s a series for it, against 0.77 s with 16 processes), and the decoder holds
-the GIL for part of each slice (a pure-Python thread beside one ran 1.5x slower).
+Not in a thread of the worker process, as they once were: that decoded at one core's pace (an H100 host's
+JPEG 2000 burst waited 7.3 s a series for it, against 0.77 s with 16 processes), and the decoder holds the
+GIL for part of each slice (a pure-Python thread beside one ran 1.5x slower).
 
 The node only hints which job is likely next; it does not claim it. If another job is claimed instead (a
-stat study arrived, another worker took it), the prefetched input is dropped, so prefetching never
-changes the queue order. A prefetch that fails is dropped too: the job then loads its input itself and
-reports the error in its own stage.
+stat study arrived, another worker took it), the prefetched input waits for its job, and is dropped when
+the worker is hinted another, so prefetching never changes the queue order. A prefetch that fails is
+dropped too: the job then loads its input itself and reports the error in its own stage.
 """
 
 from __future__ import annotations
