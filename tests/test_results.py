@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -207,8 +208,40 @@ def test_seg_frames_follow_source_order_and_skip_empty_slices(built):
     for segment, k, position in frames:
         assert 3 <= k < 15 and position == [float(v) for v in src[k].ImagePositionPatient]
     assert {se.SeriesInstanceUID for se in seg.ReferencedSeriesSequence} == {src[0].SeriesInstanceUID}
+    # The instances its frames derive from (node/results/seg.py covered_part), not every slice of the series.
     assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == \
-           set(index)
+           {src[k].SOPInstanceUID for k in range(3, 15)}
+
+
+def test_seg_of_a_few_scattered_slices_has_their_frames_and_references_only(tmp_path):
+    """Small findings far apart (nodules): only their slices go to highdicom (covered_part picks them), and
+    the SEG is what the whole series would give: each frame at its slice's position, with its pixels."""
+    src = small_ct()
+    n, size = len(src), src[0].Rows
+    a, b = np.zeros((n, size, size), bool), np.zeros((n, size, size), bool)
+    a[2:4, 10:20, 10:20] = True
+    b[17, 40:50, 40:50] = True
+    res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID,
+                                                   [Segment("a", a, ANAT, LEFT), Segment("b", b, ANAT, RIGHT)])])
+    (built,) = build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+    path = tmp_path / "seg.dcm"
+    built.dataset.save_as(path, enforce_file_format=True)
+    assert validate_with_dciodvfy(path) == []
+    seg = pydicom.dcmread(path)
+    index = {ds.SOPInstanceUID: k for k, ds in enumerate(src)}
+    masks = {1: a, 2: b}
+    frames = seg.pixel_array
+    seen = []
+    for f, pixels in zip(seg.PerFrameFunctionalGroupsSequence, frames):
+        segment = int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        k = index[f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] == \
+               [float(v) for v in src[k].ImagePositionPatient]
+        assert np.array_equal(pixels.astype(bool), masks[segment][k])
+        seen.append((segment, k))
+    assert sorted(seen) == [(1, 2), (1, 3), (2, 17)]
+    assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == \
+           {src[k].SOPInstanceUID for k in (2, 3, 17)}
 
 
 def test_finding_without_segment_cites_the_source_images(built):

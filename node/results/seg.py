@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import highdicom as hd
@@ -66,6 +67,36 @@ def pixel_array(seg: Segmentation) -> np.ndarray:
     return np.stack(masks, axis=-1)
 
 
+def covered_slices(seg: Segmentation) -> np.ndarray:
+    """Indexes of the slices where any segment has a voxel, in order."""
+    covered: np.ndarray | None = None
+    for s in seg.segments:
+        mask = np.asarray(s.mask, dtype=bool)
+        here = mask.reshape(mask.shape[0], -1).any(axis=1)
+        covered = here if covered is None else covered | here
+    return np.flatnonzero(covered) if covered is not None else np.empty(0, dtype=np.intp)
+
+
+def covered_part(seg: Segmentation, sources: Sequence[Dataset]) -> tuple[Segmentation, Sequence[Dataset]]:
+    """The segmentation and source images cut to the slices some segment covers.
+
+    highdicom leaves the other slices out of the SEG anyway (omit_empty_frames), but first works out every
+    source image's plane position and reference: for four nodules on 21 of 300 slices that was 0.14 s of a
+    0.15 s build, against 0.03 s for the 21 (and the write 0.03 -> 0.01 s). The SEG is the same, except that
+    its ReferencedSeriesSequence lists only the instances its frames derive from. Where the covered slices
+    are more than half of their span (two lungs), the span is taken as it is: a view, where picking the
+    slices would copy most of each mask (35-180 ms for two 300-slice masks) to save little."""
+    covered = covered_slices(seg)
+    if len(covered) == 0 or len(covered) == len(sources):
+        return seg, sources
+    first, last = int(covered[0]), int(covered[-1]) + 1
+    pick: slice | np.ndarray = covered if len(covered) * 2 <= last - first else slice(first, last)
+    masks = [np.asarray(s.mask, dtype=bool)[pick] for s in seg.segments]
+    picked = [sources[i] for i in covered] if isinstance(pick, np.ndarray) else list(sources[pick])
+    return (Segmentation(seg.source_series_uid, [dataclasses.replace(s, mask=m) for s, m in zip(seg.segments, masks)]),
+            picked)
+
+
 def build_seg(seg: Segmentation, sources: Sequence[Dataset], *, name: str, version: str, series_uid: str,
               sop_uid: str, manufacturer: str, device_serial: str,
               parameters: Mapping[str, str] | None = None) -> SegmentationToWrite:
@@ -76,6 +107,7 @@ def build_seg(seg: Segmentation, sources: Sequence[Dataset], *, name: str, versi
         if tuple(s.mask.shape) != expected:
             raise ValueError(f"segment '{s.label}' mask has shape {tuple(s.mask.shape)} but series "
                              f"{seg.source_series_uid} is {expected} (slices, rows, columns)")
+    seg, sources = covered_part(seg, sources)
     algo = algorithm_identification(name, version, parameters)
     descriptions = [
         hd.seg.SegmentDescription(
