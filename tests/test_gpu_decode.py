@@ -131,7 +131,7 @@ def test_a_jpeg2000_series_is_decoded_on_the_gpu_in_the_job_process(monkeypatch,
     assert gpu_decode.PLUGIN in JPEG2000LosslessDecoder.available_plugins
     assert not decode_pool.slow_to_decode(pydicom.dcmread(j2k_series[0]))  # not for the decode processes
     no_decode_processes(monkeypatch)
-    monkeypatch.setattr(series_loader, "processes_for", lambda files: 2)  # as on a machine with CPUs to spare
+    monkeypatch.setattr(decode_pool, "processes_for", lambda files: 2)  # as on a machine with CPUs to spare
     gpu, headers = load_series(j2k_series)
     assert module.calls == len(j2k_series)
     assert np.array_equal(gpu.pixels, cpu.pixels) and gpu.pixels.dtype == np.float32

@@ -210,7 +210,7 @@ def test_prefetch_decodes_in_processes_of_its_own_at_a_lower_priority(tmp_path, 
 
     monkeypatch.setattr(series_loader, "decode_files", recording)
     monkeypatch.setattr(decode_pool, "decode_files", recording)  # BackgroundDecode's
-    monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
+    monkeypatch.setattr(decode_pool, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
     monkeypatch.setattr(prefetch, "processes_for", lambda n: 1)  # one CPU: still not in the job's process
     spec = JobSpec(job_id=1, study_uid=r.study_uid, plugin="none", series={r.series_uid: list(map(str, r.files))},
                    temp_dir=str(tmp_path), validate=False)
@@ -323,7 +323,7 @@ def test_a_compressed_series_decodes_while_its_headers_are_read(tmp_path, monkey
     series is compressed; a file that turns out not to be still loads as pydicom reads it."""
     from node.run import decode_pool, series_loader
 
-    monkeypatch.setattr(series_loader, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
+    monkeypatch.setattr(decode_pool, "processes_for", lambda n: 2)  # as on any machine with 2+ CPUs
     r = write_chest_ct(tmp_path / "ct", transfer_syntax="JPEG2000Lossless", **{**SMALL, "slices": 12})
     plain = write_chest_ct(tmp_path / "plain", **{**SMALL, "slices": 12})
     files = [r.files[0], *plain.files[1:]]  # the same slices; all but the first uncompressed

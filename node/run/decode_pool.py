@@ -94,6 +94,16 @@ def processes_for(files: int) -> int:
     return max(1, min(usable_cpus(), files // MIN_FILES_PER_PROCESS, MAX_PROCESSES))
 
 
+def processes_to_use(files: int, requested: int | None) -> int:
+    """How many processes decode `files` slow-to-decode slices; 0: the caller's process does. `requested`:
+    that many (0 for none); None: processes_for, and none where that is one (one process would only add its
+    start and the trip through it)."""
+    if requested is None:
+        n = processes_for(files)
+        return n if n > 1 else 0
+    return max(0, min(requested, files))
+
+
 # The next job's slices, decoded while a job runs (node/run/prefetch.py), are decoded at this niceness: the
 # running job (a stat study, say) keeps its CPUs, and the decoders take the idle ones (all of them once the
 # job is done). At nice 10 a process gets about a tenth of what one at nice 0 gets of a CPU both want.
@@ -231,12 +241,12 @@ class DecodeStopped(Exception):
 def decode_files(paths: Sequence[str], processes: int | None = None,
                  stop: threading.Event | None = None, nice: int = 0) -> list[np.ndarray]:
     """Each file's stored pixel values, in the order given. Raises DecodeError (naming the file) for a file
-    that cannot be decoded. `processes`: how many processes decode them (default: processes_for, and where
-    that is one, this process does). `stop`: once set, the processes are killed and DecodeStopped is raised.
+    that cannot be decoded. `processes`: how many processes decode them, as processes_to_use counts them
+    (0: this process does). `stop`: once set, the processes are killed and DecodeStopped is raised.
     `nice`: added to the processes' niceness (BACKGROUND_NICE for a prefetch)."""
-    if processes is None and processes_for(len(paths)) < 2:
+    n = processes_to_use(len(paths), processes)
+    if n == 0:
         return [decode_file(str(p)) for p in paths]
-    n = processes_for(len(paths)) if processes is None else max(1, min(processes, len(paths)))
     ctx = _context()
     # A process started from this one must not be daemonic (multiprocessing refuses children to one); the
     # job's process is daemonic only so that the node's exit never waits for it.

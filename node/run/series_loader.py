@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.plugin_api import SeriesVolume
 from node.run import gpu_decode
-from node.run.decode_pool import (BackgroundDecode, DecodeError, decode_files, pixels_of, processes_for,
+from node.run.decode_pool import (BackgroundDecode, DecodeError, decode_files, pixels_of, processes_to_use,
                                   slow_to_decode)
 
 if TYPE_CHECKING:
@@ -159,22 +159,14 @@ def read_file_decoded(path: Path | str, max_bytes: int | None = None) -> tuple[D
     return ds, pixels
 
 
-def _decode_processes(files: int, requested: int | None) -> int:
-    """How many processes decode `files` slow-to-decode slices; 0: this process decodes them."""
-    if requested is None:
-        n = processes_for(files)
-        return n if n > 1 else 0  # one process would only add its start and the trip through it
-    return max(0, min(requested, files))
-
-
 def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
                 decode_processes: int | None = None, nice: int = 0) -> tuple[SeriesVolume, list[Dataset]]:
     """Volume (slices sorted along the plane normal) and the headers in the same order.
 
     The returned datasets have no pixel data, to keep memory to one copy of the volume. Files that `ahead`
     has read already are taken from it. `decode_processes`: how many processes decode JPEG 2000, JPEG-LS
-    and JPEG slices (default: one per CPU, decode_pool.processes_for, and none where that is one; 0: none,
-    this process decodes them). `nice`: added to those processes' niceness (decode_pool.BACKGROUND_NICE).
+    and JPEG slices (decode_pool.processes_to_use: by default one per CPU, and none where that is one; 0:
+    none, this process decodes them). `nice`: added to those processes' niceness (decode_pool.BACKGROUND_NICE).
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
@@ -184,7 +176,7 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
     try:
         if missing:
             first = read_file(missing[0])
-            n = _decode_processes(len(missing), decode_processes)
+            n = processes_to_use(len(missing), decode_processes)
             if first[1] is None and slow_to_decode(first[0]) and n and len(missing) > 1:
                 # The rest are most likely compressed the same way: their processes start decoding now, while
                 # the headers are read here (a file that is not compressed comes back as pydicom reads it).
@@ -224,7 +216,7 @@ def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | 
                 read[k] = (ds, decoded[ds.filename])
     # Slices the GPU decodes (run.gpu_decode) are not slow_to_decode: decoded below, in this process.
     undecoded = [k for k, (ds, stored) in enumerate(read) if stored is None and slow_to_decode(ds)]
-    processes = _decode_processes(len(undecoded), decode_processes)
+    processes = processes_to_use(len(undecoded), decode_processes)
     if undecoded and processes:  # JPEG 2000, JPEG-LS, JPEG: decoded in processes, side by side
         try:
             arrays = decode_files([str(paths[order[k]]) for k in undecoded], processes, nice=nice)
