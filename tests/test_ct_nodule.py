@@ -19,7 +19,7 @@ from node.plugin_api import SeriesVolume, StudyInput, available_plugins
 from node.results import AlgorithmInfo, build_results, validate_with_dciodvfy
 from plugins.ct_nodule import CtNodulePlugin, infer
 from plugins.ct_nodule import plugin as plugin_module
-from plugins.ct_nodule.post import affine
+from plugins.ct_nodule.post import affine, extract_nodules
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -321,3 +321,44 @@ def test_seg_and_sr_pass_dciodvfy_and_cite_the_model(case, result, model, tmp_pa
     sites = {i.ConceptCodeSequence[0].CodeValue for i in content
              if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding Site"}
     assert sites <= {"44029006", "3341006"} and sites
+
+
+def test_extract_nodules_keeps_each_component_whole_and_apart_at_the_grid_edge():
+    """Components found in the box of the voxels above threshold keep their full masks, positions and sizes:
+    one touching the grid's corner, one in the middle, two one voxel apart (kept separate), a tiny one
+    dropped. The model grid equals the source crop here, so each mask is its cube exactly."""
+    shape = (30, 40, 50)
+    prob = torch.zeros(shape)
+    cubes = {"corner": (slice(0, 4), slice(0, 4), slice(0, 4)),
+             "middle": (slice(12, 17), slice(15, 20), slice(20, 25)),
+             "left": (slice(20, 23), slice(30, 33), slice(30, 33)),
+             "right": (slice(20, 23), slice(30, 33), slice(34, 37))}
+    for box in cubes.values():
+        prob[box] = 0.9
+    prob[28, 2, 45] = 0.9  # one voxel: under min_volume_mm3
+    box = (slice(5, 35), slice(0, 40), slice(10, 60))  # where the crop lies in a larger source volume
+    prep = infer.Prepared(image=torch.zeros(shape), box=box, crop_shape=shape, model_shape=shape,
+                          source_spacing=(1.0, 1.0, 1.0))
+
+    def voxels(n):  # the nodule's voxels on the source grid
+        source = np.zeros((40, 40, 60), bool)
+        source[n.mask_box] = n.mask
+        return source
+
+    def cube(name):
+        source = np.zeros((40, 40, 60), bool)
+        source[tuple(slice(sl.start + b.start, sl.stop + b.start) for sl, b in zip(cubes[name], box))] = True
+        return source
+
+    nodules = extract_nodules(prob, prep, (40, 40, 60), np.eye(4), threshold=0.5, min_volume_mm3=15.0)
+    assert [n.volume_mm3 for n in nodules] == [125.0, 64.0, 27.0, 27.0]
+    pair = sorted(nodules[2:], key=lambda n: n.centroid_index[2])
+    for n, name in zip([*nodules[:2], *pair], ["middle", "corner", "left", "right"]):
+        assert np.array_equal(voxels(n), cube(name)), name
+        assert n.centroid_index == tuple(np.argwhere(cube(name)).mean(axis=0)), name
+        assert n.confidence == pytest.approx(0.9)
+    prob[cubes["corner"]] = 0.0  # the box of the rest starts inside the grid on every axis
+    rest = extract_nodules(prob, prep, (40, 40, 60), np.eye(4), threshold=0.5, min_volume_mm3=15.0)
+    assert [np.argwhere(voxels(n)).tolist() for n in rest] == \
+        [np.argwhere(voxels(n)).tolist() for n in [nodules[0], *nodules[2:]]]
+    assert extract_nodules(torch.zeros(shape), prep, (40, 40, 60), np.eye(4)) == []

@@ -59,21 +59,41 @@ def longest_diameter(points_mm: np.ndarray) -> float:
     return float(pdist(pts).max())
 
 
+def _region(binary: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The bounding box of the true voxels of `binary`, widened by `margin` on each side within the array
+    (so a component's box plus that margin lies inside); None where there is none."""
+    region = []
+    for axis in range(binary.ndim):
+        hit = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        if len(hit) == 0:
+            return None
+        region.append(slice(max(0, int(hit[0]) - margin), min(binary.shape[axis], int(hit[-1]) + 1 + margin)))
+    return tuple(region)
+
+
 def extract_nodules(prob: torch.Tensor, prep: Prepared, source_shape: Sequence[int], vox2patient: np.ndarray,
                     threshold: float = 0.5, min_volume_mm3: float = 15.0) -> list[Nodule]:
     """Components of `prob` (model grid) above `threshold`, back on the source grid, largest first."""
     binary = (prob > threshold).cpu().numpy()
-    labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), bool))
+    region = _region(binary, BOX_MARGIN)
+    if region is None:
+        return []
+    # Labelled inside the box of the voxels above threshold only. Over the whole model grid (8 M voxels for
+    # a 300-slice CT), labelling, finding the components and counting their voxels took 0.09 s of this
+    # function's 0.11 s on the 2-core VM: after each GPU inference of 0.07 s, on its slot's critical path.
+    labels, n = ndimage.label(binary[region], structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return []
+    at = [r.start for r in region]  # where `labels` lies on the model grid
     model_voxel = float(np.prod(prep.model_spacing))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     src_spacing = prep.source_spacing
     voxel_mm3 = float(np.prod(src_spacing))
     nodules = []
-    for idx, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None or sizes[idx] * model_voxel < min_volume_mm3:
+    for idx, local in enumerate(ndimage.find_objects(labels), start=1):
+        if local is None or sizes[idx] * model_voxel < min_volume_mm3:
             continue
+        box = [slice(sl.start + a, sl.stop + a) for sl, a in zip(local, at)]
         # Source-crop voxel ranges covering the component's model box plus a margin.
         mbox, ranges = [], []
         for sl, m, c in zip(box, prep.model_shape, prep.crop_shape):
@@ -83,7 +103,8 @@ def extract_nodules(prob: torch.Tensor, prep: Prepared, source_shape: Sequence[i
         p = sample_at(prob, prep.model_shape, prep.crop_shape, ranges).float().cpu().numpy()
         # Keep the source voxels above threshold whose nearest model voxel is this component (dilated by
         # one voxel, so the boundary that resampling moves outwards is kept): a neighbour stays separate.
-        own = ndimage.binary_dilation(labels[tuple(mbox)] == idx, structure=np.ones((3, 3, 3), bool))
+        own = ndimage.binary_dilation(labels[tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(mbox, at))] == idx,
+                                      structure=np.ones((3, 3, 3), bool))
         nearest = [np.clip(((np.arange(a, b) + 0.5) * m / c).astype(int), sl.start, sl.stop - 1) - sl.start
                    for (a, b), m, c, sl in zip(ranges, prep.model_shape, prep.crop_shape, mbox)]
         mask = (p > threshold) & own[np.ix_(*nearest)]
