@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import sys
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.nodule_throughput import GpuSampler
+    from node.cpus import THREADS_ENV, worker_thread_env
     from node.synth import write_chest_ct
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         files = [str(f) for f in r.files]
         series_uid = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         ctx = mp.get_context("spawn")  # as the node starts its workers (CUDA needs spawn)
+        # Each slot's share of the CPUs as torch threads, as the node gives its workers (node/cpus.py); an
+        # OMP_NUM_THREADS set in this environment is kept. The spawned slots inherit it.
+        threads = worker_thread_env(a.workers)
+        os.environ.update(threads)
         go, results = ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
                                                r.study_uid, tmp, a.device, validate, a.gpu_decode, go,
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     slot_time = total("wall")
     rest = slot_time - total("waited_s") - total("inference_s")
     print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) on {a.device}, "
-          f"dciodvfy {'on' if validate else 'off'}")
+          f"dciodvfy {'on' if validate else 'off'}, OMP_NUM_THREADS={os.environ.get(THREADS_ENV)}"
+          f"{'' if threads else ' (set in the environment)'}")
     decoders = {"GPU (nvImageCodec)" if row["gpu_decode"] else "CPU" for row in rows}
     why = next((row["why"] for row in rows if row["why"]), "")
     print(f"{a.transfer_syntax}, slices decoded on the {' and '.join(sorted(decoders))}"

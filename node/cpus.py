@@ -10,3 +10,18 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+THREADS_ENV = "OMP_NUM_THREADS"  # read by torch (and OpenMP, MKL) when it loads; set in the node's environment, it wins
+
+
+def worker_thread_env(workers: int) -> dict[str, str]:
+    """The environment that gives each of `workers` worker processes its share of the usable CPUs as torch
+    threads (at least one), unless the node's own environment already sets OMP_NUM_THREADS.
+
+    Left alone, torch starts one thread per core in every worker, and where the workers' threads
+    outnumber the cores they wait for each other at every parallel step (OpenMP spins while it waits): two
+    ct_nodule jobs side by side on 2 cores took 1.9x as long as with one thread each (bench/RESULTS.md)."""
+    if THREADS_ENV in os.environ:
+        return {}
+    return {THREADS_ENV: str(max(1, usable_cpus() // max(1, workers)))}

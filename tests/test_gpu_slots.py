@@ -11,6 +11,7 @@ import time
 import pytest
 
 from node.config.schema import GpuSection
+from node.cpus import usable_cpus
 from node.run.slots import GpuBudget, GpuDevice, PluginNeeds, SlotConfigError, plan_slots
 from node.store import NewJob, Store
 from node.store.db import InstanceMeta
@@ -74,9 +75,12 @@ def _jobs(node):
                                  "from jobs order by id")]
 
 
-def test_gpu_memory_budget_serialises_jobs_that_do_not_fit_together(tmp_path, node_factory, test_plugins):
+def test_gpu_memory_budget_serialises_jobs_that_do_not_fit_together(tmp_path, node_factory, test_plugins,
+                                                                    monkeypatch):
     # GPU 0 with a 1000 MB budget and 2 slots. big (600 MB) + big does not fit; big + small and
-    # small + small do. Two studies, each routed to both plugins.
+    # small + small do. Two studies, each routed to both plugins. Without OMP_NUM_THREADS in the node's
+    # environment, each of the three workers' torch gets a third of the CPUs (at least one thread).
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     entry = "tests.plugins.gpu_sim:SleepGpuPlugin"
     node = node_factory({
         "run": {"gpu": {"devices": [0], "memory_mb": 1000, "slots_per_gpu": 2}},
@@ -88,7 +92,8 @@ def test_gpu_memory_budget_serialises_jobs_that_do_not_fit_together(tmp_path, no
         send(node, write_chest_ct(tmp_path / f"ct{seed}", slices=10, rows=64, cols=64, seed=seed).files)
     jobs = wait_until(lambda: len(j := _jobs(node)) == 4 and all(x["state"] == "done-no-destination" for x in j)
                       and j, 120, "four jobs done")
-    assert all(j["summary"] == "CUDA_VISIBLE_DEVICES='0'" for j in jobs)
+    share = max(1, usable_cpus() // 3)
+    assert all(j["summary"] == f"CUDA_VISIBLE_DEVICES='0' threads={share}" for j in jobs)
 
     def overlap(a, b):
         return a["started"] < b["finished"] and b["started"] < a["finished"]
@@ -147,3 +152,30 @@ def test_next_job_input_is_decoded_and_prepared_while_the_current_job_runs(tmp_p
     assert float(second["summary"].split("ahead_s=")[1].split()[0]) > 0.5
     assert "slices=30" in second["summary"]
     assert node.stop() == 0
+
+
+def test_each_worker_gets_its_share_of_the_cpus_as_threads_unless_the_environment_says(monkeypatch):
+    import node.cpus
+
+    monkeypatch.setattr(node.cpus, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert node.cpus.worker_thread_env(4) == {"OMP_NUM_THREADS": "4"}
+    assert node.cpus.worker_thread_env(5) == {"OMP_NUM_THREADS": "3"}
+    assert node.cpus.worker_thread_env(32) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the administrator's choice is left as it is
+    assert node.cpus.worker_thread_env(4) == {}
+
+
+def test_check_config_says_how_many_threads_each_worker_gets(tmp_path, monkeypatch):
+    from node.config import load_config
+    from node.run.slots import describe_slots
+
+    path = tmp_path / "node.yaml"
+    path.write_text("run: {workers: 2, gpu: {devices: [0], memory_mb: 8000}}\n")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    share = max(1, usable_cpus() // 3)  # one GPU slot and two CPU workers
+    assert f"torch threads per worker: {share} (the CPUs shared among the workers)" in \
+        describe_slots(load_config(path).config)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert "torch threads per worker: OMP_NUM_THREADS=5 (from the environment)" in \
+        describe_slots(load_config(path).config)

@@ -38,7 +38,13 @@ class OnnxNetwork:
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
-        self.session = ort.InferenceSession(data, providers=providers)
+        import torch
+
+        options = ort.SessionOptions()
+        # onnxruntime starts one thread per core, ignoring OMP_NUM_THREADS: the worker's share, as torch has
+        # it (node.cpus.worker_thread_env).
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(data, sess_options=options, providers=providers)
         self.input = self.session.get_inputs()[0].name
         self.device = device
 

@@ -10,6 +10,7 @@ every plugin runs in the CPU workers (the plugins' CPU path).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from node.config.schema import GpuSection, PluginSection
+from node.cpus import THREADS_ENV, worker_thread_env
 from node.plugin_api import plugin_class
 
 log = logging.getLogger("ainode.run")
@@ -168,6 +170,11 @@ def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
         where = f"GPU {s.gpu.index} (budget {s.gpu.budget_mb} MB)" if s.gpu else "CPU"
         runs = ", ".join(sorted(s.plugins)) if s.plugins is not None else "plugins without a GPU slot"
         lines.append(f"worker {s.name}: {where}; runs {runs or 'nothing'}")
+    if cfg.run.executor != "ray":
+        threads = worker_thread_env(len(slots))
+        lines.append(f"torch threads per worker: {threads[THREADS_ENV]} (the CPUs shared among the workers)"
+                     if threads else f"torch threads per worker: {THREADS_ENV}={os.environ[THREADS_ENV]} (from "
+                     "the environment)")
     on_gpu = {p for s in slots if s.plugins for p in s.plugins}
     for name in names:
         n = needs[name]

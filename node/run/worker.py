@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Protocol
 
 from node.audit import AuditLog
 from node.config.schema import FORWARD, PluginSection, Source
-from node.cpus import usable_cpus
+from node.cpus import THREADS_ENV, usable_cpus, worker_thread_env
 from node.monitor.records import record_agreements
 from node.priors.config import PriorsSpec
 from node.priors.retrieve import PriorRetriever
@@ -126,8 +126,14 @@ class WorkerPool:
         ahead_mb = min(read_ahead_mb, self.memory_limit_mb // 4) if could_take else 0
         prefault_mb = min(prefault_mb, self.memory_limit_mb // 2)
 
+        threads = worker_thread_env(len(self.slots)) if runners is None else {}  # each local worker's CPUs
+        if threads:
+            log.info("worker threads workers=%d cpus=%d threads_each=%s", len(self.slots), usable_cpus(),
+                     threads[THREADS_ENV])
+
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
-            return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device, slot.env,
+            return PluginProcess(slot.name, dict(plugin_config), warm, log_level, models_dir, device,
+                                 {**threads, **slot.env},
                                  sr_process=sr_process, read_ahead_mb=ahead_mb, gpu_decode=gpu_decode,
                                  prefault_mb=prefault_mb)
 

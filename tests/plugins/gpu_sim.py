@@ -19,7 +19,8 @@ class SleepGpuPlugin(Plugin):
 
     def run(self, study: StudyInput) -> PluginResult:
         time.sleep(float(self.options.get("seconds", 2)))
-        return PluginResult(summary=f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
+        return PluginResult(summary=f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} "
+                                    f"threads={torch.get_num_threads()}")
 
 
 class OomPlugin(Plugin):
