@@ -362,3 +362,15 @@ def test_extract_nodules_keeps_each_component_whole_and_apart_at_the_grid_edge()
     assert [np.argwhere(voxels(n)).tolist() for n in rest] == \
         [np.argwhere(voxels(n)).tolist() for n in [nodules[0], *nodules[2:]]]
     assert extract_nodules(torch.zeros(shape), prep, (40, 40, 60), np.eye(4)) == []
+
+
+def test_body_box_is_the_box_of_the_voxels_above_the_body_threshold_plus_its_margin():
+    hu = torch.full((20, 30, 40), -1000.0)
+    hu[5:8, 10:12, 3:30] = -400.0  # above BODY_MIN_HU
+    hu[9, 25, 35] = -600.0  # below it: air, however bright
+    m = [int(np.ceil(infer.BODY_MARGIN_MM / s)) for s in (2.0, 1.0, 1.0)]
+    assert infer.body_box(hu, (2.0, 1.0, 1.0)) == (slice(max(0, 5 - m[0]), min(20, 8 + m[0])),
+                                                   slice(max(0, 10 - m[1]), min(30, 12 + m[1])),
+                                                   slice(max(0, 3 - m[2]), min(40, 30 + m[2])))
+    whole = (slice(0, 20), slice(0, 30), slice(0, 40))
+    assert infer.body_box(torch.full((20, 30, 40), -1000.0), (1.0, 1.0, 1.0)) == whole

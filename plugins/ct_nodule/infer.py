@@ -61,12 +61,16 @@ class Prepared:
 
 
 def body_box(hu: torch.Tensor, spacing: Sequence[float]) -> tuple[slice, slice, slice]:
-    """Bounding box of the voxels above BODY_MIN_HU plus a margin; the whole volume if there are none."""
-    body = hu > BODY_MIN_HU
+    """Bounding box of the voxels above BODY_MIN_HU plus a margin; the whole volume if there are none.
+
+    From the volume's maxima over slices and over each slice's plane (a voxel above the threshold is a
+    maximum above it): two passes over the volume and no mask the volume's size, where a mask and a
+    reduction of it per axis took 0.16 s for a 300-slice CT on the 2-core VM (now 0.03 s)."""
+    plane = hu.amax(dim=0) > BODY_MIN_HU  # (y, x): above the threshold on some slice
+    profiles = (hu.flatten(1).amax(dim=1) > BODY_MIN_HU, plane.any(dim=1), plane.any(dim=0))
     box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        idx = torch.nonzero(body.any(dim=others[1]).any(dim=others[0])).flatten()
+    for axis, profile in enumerate(profiles):
+        idx = torch.nonzero(profile).flatten()
         n = hu.shape[axis]
         if idx.numel() == 0:
             return (slice(0, hu.shape[0]), slice(0, hu.shape[1]), slice(0, hu.shape[2]))
@@ -94,7 +98,8 @@ def prepare(pixels: np.ndarray, spacing: Sequence[float], model_spacing: Sequenc
     hu = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
     box = body_box(hu, spacing)
     lo, hi = float(hu_window[0]), float(hu_window[1])
-    crop = ((hu[box].clamp(lo, hi) - lo) / (hi - lo)).contiguous()
+    crop = hu[box].clamp(lo, hi)  # a new tensor, changed in place: two fewer of its size (0.19 -> 0.09 s)
+    crop.sub_(lo).div_(hi - lo)
     shape = model_shape_for(crop.shape, spacing, model_spacing)
     image = to_model_grid(crop, shape).contiguous()
     pad = [(EDGE_PAD, EDGE_PAD)]  # a scan always ends inside the body
