@@ -3,6 +3,7 @@
     .venv/bin/python bench/gpu_burst.py                       # 20 studies, 2 worker slots, CUDA if present
     .venv/bin/python bench/gpu_burst.py --studies 6 --workers 1 --device cpu
     .venv/bin/python bench/gpu_burst.py --transfer-syntax JPEG2000Lossless [--gpu-decode]
+    .venv/bin/python bench/gpu_burst.py --studies 10 --workers 1 --stand-in-inference 0.07   # without a GPU
 
 Each worker slot is a process doing what a node worker does (node.run.job_process.execute_job with the
 Prefetcher: the next study's series is decoded while the current one runs; the results are built and
@@ -16,6 +17,12 @@ Without a GPU it runs on CPU and prints the same split (no utilisation). `--tran
 writes the CT compressed, so decoding costs what it does for a PACS that sends JPEG 2000; `--gpu-decode` has
 the slots decode it on the GPU as run.gpu_decode does (node/run/gpu_decode.py, nvImageCodec); the header line
 says which decoder the slots used, and why not the GPU when they could not.
+
+`--stand-in-inference SECONDS` replaces the model by a wait of that long (after one real inference, whose
+probability map each study then gets): the CPU is as free as while a GPU runs the model. It prints the share
+of the burst in which some slot was waiting on it, which is how busy this machine's CPU side could keep a
+GPU that infers a study in SECONDS (0.07 for ct_nodule on an H100), without one. The slots take turns at
+the wait (a lock), as one GPU runs one study's model at full speed at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +41,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _stand_in_inference(seconds: float, turn: "mp.synchronize.Lock") -> None:
+    """ct_nodule's inference in this process replaced by a wait of `seconds` that returns the real
+    probability map (computed at the first call, the warm-up): the CPU is as free as while a GPU runs the
+    model, so the burst shows how busy this machine's CPU side would keep a GPU that infers in `seconds`.
+    `turn`, shared by the slots, lets one wait run at a time, as one GPU runs one study's model at a time
+    at full speed."""
+    from plugins.ct_nodule import infer
+
+    real, made = infer.predict_volume, {}
+
+    def predict(net, image, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key = tuple(image.shape)
+        if key not in made:
+            made[key] = real(net, image, *args, **kwargs)
+        else:
+            with turn:
+                start = time.monotonic()
+                time.sleep(seconds)
+                STAND_IN_SPANS.append((start, time.monotonic()))
+        return made[key].clone()
+
+    infer.predict_volume = predict
+
+
+STAND_IN_SPANS: list[tuple[float, float]] = []  # (start, end) of each stand-in inference in this slot process
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds in which at least one of `spans` runs (a GPU is busy while any slot's work is on it)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
-         validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue") -> None:
+         validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue",
+         stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None) -> None:
     from node.config.schema import PluginSection
     from node.run import gpu_decode as gpu_decoder
     from node.run.job_process import JobSpec, PluginCache, execute_job
@@ -51,6 +96,10 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         return JobSpec(job_id=job_id, study_uid=study_uid, plugin="ct_nodule", series={series_uid: files},
                        temp_dir=out_dir, validate=validate)
 
+    if stand_in and turn is not None:
+        _stand_in_inference(stand_in, turn)
+        for f in execute_job(spec(-1), cache, lambda _stage: None).files:  # the real inference, once
+            Path(f.temp_path).unlink(missing_ok=True)
     results.put({"ready": True})
     go.wait()
     for i, job_id in enumerate(jobs):
@@ -68,7 +117,8 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
                      "waited_s": waited if loaded else out.timings.get("load_s", 0.0),
                      "inference_s": out.timings.get("inference_s", 0.0), "plugin_s": out.timings.get("plugin_s", 0.0),
                      "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0),
-                     "gpu_decode": on_gpu, "why": why})
+                     "gpu_decode": on_gpu, "why": why, "spans": STAND_IN_SPANS[:]})
+        STAND_IN_SPANS.clear()
 
 
 def _get(results: "mp.Queue", procs: list) -> dict:
@@ -101,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian", help="e.g. JPEG2000Lossless")
     ap.add_argument("--gpu-decode", action="store_true", help="decode on the GPU, as run.gpu_decode: true")
+    ap.add_argument("--stand-in-inference", type=float, default=0.0, metavar="SECONDS",
+                    help="replace the model by a wait of SECONDS a study (0.07: the H100's) and report the share "
+                         "of the burst it takes: the GPU-busy figure this machine's CPU side allows")
     a = ap.parse_args(argv)
     cuda = a.device.startswith("cuda")
     validate = shutil.which("dciodvfy") is not None
@@ -114,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         # OMP_NUM_THREADS set in this environment is kept. The spawned slots inherit it.
         threads = worker_thread_env(a.workers)
         os.environ.update(threads)
-        go, results = ctx.Event(), ctx.Queue()
+        go, results, turn = ctx.Event(), ctx.Queue(), ctx.Lock()
         procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
                                                r.study_uid, tmp, a.device, validate, a.gpu_decode, go,
-                                               results))
+                                               results, a.stand_in_inference, turn))
                  for w in range(a.workers)]
         for p in procs:
             p.start()
@@ -152,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         busy = sum(u > 0 for u in s) / len(s) if s else float("nan")
         print(f"GPU busy {100 * busy:.0f}% of the burst (samples above 0%), mean utilisation "
               f"{statistics.mean(s) if s else float('nan'):.0f}% ({len(s)} samples, {sampler.source}); target >= 80%")
-    else:
+    elif not a.stand_in_inference:
         print("GPU: none (CPU run; no utilisation figure)")
+    if a.stand_in_inference:
+        covered = _covered([span for row in rows for span in row["spans"]])
+        print(f"stand-in inference ({a.stand_in_inference:g} s a study, no model run, one at a time): running "
+              f"{100 * covered / wall:.0f}% of the burst; target >= 80% (the busy share this machine's CPU side "
+              f"allows a GPU that infers a study in {a.stand_in_inference:g} s)")
     print(f"decode (series read) {total('load_s'):.1f} s of slot time, done ahead by prefetch except "
           f"{total('waited_s'):.1f} s that inference waited for")
     print(f"slot time {slot_time:.1f} s: inference {100 * total('inference_s') / slot_time:.0f}%, waiting for decode "

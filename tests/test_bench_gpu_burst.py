@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench.gpu_burst import _get, main
+from bench.gpu_burst import _covered, _get, main
 
 
 def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
@@ -21,6 +21,22 @@ def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
     assert "ct_nodule burst: 2 studies of 20x512x512, 1 worker slot(s) on cpu" in out
     assert "GPU: none (CPU run; no utilisation figure)" in out
     assert "decode vs inference:" in out
+
+
+def test_a_stand_in_for_the_model_shows_how_busy_the_cpu_side_would_keep_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--slices", "20", "--studies", "2", "--workers", "2", "--device", "cpu",
+                 "--stand-in-inference", "0.3"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("stand-in inference (0.3 s a study"))
+    share = int(line.split("running ")[1].split("%")[0])
+    assert 0 < share <= 100
+    assert "GPU: none" not in out
+
+
+def test_overlapping_spans_count_once():
+    assert _covered([(0.0, 1.0), (0.5, 1.5), (3.0, 4.0), (3.2, 3.4)]) == 2.5
+    assert _covered([]) == 0.0
 
 
 def _exit_with(code: int) -> None:
