@@ -19,10 +19,10 @@ the slots decode it on the GPU as run.gpu_decode does (node/run/gpu_decode.py, n
 says which decoder the slots used, and why not the GPU when they could not.
 
 `--stand-in-inference SECONDS` replaces the model by a wait of that long (after one real inference, whose
-probability map each study then gets): the CPU is as free as while a GPU runs the model. It prints the share
-of the burst in which some slot was waiting on it, which is how busy this machine's CPU side could keep a
-GPU that infers a study in SECONDS (0.07 for ct_nodule on an H100), without one. The slots take turns at
-the wait (a lock), as one GPU runs one study's model at full speed at a time.
+probability map each study then gets): the CPU is as free as while a GPU runs the model. The slots take
+turns at the wait (a lock), as one GPU runs one study's model at full speed at a time. It prints the share of
+the burst in which the stand-in ran: how busy this machine's CPU side could keep a GPU that infers a study in
+SECONDS (0.07 for ct_nodule on an H100), measured without one.
 """
 
 from __future__ import annotations
