@@ -83,8 +83,13 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
          stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None) -> None:
     from node.config.schema import PluginSection
     from node.run import gpu_decode as gpu_decoder
+    from node.run.heap import keep_freed_memory
     from node.run.job_process import JobSpec, PluginCache, execute_job
     from node.run.prefetch import Prefetcher
+
+    # As a node worker does (plugin_process._child_main): each study's volume and masks reuse the pages the
+    # last one freed, instead of new pages the kernel faults in and zeroes (node/run/heap.py).
+    keep_freed_memory()
 
     cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device, gpu_decode)
     plugin = cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
