@@ -7,6 +7,7 @@ import pytest
 
 PROBE = """
 import sys
+import threading
 import numpy as np
 from node.run.heap import keep_freed_memory
 
@@ -17,14 +18,23 @@ def rss_mb():
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 base = rss_mb()
-v = np.ones(200 * 2**20 // 8)  # 200 MB, touched
-del v
+
+def job():
+    v = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+    del v
+
+if sys.argv[2] == "thread":  # as the prefetch of the next job's series does
+    t = threading.Thread(target=job)
+    t.start()
+    t.join()
+else:
+    job()
 print(rss_mb() - base)
 """
 
 
-def _held_after_free(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60)
+def _held_after_free(mode: str, where: str = "main") -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, where], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip())
 
@@ -33,6 +43,11 @@ def _held_after_free(mode: str) -> int:
 def test_freed_memory_stays_with_the_process_only_when_asked():
     assert _held_after_free("keep") >= 190  # kept for the next job
     assert _held_after_free("plain") < 20  # glibc's default: a large block goes back to the kernel
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_memory_a_thread_frees_stays_with_the_process_too():
+    assert _held_after_free("keep", "thread") >= 190
 
 
 PREFAULT_PROBE = """
