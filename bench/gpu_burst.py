@@ -103,7 +103,10 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
 
     if stand_in and turn is not None:
         _stand_in_inference(stand_in, turn)
-        for f in execute_job(spec(-1), cache, lambda _stage: None).files:  # the real inference, once
+        # The real inference, once, under a job id of this process's own: result temp files are named by
+        # job id and UID, the UIDs come from the study, and two slots warming up with one id wrote the same
+        # SEG file at once (dciodvfy: "Tags out of order").
+        for f in execute_job(spec(-os.getpid()), cache, lambda _stage: None).files:
             Path(f.temp_path).unlink(missing_ok=True)
     results.put({"ready": True})
     go.wait()

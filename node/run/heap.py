@@ -12,7 +12,8 @@ read threads): glibc gives each thread an arena of its own, and those give large
 the trim setting, so one arena serves every thread. Without it, a 1-slot `ct_nodule` burst here faulted in
 about 250 MB of new pages a study (`bench/gpu_burst.py --stand-in-inference 0.07`: 8.2 s against 6.7 s for 10
 studies, system time 6.0 against 2.7 s). Python's small objects do not use glibc's arenas (pymalloc), and
-the large blocks are few, so the one arena's lock is not contended.
+the large blocks are few, so the one arena's lock should see little contention (not measured apart: the
+burst as a whole got faster).
 
 Its first job still lands on new pages. `prefault` touches memory once when the worker starts and keeps it:
 a fresh worker's first ct_lung job on a 300-slice CT took 2.9-3.2 s in the plugin and 0.9 s to load the
