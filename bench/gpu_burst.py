@@ -81,15 +81,18 @@ def _covered(spans: list[tuple[float, float]]) -> float:
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
          validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue",
          stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None) -> None:
-    from node.config.schema import PluginSection
+    from node.config.schema import PluginSection, RunSection
+    from node.results.sr_process import SrProcess
     from node.run import gpu_decode as gpu_decoder
     from node.run.heap import keep_freed_memory
     from node.run.job_process import JobSpec, PluginCache, execute_job
     from node.run.prefetch import Prefetcher
 
     # As a node worker does (plugin_process._child_main): each study's volume and masks reuse the pages the
-    # last one freed, instead of new pages the kernel faults in and zeroes (node/run/heap.py).
+    # last one freed, instead of new pages the kernel faults in and zeroes (node/run/heap.py); and with run.
+    # sr_process's default (on with 2 or more CPUs) the SR is built in a second process beside the SEG.
     keep_freed_memory()
+    sr_builder = SrProcess() if RunSection().use_sr_process() else None
 
     cache = PluginCache({"ct_nodule": PluginSection()}, ROOT / "models", device, gpu_decode)
     plugin = cache.get("ct_nodule")  # load the model before the burst starts, as a warm worker has
@@ -106,7 +109,7 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         # The real inference, once, under a job id of this process's own: result temp files are named by
         # job id and UID, the UIDs come from the study, and two slots warming up with one id wrote the same
         # SEG file at once (dciodvfy: "Tags out of order").
-        for f in execute_job(spec(-os.getpid()), cache, lambda _stage: None).files:
+        for f in execute_job(spec(-os.getpid()), cache, lambda _stage: None, sr_builder=sr_builder).files:
             Path(f.temp_path).unlink(missing_ok=True)
     results.put({"ready": True})
     go.wait()
@@ -117,7 +120,7 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         if i + 1 < len(jobs):
             prefetch.start(spec(jobs[i + 1]))
         t0 = time.perf_counter()
-        out = execute_job(spec(job_id), cache, lambda _stage: None, loaded)
+        out = execute_job(spec(job_id), cache, lambda _stage: None, loaded, sr_builder)
         for f in out.files:
             Path(f.temp_path).unlink(missing_ok=True)
         load_s = loaded.timings.get("load_s", 0.0) if loaded else out.timings.get("load_s", 0.0)
@@ -127,6 +130,8 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
                      "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0),
                      "gpu_decode": on_gpu, "why": why, "spans": STAND_IN_SPANS[:]})
         STAND_IN_SPANS.clear()
+    if sr_builder is not None:
+        sr_builder.close(wait=True)
 
 
 def _get(results: "mp.Queue", procs: list) -> dict:
