@@ -126,9 +126,10 @@ class WorkerPool:
         ahead_mb = min(read_ahead_mb, self.memory_limit_mb // 4) if could_take else 0
         prefault_mb = min(prefault_mb, self.memory_limit_mb // 2)
 
+        self._cpus = usable_cpus()
         threads = worker_thread_env(len(self.slots)) if runners is None else {}  # each local worker's CPUs
         if threads:
-            log.info("worker threads workers=%d cpus=%d threads_each=%s", len(self.slots), usable_cpus(),
+            log.info("worker threads workers=%d cpus=%d threads_each=%s", len(self.slots), self._cpus,
                      threads[THREADS_ENV])
 
         def local(slot: WorkerSlot, warm: list[str]) -> Runner:
@@ -153,7 +154,6 @@ class WorkerPool:
         # Associations being received on, over all receive processes: while there are as many as CPUs, the
         # receive can use every core and files are not handed over to be read ahead (_hand_over).
         self.receiving: Callable[[], int] | None = None
-        self._cpus = usable_cpus()
         self._abandon = threading.Event()
         self._threads: list[threading.Thread] = []
 
