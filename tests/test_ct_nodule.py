@@ -263,6 +263,8 @@ def test_an_onnx_package_runs_through_onnxruntime_with_the_same_findings(model, 
     onnx_plugin = CtNodulePlugin()
     onnx_plugin.load_model(onnx_model)
     assert isinstance(onnx_plugin.net, OnnxNetwork)
+    # onnxruntime would start a thread per core: it gets the worker's share, as torch has it.
+    assert onnx_plugin.net.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
     x = torch.rand(2, 1, 64, 64, 64)
     assert torch.allclose(onnx_plugin.net(x), plugin.net(x), atol=1e-4)
     ours = plugin.run(StudyInput("1.2.3", [small], tmp_path))
