@@ -1,6 +1,6 @@
 """ct_nodule burst: how busy the GPU is while worker slots run 20 studies, and decode vs inference time.
 
-    .venv/bin/python bench/gpu_burst.py                       # 20 studies, 2 worker slots, CUDA if present
+    .venv/bin/python bench/gpu_burst.py                       # 20 studies, the node's slots, CUDA if present
     .venv/bin/python bench/gpu_burst.py --studies 6 --workers 1 --device cpu
     .venv/bin/python bench/gpu_burst.py --transfer-syntax JPEG2000Lossless [--gpu-decode]
     .venv/bin/python bench/gpu_burst.py --studies 10 --workers 1 --stand-in-inference 0.07   # without a GPU
@@ -150,6 +150,24 @@ def _get(results: "mp.Queue", procs: list) -> dict:
                 raise SystemExit(f"gpu_burst: a worker slot exited with code {dead[0]}; its traceback is above")
 
 
+def _slots(workers: int | str, device: str) -> tuple[int, str]:
+    """--workers, or for auto the node's run.gpu.slots_per_gpu: auto for one GPU (its total memory less the
+    default reserve as the budget) beside the default one CPU worker."""
+    if workers != "auto":
+        return int(workers), "--workers"
+    import torch
+
+    from node.config.schema import GpuSection
+    from node.run.slots import plugin_needs, slots_per_gpu
+
+    budgets = []
+    if device.startswith("cuda"):
+        total_mb = torch.cuda.get_device_properties(torch.device(device)).total_memory // 2**20
+        budgets = [total_mb - GpuSection().reserve_mb]
+    count = slots_per_gpu("auto", budgets, plugin_needs(["ct_nodule"], {}), cpu_workers=1)
+    return count.per_gpu, count.why
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -159,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=2, help="worker slots (processes) sharing the device")
+    ap.add_argument("--workers", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="worker slots (processes) sharing the device; auto (default): as many as the node's "
+                         "run.gpu.slots_per_gpu: auto gives this machine")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--transfer-syntax", default="ExplicitVRLittleEndian", help="e.g. JPEG2000Lossless")
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                          "of the burst it takes: the GPU-busy figure this machine's CPU side allows")
     a = ap.parse_args(argv)
     cuda = a.device.startswith("cuda")
+    a.workers, why_workers = _slots(a.workers, a.device)
     validate = shutil.which("dciodvfy") is not None
     with tempfile.TemporaryDirectory(prefix="ainode-gpu-burst-") as tmp:
         r = write_chest_ct(Path(tmp) / "ct", slices=a.slices, slice_thickness=1.0, rows=512, cols=512,
@@ -205,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     total = lambda k: sum(row[k] for row in rows)  # noqa: E731
     slot_time = total("wall")
     rest = slot_time - total("waited_s") - total("inference_s")
-    print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) on {a.device}, "
+    print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) ({why_workers}) "
+          f"on {a.device}, "
           f"dciodvfy {'on' if validate else 'off'}, OMP_NUM_THREADS={os.environ.get(THREADS_ENV)}"
           f"{'' if threads else ' (set in the environment)'}")
     decoders = {"GPU (nvImageCodec)" if row["gpu_decode"] else "CPU" for row in rows}

@@ -1,4 +1,5 @@
-"""How many CPUs this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
+"""What this host gives the node's workers: the CPUs this process may run on (its affinity mask: a container's
+or taskset's limit, not the host's), and the memory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+JOBS_MEMORY_SHARE = 0.7  # of physical memory, for the jobs of all workers together (run.memory_limit_mb's default)
+
+
+def physical_memory_mb() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
 
 
 THREADS_ENV = "OMP_NUM_THREADS"  # read by torch (and OpenMP, MKL) when it loads; set in the node's environment, it wins

@@ -85,6 +85,8 @@ class NodeService:
         rule_plugins = cfg.rule_plugins()
         needs = plugin_needs(rule_plugins, cfg.plugins)
         slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
+        for count in {s.per_gpu for s in slots if s.per_gpu is not None}:
+            log.info("gpu slots per_gpu=%d why=%r", count.per_gpu, count.why)
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self.ray = None  # with run.executor: ray, the jobs run as actors on a Ray cluster
         if cfg.run.executor == "ray":

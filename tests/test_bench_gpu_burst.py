@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 
-from bench.gpu_burst import _covered, _get, main
+from bench.gpu_burst import _covered, _get, _slots, main
 
 
 def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--slices", "20", "--studies", "2", "--workers", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "ct_nodule burst: 2 studies of 20x512x512, 1 worker slot(s) on cpu" in out
+    assert "ct_nodule burst: 2 studies of 20x512x512, 1 worker slot(s) (--workers) on cpu" in out
     assert "GPU: none (CPU run; no utilisation figure)" in out
     assert "decode vs inference:" in out
 
@@ -53,3 +53,12 @@ def test_a_dead_slot_ends_the_burst_at_once():
         _get(results, procs)
     assert time.monotonic() - t < 30
     procs[0].join(10)
+
+
+def test_the_burst_runs_as_many_slots_as_the_node_would(monkeypatch):
+    import node.run.slots
+
+    monkeypatch.setattr(node.run.slots, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(node.run.slots, "physical_memory_mb", lambda: 65536)
+    assert _slots("auto", "cpu") == (2, "auto: 8 usable CPUs for 1 GPU(s), 4 a slot")
+    assert _slots(3, "cpu") == (3, "--workers")

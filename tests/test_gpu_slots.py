@@ -12,7 +12,7 @@ import pytest
 
 from node.config.schema import GpuSection
 from node.cpus import usable_cpus
-from node.run.slots import GpuBudget, GpuDevice, PluginNeeds, SlotConfigError, plan_slots
+from node.run.slots import GpuBudget, GpuDevice, PluginNeeds, SlotConfigError, plan_slots, slots_per_gpu
 from node.store import NewJob, Store
 from node.store.db import InstanceMeta
 from node.synth import write_chest_ct
@@ -171,7 +171,7 @@ def test_check_config_says_how_many_threads_each_worker_gets(tmp_path, monkeypat
     from node.run.slots import describe_slots
 
     path = tmp_path / "node.yaml"
-    path.write_text("run: {workers: 2, gpu: {devices: [0], memory_mb: 8000}}\n")
+    path.write_text("run: {workers: 2, gpu: {devices: [0], memory_mb: 8000, slots_per_gpu: 1}}\n")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     share = max(1, usable_cpus() // 3)  # one GPU slot and two CPU workers
     assert f"torch threads per worker: {share} (the CPUs shared among the workers)" in \
@@ -179,3 +179,56 @@ def test_check_config_says_how_many_threads_each_worker_gets(tmp_path, monkeypat
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert "torch threads per worker: OMP_NUM_THREADS=5 (from the environment)" in \
         describe_slots(load_config(path).config)
+
+
+NODULE = {"ct_nodule": PluginNeeds(gpu=True, gpu_memory_mb=2048, memory_mb=3072)}
+
+
+def test_slots_per_gpu_auto_gives_each_gpu_a_slot_per_four_cpus_within_its_memory_and_the_hosts():
+    def auto(cpus, budgets=(80000,), host_mb=131072, needs=NODULE, cpu_workers=1):
+        return slots_per_gpu("auto", list(budgets), needs, cpu_workers, cpus=cpus, host_mb=host_mb)
+
+    assert slots_per_gpu(3, [80000], NODULE, 1, cpus=2) .per_gpu == 3  # a number is taken as it is
+    big = auto(16)  # the H100 host measured: 4 slots did 2.6x the studies of 1
+    assert big.per_gpu == 4 and big.why == "auto: at most 4"
+    assert auto(64).per_gpu == 4
+    two = auto(2)  # this VM: one slot, and the reason names the CPUs
+    assert two.per_gpu == 1 and "2 usable CPUs for 1 GPU(s)" in two.why
+    assert auto(8).per_gpu == 2
+    assert auto(32, budgets=(80000, 80000)).per_gpu == 4  # 16 CPUs a GPU
+    assert auto(16, budgets=(80000, 80000, 80000, 80000)).per_gpu == 1
+    small = auto(16, budgets=(7680,))  # an 8 GB card holds three 2 GB jobs
+    assert small.per_gpu == 3 and "GPU budget 7680 MB, 2048 MB a job" in small.why
+    host = auto(16, host_mb=16384)  # 70% of 16 GB: three 3 GB jobs, one of them the CPU worker's
+    assert host.per_gpu == 2 and "of 16384 MB of memory" in host.why
+    assert auto(16, host_mb=4096).per_gpu == 1  # never none
+    assert auto(1).per_gpu == 1
+    idle = auto(16, needs={})
+    assert idle.per_gpu == 1 and "no plugin runs on a GPU" in idle.why
+
+
+def test_gpu_slots_follow_auto_and_check_config_says_why(tmp_path, monkeypatch):
+    import node.run.slots
+    from node.config import load_config
+    from node.run.slots import describe_slots
+
+    monkeypatch.setattr(node.run.slots, "usable_cpus", lambda: 12)
+    monkeypatch.setattr(node.run.slots, "physical_memory_mb", lambda: 131072)
+    slots = plan_slots(1, GpuSection(), NODULE, "auto", gpus=[GpuDevice(0, 81920)])
+    assert [s.name for s in slots] == ["ainode-gpu0-0", "ainode-gpu0-1", "ainode-gpu0-2", "ainode-worker-0"]
+    assert slots[0].per_gpu.per_gpu == 3 and slots[-1].per_gpu is None
+    assert len(plan_slots(1, GpuSection(slots_per_gpu=1), NODULE, "auto", gpus=[GpuDevice(0, 81920)])) == 2
+    # The plugins that fit decide: a 40 GB one leaves room for two jobs on an 80 GB card.
+    assert plan_slots(1, GpuSection(), NEEDS, "auto", gpus=[GpuDevice(0, 81920)])[0].per_gpu.per_gpu == 2
+
+    path = tmp_path / "node.yaml"
+    path.write_text("run: {gpu: {devices: [0], memory_mb: 8000}}\nplugins: {ct_nodule: {}}\n"
+                    "rules: [{name: nodules, series: {modality: CT}, plugin: ct_nodule}]\n")
+    text = describe_slots(load_config(path).config)
+    assert "GPU slots: 3 per GPU (auto: 12 usable CPUs for 1 GPU(s), 4 a slot)" in text
+    path.write_text("run: {gpu: {devices: [0], memory_mb: 8000, slots_per_gpu: 2}}\n")
+    assert "GPU slots: 2 per GPU (run.gpu.slots_per_gpu)" in describe_slots(load_config(path).config)
+    for bad in ("0", "17", "many"):
+        path.write_text(f"run: {{gpu: {{devices: [0], memory_mb: 8000, slots_per_gpu: {bad}}}}}\n")
+        with pytest.raises(Exception, match="slots_per_gpu"):
+            load_config(path)

@@ -58,7 +58,7 @@ run() {  # name, seconds, command...
 run gpu_decode 80 "$PY" bench/gpu_decode.py "${decode[@]}"
 run nodule_throughput 70 "$PY" bench/nodule_throughput.py "${nodule[@]}"
 run gpu_burst 80 "$PY" bench/gpu_burst.py "${burst[@]}"
-# The node's default is one worker per GPU (run.gpu.slots_per_gpu: 1); how busy 1 and 4 keep the GPU.
+# How busy 1 and 4 slots keep the GPU (the node's run.gpu.slots_per_gpu: auto gives a 16-core host with one GPU 4).
 run gpu_burst_1slot 80 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 1
 run gpu_burst_4slots 80 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 4
 run gpu_burst_j2k_cpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from node.config.schema import PluginSection
+from node.cpus import JOBS_MEMORY_SHARE, physical_memory_mb
 from node.lifeline import die_with_parent
 from node.run.gpu_decode import Setting as GpuDecode
 from node.run.heap import keep_freed_memory, prefault
@@ -49,8 +50,7 @@ class Abandoned(Exception):
 
 
 def default_memory_limit_mb(workers: int) -> int:
-    total = _PAGE * os.sysconf("SC_PHYS_PAGES")
-    return int(total * 0.7 / max(1, workers)) // 2**20
+    return int(physical_memory_mb() * JOBS_MEMORY_SHARE / max(1, workers))
 
 
 def _rss_bytes(pid: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from node.config.schema import GpuSection, PluginSection
-from node.cpus import THREADS_ENV, worker_thread_env
+from node.cpus import JOBS_MEMORY_SHARE, THREADS_ENV, physical_memory_mb, usable_cpus, worker_thread_env
 from node.plugin_api import plugin_class
 
 log = logging.getLogger("ainode.run")
@@ -82,6 +82,13 @@ class GpuBudget:
 class PluginNeeds:
     gpu: bool
     gpu_memory_mb: int
+    memory_mb: int = 1024  # host memory a job takes (Resources.memory_mb)
+
+
+@dataclass(frozen=True)
+class SlotCount:
+    per_gpu: int
+    why: str  # what decided it, for check-config and the start-up log
 
 
 @dataclass
@@ -91,6 +98,7 @@ class WorkerSlot:
     gpu: GpuBudget | None  # None: a CPU worker
     plugins: frozenset[str] | None  # plugins this slot may run; None: any plugin not in `excluded`
     excluded: frozenset[str] = field(default_factory=frozenset)
+    per_gpu: SlotCount | None = None  # a GPU slot: how many slots its GPU has, and why
 
     def may_run(self, plugin: str) -> bool:
         if self.plugins is not None:
@@ -105,8 +113,42 @@ def plugin_needs(names: list[str], sections: Mapping[str, PluginSection]) -> dic
         section = sections.get(name)
         res = plugin_class(name, section.entry if section else None).resources
         mb = section.gpu_memory_mb if section is not None and section.gpu_memory_mb is not None else res.gpu_memory_mb
-        out[name] = PluginNeeds(bool(res.gpu), int(mb))
+        out[name] = PluginNeeds(bool(res.gpu), int(mb), int(res.memory_mb))
     return out
+
+
+# run.gpu.slots_per_gpu: auto. On the H100 (16 cores), 4 slots ran a burst of uncompressed ct_nodule studies
+# at 2.6x the rate of 1 (bench/RESULTS.md): a slot's series read and results build are CPU work, which other
+# slots' inference overlaps. Four cores a slot is the most slots measured there.
+CPUS_PER_AUTO_SLOT = 4
+MAX_AUTO_SLOTS = 4
+
+
+def slots_per_gpu(setting: int | str, budgets_mb: list[int], needs: Mapping[str, PluginNeeds], cpu_workers: int,
+                  cpus: int | None = None, host_mb: int | None = None) -> SlotCount:
+    """How many worker slots each GPU gets: the setting, or for auto the fewest that the CPUs, the GPU's
+    budget and the host's memory allow (see CPUS_PER_AUTO_SLOT). `budgets_mb`: each GPU's budget; `needs`:
+    the plugins that run in GPU slots."""
+    if setting != "auto":
+        return SlotCount(int(setting), "run.gpu.slots_per_gpu")
+    if not needs:
+        return SlotCount(1, "auto: no plugin runs on a GPU")
+    gpus = max(1, len(budgets_mb))
+    cpus = usable_cpus() if cpus is None else cpus
+    limits = [(MAX_AUTO_SLOTS, f"at most {MAX_AUTO_SLOTS}"),
+              (cpus // gpus // CPUS_PER_AUTO_SLOT,
+               f"{cpus} usable CPUs for {gpus} GPU(s), {CPUS_PER_AUTO_SLOT} a slot")]
+    gpu_mb = max((n.gpu_memory_mb for n in needs.values()), default=0)
+    if gpu_mb > 0 and budgets_mb:
+        limits.append((min(budgets_mb) // gpu_mb, f"GPU budget {min(budgets_mb)} MB, {gpu_mb} MB a job"))
+    host_job_mb = max((n.memory_mb for n in needs.values()), default=0)
+    if host_job_mb > 0:
+        host_mb = physical_memory_mb() if host_mb is None else host_mb
+        jobs = int(host_mb * JOBS_MEMORY_SHARE) // host_job_mb - cpu_workers  # the CPU workers' jobs first
+        limits.append((jobs // gpus, f"{JOBS_MEMORY_SHARE:.0%} of {host_mb} MB of memory, {host_job_mb} MB a job "
+                                     f"beside {cpu_workers} CPU worker(s)"))
+    n, why = min(limits, key=lambda lim: lim[0])
+    return SlotCount(max(1, n), f"auto: {why}")
 
 
 def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, PluginNeeds], device: str,
@@ -145,10 +187,13 @@ def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, Plugin
         gpu_plugins.add(name)
 
     slots = []
+    count = slots_per_gpu(gpu_cfg.slots_per_gpu, [b.budget_mb for b in budgets],
+                          {p: needs[p] for p in gpu_plugins}, cpu_workers)
     for b in budgets:
         fitting = frozenset(p for p in gpu_plugins if needs[p].gpu_memory_mb <= b.budget_mb)
-        for k in range(gpu_cfg.slots_per_gpu):
-            slots.append(WorkerSlot(f"ainode-gpu{b.index}-{k}", {"CUDA_VISIBLE_DEVICES": str(b.index)}, b, fitting))
+        for k in range(count.per_gpu):
+            slots.append(WorkerSlot(f"ainode-gpu{b.index}-{k}", {"CUDA_VISIBLE_DEVICES": str(b.index)}, b, fitting,
+                                    per_gpu=count))
     # With GPU slots, CPU workers must not touch a GPU: its memory belongs to the slots' budget.
     cpu_env = {"CUDA_VISIBLE_DEVICES": ""} if slots else {}
     for k in range(cpu_workers):
@@ -166,6 +211,9 @@ def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
         r = cfg.run.ray
         lines.append(f"executor: ray at {r.address} (namespace {r.namespace}, data by {r.data}); each worker below "
                      f"is a Ray actor with {r.num_cpus:g} CPU(s), a GPU worker 1/slots_per_gpu of a GPU")
+    counts = {s.per_gpu for s in slots if s.per_gpu is not None}
+    for c in counts:
+        lines.append(f"GPU slots: {c.per_gpu} per GPU ({c.why})")
     for s in slots:
         where = f"GPU {s.gpu.index} (budget {s.gpu.budget_mb} MB)" if s.gpu else "CPU"
         runs = ", ".join(sorted(s.plugins)) if s.plugins is not None else "plugins without a GPU slot"
