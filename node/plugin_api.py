@@ -100,10 +100,44 @@ class Finding:
 
 @dataclass(frozen=True)
 class Segment:
+    """One segment's voxels. `mask` has the source SeriesVolume.pixels' shape, or with `offset` it is a box
+    of it: mask[0, 0, 0] lies at (slice, row, column) `offset` of the series. A small structure (a nodule)
+    is best given as its box: the node then never scans or copies a mask the size of the series (four
+    nodules of a 300-slice CT: 315 MB to zero and scan, about 0.06 s of each job)."""
+
     label: str
-    mask: np.ndarray  # bool, same shape as the source SeriesVolume.pixels
+    mask: np.ndarray  # bool
     category: Code  # e.g. SCT 91723000 "Anatomical Structure"
     type: Code  # e.g. SCT 44029006 "Left lung"
+    offset: tuple[int, int, int] | None = None  # (slice, row, column) of mask[0, 0, 0]; None: the whole series
+
+    def shape_error(self, shape: tuple[int, int, int], series_uid: str) -> str | None:
+        """Why this segment does not fit a series of `shape` (slices, rows, columns), or None."""
+        mask_shape = tuple(np.shape(self.mask))
+        if self.offset is None:
+            if mask_shape != tuple(shape):
+                return (f"segment '{self.label}' mask has shape {mask_shape} but series {series_uid} is "
+                        f"{tuple(shape)} (slices, rows, columns); give the whole series' shape, or a box with offset")
+            return None
+        if len(mask_shape) != 3 or len(self.offset) != 3 or any(
+                int(o) < 0 or int(o) + n > m for o, n, m in zip(self.offset, mask_shape, shape)):
+            return (f"segment '{self.label}': a mask of shape {mask_shape} at offset {tuple(self.offset)} does not "
+                    f"lie inside series {series_uid} of {tuple(shape)} (slices, rows, columns)")
+        return None
+
+    def full_mask(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """The mask over the whole series (a new array where the segment is a box)."""
+        if self.offset is None:
+            return np.asarray(self.mask, dtype=bool)
+        out = np.zeros(shape, dtype=bool)
+        out[self.box()] = self.mask
+        return out
+
+    def box(self) -> tuple[slice, slice, slice]:
+        """Where the mask lies in the series."""
+        if self.offset is None:
+            return (slice(None),) * 3  # type: ignore[return-value]
+        return tuple(slice(int(o), int(o) + n) for o, n in zip(self.offset, np.shape(self.mask)))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -103,10 +103,12 @@ def test_manifest_validates_and_matches_the_weights(model):
 def test_finds_the_nodules_of_a_held_out_case(case, result):
     segs = result.segmentations[0].segments
     pred = np.zeros(case.volume.pixels.shape, bool)
-    for s in segs:
-        assert s.mask.shape == case.volume.pixels.shape and s.mask.dtype == bool
+    shape = case.volume.pixels.shape
+    for s in segs:  # each nodule as its box (Segment.offset), inside the series
+        assert s.offset is not None and s.shape_error(shape, "x") is None and s.mask.dtype == bool
+        assert s.mask.shape[0] < shape[0] and s.mask.any()
         assert (s.category.value, s.type.value) == ("49755003", "27925004")
-        pred |= s.mask
+        pred |= s.full_mask(shape)
     truth = np.zeros_like(pred)
     for m in case.masks:
         truth |= m
@@ -115,7 +117,7 @@ def test_finds_the_nodules_of_a_held_out_case(case, result):
     assert len(big) >= 2
     by_label = {f.segment_label: f for f in result.findings}
     for n, m in big:
-        hits = [s for s in segs if (s.mask & m).any()]
+        hits = [s for s in segs if (s.full_mask(shape) & m).any()]
         assert hits, f"missed the {n['diameter_mm']} mm nodule at {n['center_mm']}"
         f = by_label[hits[0].label]
         values = {meas.concept.meaning: (meas.value, meas.unit.value) for meas in f.measurements}
@@ -190,7 +192,7 @@ def test_plugin_reruns_the_study_with_half_the_batch_on_oom(plugin, small, monke
     # BatchNorm in eval mode: a voxel's output does not depend on the batch, so the result is the same.
     assert [f.tracking_id for f in again.findings] == [f.tracking_id for f in first.findings]
     for a, b in zip(again.segmentations[0].segments, first.segmentations[0].segments):
-        assert (a.mask == b.mask).all()
+        assert a.offset == b.offset and (a.mask == b.mask).all()
 
 
 def test_cpu_and_cuda_share_one_inference_function(plugin, case, small, monkeypatch, tmp_path):
@@ -236,8 +238,8 @@ def test_prepared_ahead_gives_the_same_result_and_batch_scale_shrinks_the_batch(
     ahead = plugin.run(StudyInput("1.2.3", [small], tmp_path, prepared=prepared, batch_scale=0.5))
     assert plugin.last_batch_size == 1  # the CPU default of 2, halved
     assert [f.measurements for f in ahead.findings] == [f.measurements for f in plain.findings]
-    assert all((a.mask == b.mask).all() for a, b in zip(ahead.segmentations[0].segments,
-                                                          plain.segmentations[0].segments))
+    assert all(a.offset == b.offset and (a.mask == b.mask).all()
+               for a, b in zip(ahead.segmentations[0].segments, plain.segmentations[0].segments))
 
 
 def _onnx_package(tmp_path, model):

@@ -273,3 +273,27 @@ def test_orthanc_files_them_into_the_source_study(case, orthanc):
         uids = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.instances_of_series(stored["ID"])}
         assert o.sop_instance_uid in uids
     assert len(orthanc.client.get_json("patients")) == 1  # the same patient, not a new one
+
+
+def test_segments_given_as_boxes_make_the_same_fallbacks(case):
+    """Segment.offset (a box, as ct_nodule gives its nodules): the GSPS and key images are those of the
+    whole-series masks."""
+    import dataclasses
+
+    ct, vol, headers, result, objs, _ = case
+    seg = result.segmentations[0]
+    boxed = []
+    for s in seg.segments:
+        k, r, c = (np.flatnonzero(s.mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+        box = (slice(k[0], k[-1] + 1), slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1))
+        boxed.append(dataclasses.replace(s, mask=s.mask[box].copy(), offset=(int(k[0]), int(r[0]), int(c[0]))))
+    assert all(b.mask.size < s.mask.size for b, s in zip(boxed, seg.segments))
+    again = dataclasses.replace(result, segmentations=[dataclasses.replace(seg, segments=boxed)])
+    other = build_fallbacks(again, {vol.series_uid: headers}, ALGO, {"GSPS", "SC"},
+                            volumes={vol.series_uid: vol}, max_key_images=2)
+    assert [o.kind for o in other] == [o.kind for o in objs]
+    for a, b in zip(objs, other):
+        if a.kind == "SC":
+            assert a.dataset.PixelData == b.dataset.PixelData
+        else:
+            assert a.dataset.GraphicAnnotationSequence == b.dataset.GraphicAnnotationSequence

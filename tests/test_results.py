@@ -244,6 +244,54 @@ def test_seg_of_a_few_scattered_slices_has_their_frames_and_references_only(tmp_
            {src[k].SOPInstanceUID for k in (2, 3, 17)}
 
 
+@pytest.mark.parametrize("spread", [True, False])
+def test_a_segment_given_as_its_box_makes_the_seg_its_whole_series_mask_makes(tmp_path, spread):
+    """Segment.offset: a nodule's box instead of a mask the size of the series. Scattered slices (picked) and
+    a dense span (cut as a slice), beside a whole-series mask: the SEG is the same to the byte."""
+    src = small_ct()
+    n, size = len(src), src[0].Rows
+    a, b, c = (np.zeros((n, size, size), bool) for _ in range(3))
+    a[2:4, 10:20, 10:20] = True
+    a[3, 15, 30] = True
+    b[17 if spread else 5, 40:50, 40:50] = True
+    c[4, 0:3, 60:64] = True  # at the edge of the frame
+    whole = [Segment("a", a, ANAT, LEFT), Segment("b", b, ANAT, RIGHT), Segment("c", c, ANAT, RIGHT)]
+
+    def box(s: Segment, margin: int) -> Segment:
+        k, r, col = (np.flatnonzero(s.mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+        lo = [max(0, int(v[0]) - margin) for v in (k, r, col)]
+        hi = [min(m, int(v[-1]) + 1 + margin) for v, m in zip((k, r, col), s.mask.shape)]
+        return Segment(s.label, s.mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].copy(), s.category, s.type,
+                       offset=tuple(lo))
+
+    boxed = [box(whole[0], 1), box(whole[1], 0), whole[2]]  # boxes with and without margin, and a whole mask
+    assert boxed[0].offset == (1, 9, 9) and boxed[1].mask.shape == (1, 10, 10)
+    assert all(np.array_equal(x.full_mask((n, size, size)), y.mask) for x, y in zip(boxed, whole))
+    out = []
+    for segments in (whole, boxed):
+        res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID, segments)])
+        (obj,) = build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+        path = tmp_path / f"seg{len(out)}.dcm"
+        obj.dataset.save_as(path, enforce_file_format=True)
+        out.append(pydicom.dcmread(path))
+    # Every element but the build's own dates and times and highdicom's new DimensionOrganizationUID;
+    # sequences compare by their items.
+    leaves = [[(e.tag, e.value) for e in ds.iterall()
+               if e.VR not in ("SQ", "DA", "TM", "DT") and e.keyword != "DimensionOrganizationUID"] for ds in out]
+    assert leaves[0] == leaves[1] and len(leaves[0]) > 100
+    assert validate_with_dciodvfy(tmp_path / "seg1.dcm") == []
+
+
+def test_a_box_outside_its_series_is_a_clear_error():
+    src = small_ct()
+    for offset, mask in [((18, 0, 0), np.ones((3, 4, 4), bool)), ((0, 62, 0), np.ones((1, 4, 4), bool)),
+                         ((-1, 0, 0), np.ones((1, 4, 4), bool)), ((0, 0), np.ones((1, 4, 4), bool))]:
+        res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID, [
+            Segment("nodule 1", mask, ANAT, LEFT, offset=offset)])])
+        with pytest.raises(ValueError, match=r"segment 'nodule 1': a mask of shape .* does not lie inside series"):
+            build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+
+
 def test_finding_without_segment_cites_the_source_images(built):
     src, objs = built
     sr = next(o for o in objs if o.kind == "SR").dataset

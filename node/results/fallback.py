@@ -99,9 +99,8 @@ def _overlays(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], st
                              f"which is not among the job's series")
         expected = (len(src), int(src[0].Rows), int(src[0].Columns))
         for s in segmentation.segments:
-            if tuple(s.mask.shape) != expected:
-                raise ValueError(f"segment '{s.label}' mask has shape {tuple(s.mask.shape)} but series "
-                                 f"{segmentation.source_series_uid} is {expected} (slices, rows, columns)")
+            if (error := s.shape_error(expected, segmentation.source_series_uid)) is not None:
+                raise ValueError(error)
             if any(o.label == s.label for o in out):
                 raise ValueError(f"segment label '{s.label}' is used twice in the result; findings link to "
                                  f"segments by label, so labels must be unique")
@@ -109,7 +108,7 @@ def _overlays(result: PluginResult, sources: Mapping[str, Sequence[Dataset]], st
             n = len(out) + 1
             out.append(Overlay(
                 number=n, series_uid=segmentation.source_series_uid, label=s.label,
-                text=finding_text(f) if f else s.type.meaning, mask=np.asarray(s.mask, dtype=bool),
+                text=finding_text(f) if f else s.type.meaning, mask=s.full_mask(expected),
                 rgb=PALETTE[(n - 1) % len(PALETTE)],
                 tracking=(f.tracking_id, derive_uid(*base, "tracking", f.tracking_id)) if f else None))
     return out

@@ -10,7 +10,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from node.plugin_api import Code, Segmentation
+from node.plugin_api import Code, Segment, Segmentation
 
 
 def coded(c: Code) -> hd.sr.CodedConcept:
@@ -67,18 +67,32 @@ def pixel_array(seg: Segmentation) -> np.ndarray:
     return np.stack(masks, axis=-1)
 
 
-def covered_slices(seg: Segmentation) -> np.ndarray:
-    """Indexes of the slices where any segment has a voxel, in order."""
-    covered: np.ndarray | None = None
+def covered_slices(seg: Segmentation, slices: int) -> np.ndarray:
+    """Indexes of the slices (of a series of `slices`) where any segment has a voxel, in order."""
+    covered = np.zeros(slices, dtype=bool)
     for s in seg.segments:
         mask = np.asarray(s.mask, dtype=bool)
-        here = mask.reshape(mask.shape[0], -1).any(axis=1)
-        covered = here if covered is None else covered | here
-    return np.flatnonzero(covered) if covered is not None else np.empty(0, dtype=np.intp)
+        first = 0 if s.offset is None else int(s.offset[0])
+        covered[first:first + mask.shape[0]] |= mask.reshape(mask.shape[0], -1).any(axis=1)
+    return np.flatnonzero(covered)
+
+
+def _frames(s: Segment, shape: tuple[int, int, int], pick: slice | np.ndarray) -> np.ndarray:
+    """The segment's full frames for the series slices `pick`: a view where the mask covers the series, else
+    only those frames are made (never the whole series' mask)."""
+    if s.offset is None:
+        return np.asarray(s.mask, dtype=bool)[pick]
+    index = np.arange(shape[0])[pick]
+    out = np.zeros((len(index), shape[1], shape[2]), dtype=bool)
+    first, rows, cols = s.box()
+    inside = (index >= first.start) & (index < first.stop)
+    out[inside, rows, cols] = np.asarray(s.mask, dtype=bool)[index[inside] - first.start]
+    return out
 
 
 def covered_part(seg: Segmentation, sources: Sequence[Dataset]) -> tuple[Segmentation, Sequence[Dataset]]:
-    """The segmentation and source images cut to the slices some segment covers.
+    """The segmentation and source images cut to the slices some segment covers, with every mask as full
+    frames of those slices.
 
     highdicom leaves the other slices out of the SEG anyway (omit_empty_frames), but first works out every
     source image's plane position and reference: for four nodules on 21 of 300 slices that was 0.14 s of a
@@ -86,14 +100,20 @@ def covered_part(seg: Segmentation, sources: Sequence[Dataset]) -> tuple[Segment
     its ReferencedSeriesSequence lists only the instances its frames derive from. Where the covered slices
     are more than half of their span (two lungs), the span is taken as it is: a view, where picking the
     slices would copy most of each mask (35-180 ms for two 300-slice masks) to save little."""
-    covered = covered_slices(seg)
-    if len(covered) == 0 or len(covered) == len(sources):
+    shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+    covered = covered_slices(seg, len(sources))
+    boxed = any(s.offset is not None for s in seg.segments)
+    if not boxed and (len(covered) == 0 or len(covered) == len(sources)):
         return seg, sources
-    first, last = int(covered[0]), int(covered[-1]) + 1
-    pick: slice | np.ndarray = covered if len(covered) * 2 <= last - first else slice(first, last)
-    masks = [np.asarray(s.mask, dtype=bool)[pick] for s in seg.segments]
-    picked = [sources[i] for i in covered] if isinstance(pick, np.ndarray) else list(sources[pick])
-    return (Segmentation(seg.source_series_uid, [dataclasses.replace(s, mask=m) for s, m in zip(seg.segments, masks)]),
+    if len(covered) == 0:  # boxes with no voxel: the series' frames, as for whole-series masks
+        pick: slice | np.ndarray = slice(0, len(sources))
+    else:
+        first, last = int(covered[0]), int(covered[-1]) + 1
+        pick = covered if len(covered) * 2 <= last - first else slice(first, last)
+    masks = [_frames(s, shape, pick) for s in seg.segments]
+    picked = [sources[i] for i in pick] if isinstance(pick, np.ndarray) else list(sources[pick])
+    return (Segmentation(seg.source_series_uid,
+                         [dataclasses.replace(s, mask=m, offset=None) for s, m in zip(seg.segments, masks)]),
             picked)
 
 
@@ -104,9 +124,8 @@ def build_seg(seg: Segmentation, sources: Sequence[Dataset], *, name: str, versi
         raise ValueError(f"segmentation of series {seg.source_series_uid} has no segments")
     expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
     for s in seg.segments:
-        if tuple(s.mask.shape) != expected:
-            raise ValueError(f"segment '{s.label}' mask has shape {tuple(s.mask.shape)} but series "
-                             f"{seg.source_series_uid} is {expected} (slices, rows, columns)")
+        if (error := s.shape_error(expected, seg.source_series_uid)) is not None:
+            raise ValueError(error)
     seg, sources = covered_part(seg, sources)
     algo = algorithm_identification(name, version, parameters)
     descriptions = [

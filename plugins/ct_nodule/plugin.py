@@ -153,9 +153,9 @@ class CtNodulePlugin(Plugin):
             label = f"Nodule {i}"
             x, y, z = n.centroid_patient
             site = LEFT_LUNG if x > midline_x else RIGHT_LUNG  # LPS: +x is the patient's left
-            mask = np.zeros(vol.pixels.shape, dtype=bool)
-            mask[n.mask_box] = n.mask
-            segments.append(Segment(label, mask, self.category, self.type))
+            # The nodule's box, not a mask the size of the series (Segment.offset).
+            segments.append(Segment(label, n.mask, self.category, self.type,
+                                    offset=tuple(int(b.start) for b in n.mask_box)))
             findings.append(Finding(
                 tracking_id=f"Nodule {i} at ({x:.1f}, {y:.1f}, {z:.1f}) mm LPS",
                 finding_type=NODULE,
