@@ -239,7 +239,7 @@ def test_kinds_inputs_and_findings_without_masks(case, tmp_path):
     assert build_fallbacks(PluginResult(), sources, ALGO, {"GSPS", "SC"}) == []
     assert [o.kind for o in build_fallbacks(result, sources, ALGO, "GSPS")] == ["GSPS"]
     # A classifier's finding without a mask: the text on every image, one key image; UTF-8 keeps the dash.
-    utf8 = [copy.copy(h) for h in headers]
+    utf8 = [copy.deepcopy(h) for h in headers]  # a shallow copy shares its elements with the module's headers
     for h in utf8:
         h.SpecificCharacterSet = "ISO_IR 192"
     finding = Finding("f1", Code("233604007", "SCT", "Pneumonia"), confidence=0.87)
@@ -280,7 +280,9 @@ def test_segments_given_as_boxes_make_the_same_fallbacks(case):
     whole-series masks."""
     import dataclasses
 
-    ct, vol, headers, result, objs, _ = case
+    ct, vol, headers, result, _, _ = case
+    objs = build_fallbacks(result, {vol.series_uid: headers}, ALGO, {"GSPS", "SC"},
+                           volumes={vol.series_uid: vol}, max_key_images=2)
     seg = result.segmentations[0]
     boxed = []
     for s in seg.segments:
