@@ -78,8 +78,8 @@ def covered_slices(seg: Segmentation, slices: int) -> np.ndarray:
 
 
 def _frames(s: Segment, shape: tuple[int, int, int], pick: slice | np.ndarray) -> np.ndarray:
-    """The segment's full frames for the series slices `pick`: a view where the mask covers the series, else
-    only those frames are made (never the whole series' mask)."""
+    """The segment's full frames for the series slices `pick`: taken from the mask where it covers the
+    series, else made for those slices alone (never the whole series' mask)."""
     if s.offset is None:
         return np.asarray(s.mask, dtype=bool)[pick]
     index = np.arange(shape[0])[pick]
