@@ -84,7 +84,7 @@ class NodeService:
         self.results_dir = paths.results_dir
         rule_plugins = cfg.rule_plugins()
         needs = plugin_needs(rule_plugins, cfg.plugins)
-        slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
+        slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device, ray=cfg.run.executor == "ray")
         for count in {s.per_gpu for s in slots if s.per_gpu is not None}:
             log.info("gpu slots per_gpu=%d why=%r", count.per_gpu, count.why)
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())

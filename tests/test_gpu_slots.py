@@ -203,6 +203,9 @@ def test_slots_per_gpu_auto_gives_each_gpu_a_slot_per_four_cpus_within_its_memor
     assert host.per_gpu == 2 and "of 16384 MB of memory" in host.why
     assert auto(16, host_mb=4096).per_gpu == 1  # never none
     assert auto(1).per_gpu == 1
+    on_ray = slots_per_gpu("auto", [80000], NODULE, 1, cpus=16, ray=True)  # the actors' hosts are elsewhere
+    assert on_ray.per_gpu == 1 and "run.executor ray" in on_ray.why
+    assert slots_per_gpu(4, [80000], NODULE, 1, cpus=2, ray=True).per_gpu == 4
     idle = auto(16, needs={})
     assert idle.per_gpu == 1 and "no plugin runs on a GPU" in idle.why
 

@@ -165,8 +165,8 @@ class GpuSection(Strict):
         "auto", description="Worker processes per GPU, each with the GPU memory of the jobs it runs reserved "
         "from the GPU's budget. Each slot's series read and results build run on the CPU while another slot's "
         "model runs on the GPU. auto: one per 4 usable CPUs per GPU, at most 4, and no more than the GPU's "
-        "budget and 70% of the host's memory hold with every slot running its largest plugin (at least 1; "
-        "`ainode check-config` says which limit decided).")
+        "budget and 70% of the host's memory hold with every slot running its largest plugin (at least 1; 1 with "
+        "run.executor ray; `ainode check-config` says which limit decided).")
     memory_mb: int | None = Field(
         None, ge=256, description="GPU memory budget per GPU. Default: the GPU's total (nvidia-smi) less "
         "reserve_mb. Required with a devices list when nvidia-smi is not installed.")

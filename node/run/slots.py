@@ -125,12 +125,15 @@ MAX_AUTO_SLOTS = 4
 
 
 def slots_per_gpu(setting: int | str, budgets_mb: list[int], needs: Mapping[str, PluginNeeds], cpu_workers: int,
-                  cpus: int | None = None, host_mb: int | None = None) -> SlotCount:
+                  cpus: int | None = None, host_mb: int | None = None, ray: bool = False) -> SlotCount:
     """How many worker slots each GPU gets: the setting, or for auto the fewest that the CPUs, the GPU's
     budget and the host's memory allow (see CPUS_PER_AUTO_SLOT). `budgets_mb`: each GPU's budget; `needs`:
-    the plugins that run in GPU slots."""
+    the plugins that run in GPU slots; `ray`: the slots are Ray actors on other machines, whose CPUs and
+    memory are not this machine's, so auto keeps to 1."""
     if setting != "auto":
         return SlotCount(int(setting), "run.gpu.slots_per_gpu")
+    if ray:
+        return SlotCount(1, "auto with run.executor ray: the GPU hosts' CPUs are not known here; set a number")
     if not needs:
         return SlotCount(1, "auto: no plugin runs on a GPU")
     gpus = max(1, len(budgets_mb))
@@ -152,8 +155,8 @@ def slots_per_gpu(setting: int | str, budgets_mb: list[int], needs: Mapping[str,
 
 
 def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, PluginNeeds], device: str,
-               gpus: list[GpuDevice] | None = None) -> list[WorkerSlot]:
-    """The worker slots for this machine. `gpus` defaults to what nvidia-smi finds."""
+               gpus: list[GpuDevice] | None = None, ray: bool = False) -> list[WorkerSlot]:
+    """The worker slots for this machine (`ray`: for Ray actors). `gpus` defaults to what nvidia-smi finds."""
     if device == "cpu" or gpu_cfg.devices == []:
         devices: list[GpuDevice] = []
     elif gpu_cfg.devices == "auto":
@@ -188,7 +191,7 @@ def plan_slots(cpu_workers: int, gpu_cfg: GpuSection, needs: Mapping[str, Plugin
 
     slots = []
     count = slots_per_gpu(gpu_cfg.slots_per_gpu, [b.budget_mb for b in budgets],
-                          {p: needs[p] for p in gpu_plugins}, cpu_workers)
+                          {p: needs[p] for p in gpu_plugins}, cpu_workers, ray=ray)
     for b in budgets:
         fitting = frozenset(p for p in gpu_plugins if needs[p].gpu_memory_mb <= b.budget_mb)
         for k in range(count.per_gpu):
@@ -205,7 +208,7 @@ def describe_slots(cfg) -> str:  # type: ignore[no-untyped-def]
     """One line per worker and per rule plugin, for `ainode check-config`."""
     names = cfg.rule_plugins()  # the built-in forward action runs on CPU workers
     needs = plugin_needs(names, cfg.plugins)
-    slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device)
+    slots = plan_slots(cfg.run.workers, cfg.run.gpu, needs, cfg.run.device, ray=cfg.run.executor == "ray")
     lines = []
     if cfg.run.executor == "ray":
         r = cfg.run.ray
