@@ -24,6 +24,23 @@ class RedactLibraryValues(logging.Filter):
         return True
 
 
+class OneLineWarnings(logging.Filter):
+    """A library warning reaches the log as Python formats it: "file:line: Category: text" and then the source
+    line that warned, on a line of its own. Only the first line is kept, so every record is one line. pydicom
+    logs each of its warnings itself and then also warns (pydicom.misc.warn_and_log): the warning's echo,
+    which shows that call as its source line, is dropped, leaving one record per pydicom warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "py.warnings":
+            return True
+        text = record.getMessage()
+        first, _, rest = text.partition("\n")
+        if "/pydicom/" in first and rest.strip().startswith("warn_and_log("):
+            return False
+        record.msg, record.args = first, None
+        return True
+
+
 class DropDecoderTracebacks(logging.Filter):
     """pydicom logs a traceback for each decoding plugin that fails on a frame, then raises an error that
     names every plugin's failure; the node reports that error (with the file) where it matters. The
@@ -72,6 +89,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(OneLineWarnings())
     handler.addFilter(RedactLibraryValues())
     handler.addFilter(DropDecoderTracebacks())
     handler.addFilter(DropLostConnectionErrors())

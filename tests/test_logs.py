@@ -97,3 +97,21 @@ def test_highdicom_s_per_object_info_lines_only_at_debug(capsys):
     at_info = _lines(capsys, "INFO", emit)
     assert "copy attributes" not in at_info and "a highdicom warning" in at_info
     assert "copy attributes" in _lines(capsys, "DEBUG", emit)
+
+
+def test_each_pydicom_warning_is_one_record_and_every_warning_one_line(capsys):
+    """pydicom logs a warning and warns it too (warn_and_log): once in the log, not twice; and a library
+    warning's source line does not follow it on a line of its own."""
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+
+    def emit() -> None:
+        Dataset().SOPInstanceUID = "1.2.abc"
+        hd.valuerep.check_person_name("DOEJOHN")
+
+    err = _lines(capsys, "INFO", emit)
+    lines = err.splitlines()
+    assert len([x for x in lines if "Invalid value for VR UI" in x]) == 1
+    assert all(x.startswith("ts=") for x in lines) and "warn_and_log" not in err
+    assert sum("unlikely to represent the intended person name" in x for x in lines) == 1
+    assert "DOEJOHN" not in err and "abc" not in err
