@@ -57,6 +57,27 @@ def test_the_sr_from_the_process_equals_the_one_built_in_place(sr_process, tmp_p
     assert validate_with_dciodvfy(path) == []
 
 
+@pytest.mark.parametrize("syntax", [pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian])
+def test_headers_read_from_files_give_the_same_sr_through_the_process(sr_process, tmp_path, syntax):
+    """As a job's headers are: read from the spool, their elements still raw. The process gets the cited
+    ones as read, and the SR is the one built in place, for explicit and implicit VR files alike."""
+    from node.run.series_loader import read_file
+
+    src = small_ct()
+    for k, ds in enumerate(src):
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.save_as(tmp_path / f"{k}.dcm", enforce_file_format=True)
+    headers = [read_file(tmp_path / f"{k}.dcm")[0] for k in range(len(src))]
+    assert isinstance(headers[5].get_item(pydicom.tag.Tag("SOPInstanceUID")), pydicom.dataelem.RawDataElement)
+    sources = {src[0].SeriesInstanceUID: headers}
+    here = build_results(result_for(src), sources, ALGO)
+    there = build_results(result_for(src), sources, ALGO, sr_builder=sr_process)
+    assert _without_clock(here[1].dataset) == _without_clock(there[1].dataset)
+    cited = {i.ReferencedSOPInstanceUID for e in there[1].dataset.CurrentRequestedProcedureEvidenceSequence
+             for s in e.ReferencedSeriesSequence for i in s.ReferencedSOPSequence}
+    assert {str(ds.SOPInstanceUID) for ds in src} <= cited
+
+
 def test_the_process_writes_the_sr_itself_when_given_its_file(sr_process, tmp_path):
     src = small_ct()
     sources = {src[0].SeriesInstanceUID: headers_only(src)}

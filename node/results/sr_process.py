@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from node.lifeline import die_with_parent
@@ -46,15 +47,21 @@ CITED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID
          "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames")
 
 
+_CITED_TAGS = [tag_for_keyword(keyword) for keyword in CITED]
+
+
 def _for_sr(series: Sequence[Dataset]) -> list[Dataset]:
     """The series as the SR process needs it. Pickling 300 whole headers costs about 0.3 s in the worker
-    (and a FileDataset carries its file's bytes along); the attributes the SR reads cost a tenth of that."""
+    (and a FileDataset carries its file's bytes along); the attributes the SR reads cost a tenth of that.
+    They are copied as read (get_item: a raw element stays raw, and is converted where the SR reads it):
+    converting them here by keyword took 0.021 s of the worker's time a 300-slice job, against 0.006 s."""
     out = [Dataset(series[0])]  # a plain Dataset: its elements, not the file buffer behind them
     for ds in series[1:]:
         stub = Dataset()
-        for keyword in CITED:
-            if keyword in ds:
-                stub[keyword] = ds[keyword]
+        for tag in _CITED_TAGS:
+            elem = ds.get_item(tag)
+            if elem is not None:
+                stub[tag] = elem
         out.append(stub)
     return out
 
