@@ -188,7 +188,7 @@ def test_slots_per_gpu_auto_gives_each_gpu_a_slot_per_four_cpus_within_its_memor
     def auto(cpus, budgets=(80000,), host_mb=131072, needs=NODULE, cpu_workers=1):
         return slots_per_gpu("auto", list(budgets), needs, cpu_workers, cpus=cpus, host_mb=host_mb)
 
-    assert slots_per_gpu(3, [80000], NODULE, 1, cpus=2) .per_gpu == 3  # a number is taken as it is
+    assert slots_per_gpu(3, [80000], NODULE, 1, cpus=2).per_gpu == 3  # a number is taken as it is
     big = auto(16)  # the H100 host measured: 4 slots did 2.6x the studies of 1
     assert big.per_gpu == 4 and big.why == "auto: at most 4"
     assert auto(64).per_gpu == 4
