@@ -119,7 +119,12 @@ class Segment:
                 return (f"segment '{self.label}' mask has shape {mask_shape} but series {series_uid} is "
                         f"{tuple(shape)} (slices, rows, columns); give the whole series' shape, or a box with offset")
             return None
-        if len(mask_shape) != 3 or len(self.offset) != 3 or any(
+        if len(self.offset) != 3 or not all(isinstance(o, (int, np.integer)) and not isinstance(o, bool)
+                                            for o in self.offset):
+            # int() would cut 2.7 to 2 and put the segment a voxel off, or fail on "2" naming nothing.
+            return (f"segment '{self.label}': offset {tuple(self.offset)!r} must be three whole numbers "
+                    f"(slice, row, column) of where mask[0, 0, 0] lies in series {series_uid}")
+        if len(mask_shape) != 3 or any(
                 int(o) < 0 or int(o) + n > m for o, n, m in zip(self.offset, mask_shape, shape)):
             return (f"segment '{self.label}': a mask of shape {mask_shape} at offset {tuple(self.offset)} does not "
                     f"lie inside series {series_uid} of {tuple(shape)} (slices, rows, columns)")

@@ -285,11 +285,22 @@ def test_a_segment_given_as_its_box_makes_the_seg_its_whole_series_mask_makes(tm
 def test_a_box_outside_its_series_is_a_clear_error():
     src = small_ct()
     for offset, mask in [((18, 0, 0), np.ones((3, 4, 4), bool)), ((0, 62, 0), np.ones((1, 4, 4), bool)),
-                         ((-1, 0, 0), np.ones((1, 4, 4), bool)), ((0, 0), np.ones((1, 4, 4), bool))]:
+                         ((-1, 0, 0), np.ones((1, 4, 4), bool)), ((0, 0, 0), np.ones((4, 4), bool))]:
         res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID, [
             Segment("nodule 1", mask, ANAT, LEFT, offset=offset)])])
         with pytest.raises(ValueError, match=r"segment 'nodule 1': a mask of shape .* does not lie inside series"):
             build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+
+
+def test_a_box_offset_that_is_not_three_whole_numbers_is_a_clear_error():
+    src = small_ct()
+    for offset in [(0, 0), (0.0, 1.7, 0), (0, "2", 0), (True, 0, 0)]:
+        res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID, [
+            Segment("nodule 1", np.ones((1, 4, 4), bool), ANAT, LEFT, offset=offset)])])
+        with pytest.raises(ValueError, match=r"segment 'nodule 1': offset .* must be three whole numbers"):
+            build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
+    good = (np.int64(2), 1, np.int32(0))  # numpy integers, as np.nonzero gives them, are whole numbers
+    assert Segment("n", np.ones((1, 4, 4), bool), ANAT, LEFT, offset=good).shape_error((20, 64, 64), "x") is None
 
 
 def test_finding_without_segment_cites_the_source_images(built):
