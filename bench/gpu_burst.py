@@ -11,7 +11,8 @@ validated with dciodvfy). The studies are one synthetic 300-slice 512x512 CT run
 the same for every copy). The GPU is sampled every 100 ms over the whole burst (nvidia-smi, else
 torch.cuda.utilization). Prints: studies/s, the GPU's busy share (samples above 0%) and mean utilisation,
 and where the slots' time went: decode (series read) vs inference vs the rest (pre/postprocess, results
-build, validation), plus how long inference waited for a decode that was not ready.
+build, validation), plus how long inference waited for a decode that was not ready; then each stage's median
+per job, and the CPU time a job took in its slot process.
 
 Without a GPU it runs on CPU and prints the same split (no utilisation). `--transfer-syntax JPEG2000Lossless`
 writes the CT compressed, so decoding costs what it does for a PACS that sends JPEG 2000; `--gpu-decode` has
@@ -78,6 +79,19 @@ def _covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+# The job's own timings (node.run.job_process) printed as medians per job: where a slot's time goes.
+STAGES = {"load_s": "series read", "prepare_s": "prepare", "inference_s": "inference", "postprocess_s": "postprocess",
+          "build_s": "build (SEG, and waiting for the SR)", "validate_s": "validate (beyond the build)"}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this slot process so far, all its threads (the prefetch's too)."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
          validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue",
          stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None) -> None:
@@ -114,6 +128,7 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
     results.put({"ready": True})
     go.wait()
     for i, job_id in enumerate(jobs):
+        cpu0 = _cpu_s()
         t = time.perf_counter()
         loaded = prefetch.take(spec(job_id))
         waited = time.perf_counter() - t  # inference waiting for a decode that was not finished
@@ -128,7 +143,9 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
                      "waited_s": waited if loaded else out.timings.get("load_s", 0.0),
                      "inference_s": out.timings.get("inference_s", 0.0), "plugin_s": out.timings.get("plugin_s", 0.0),
                      "build_s": out.timings.get("build_s", 0.0), "validate_s": out.timings.get("validate_s", 0.0),
-                     "gpu_decode": on_gpu, "why": why, "spans": STAND_IN_SPANS[:]})
+                     "gpu_decode": on_gpu, "why": why, "spans": STAND_IN_SPANS[:],
+                     "stages": {k: float(v) for k, v in out.timings.items() if k in STAGES},
+                     "cpu_s": _cpu_s() - cpu0})
         STAND_IN_SPANS.clear()
     if sr_builder is not None:
         sr_builder.close(wait=True)
@@ -252,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"slot time {slot_time:.1f} s: inference {100 * total('inference_s') / slot_time:.0f}%, waiting for decode "
           f"{100 * total('waited_s') / slot_time:.0f}%, rest (pre/postprocess, build {total('build_s'):.1f} s, "
           f"validate {total('validate_s'):.1f} s) {100 * rest / slot_time:.0f}%")
+    medians = ", ".join(f"{label} {statistics.median(r['stages'].get(k, 0.0) for r in rows):.3f}"
+                        for k, label in STAGES.items())
+    print(f"median per job (s): {medians}; waited for the prefetch "
+          f"{statistics.median(r['waited_s'] for r in rows):.3f}; CPU of the slot process "
+          f"{statistics.median(r['cpu_s'] for r in rows):.2f} (its threads; the SR process, dciodvfy and decoders apart)")
     print(f"decode vs inference: {total('load_s'):.1f} s vs {total('inference_s'):.1f} s "
           f"({100 * total('load_s') / max(total('load_s') + total('inference_s'), 1e-9):.0f}% decode)")
     return 0

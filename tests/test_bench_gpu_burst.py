@@ -21,6 +21,9 @@ def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
     assert "ct_nodule burst: 2 studies of 20x512x512, 1 worker slot(s) (--workers) on cpu" in out
     assert "GPU: none (CPU run; no utilisation figure)" in out
     assert "decode vs inference:" in out
+    medians = next(x for x in out.splitlines() if x.startswith("median per job (s): series read "))
+    assert "inference " in medians and "build (SEG, and waiting for the SR) " in medians
+    assert float(medians.split("CPU of the slot process ")[1].split()[0]) > 0
 
 
 def test_a_stand_in_for_the_model_shows_how_busy_the_cpu_side_would_keep_a_gpu(monkeypatch, capsys):
