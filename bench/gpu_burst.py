@@ -94,7 +94,7 @@ def _cpu_s() -> float:
 
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
          validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue",
-         stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None) -> None:
+         stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None, prefetching: bool = True) -> None:
     from node.config.schema import PluginSection, RunSection
     from node.results.sr_process import SrProcess
     from node.run import gpu_decode as gpu_decoder
@@ -132,7 +132,7 @@ def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out
         t = time.perf_counter()
         loaded = prefetch.take(spec(job_id))
         waited = time.perf_counter() - t  # inference waiting for a decode that was not finished
-        if i + 1 < len(jobs):
+        if i + 1 < len(jobs) and prefetching:
             prefetch.start(spec(jobs[i + 1]))
         t0 = time.perf_counter()
         out = execute_job(spec(job_id), cache, lambda _stage: None, loaded, sr_builder)
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stand-in-inference", type=float, default=0.0, metavar="SECONDS",
                     help="replace the model by a wait of SECONDS a study (0.07: the H100's) and report the share "
                          "of the burst it takes: the GPU-busy figure this machine's CPU side allows")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="each slot reads its next series only when the job starts (as a node worker does with "
+                         "nothing queued): shows what the prefetch's overlap costs the running job's stages")
     a = ap.parse_args(argv)
     cuda = a.device.startswith("cuda")
     a.workers, why_workers = _slots(a.workers, a.device)
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         go, results, turn = ctx.Event(), ctx.Queue(), ctx.Lock()
         procs = [ctx.Process(target=slot, args=(list(range(w, a.studies, a.workers)), files, series_uid,
                                                r.study_uid, tmp, a.device, validate, a.gpu_decode, go,
-                                               results, a.stand_in_inference, turn))
+                                               results, a.stand_in_inference, turn, not a.no_prefetch))
                  for w in range(a.workers)]
         for p in procs:
             p.start()
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     slot_time = total("wall")
     rest = slot_time - total("waited_s") - total("inference_s")
     print(f"ct_nodule burst: {a.studies} studies of {a.slices}x512x512, {a.workers} worker slot(s) ({why_workers}) "
-          f"on {a.device}, "
+          f"on {a.device}, {'no prefetch (--no-prefetch), ' if a.no_prefetch else ''}"
           f"dciodvfy {'on' if validate else 'off'}, OMP_NUM_THREADS={os.environ.get(THREADS_ENV)}"
           f"{'' if threads else ' (set in the environment)'}")
     decoders = {"GPU (nvImageCodec)" if row["gpu_decode"] else "CPU" for row in rows}

@@ -26,6 +26,17 @@ def test_a_cpu_burst_prints_the_split_of_slot_time(monkeypatch, capsys):
     assert float(medians.split("CPU of the slot process ")[1].split()[0]) > 0
 
 
+def test_without_prefetch_each_job_reads_its_own_series(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--slices", "20", "--studies", "2", "--workers", "1", "--device", "cpu", "--no-prefetch"]) == 0
+    out = capsys.readouterr().out
+    assert "1 worker slot(s) (--workers) on cpu, no prefetch (--no-prefetch)," in out
+    medians = next(x for x in out.splitlines() if x.startswith("median per job (s): series read "))
+    read = float(medians.split("series read ")[1].split(",")[0])
+    waited = float(medians.split("waited for the prefetch ")[1].split(";")[0])
+    assert read > 0 and waited == read  # every job waited for its whole series read
+
+
 def test_a_stand_in_for_the_model_shows_how_busy_the_cpu_side_would_keep_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["--slices", "20", "--studies", "2", "--workers", "2", "--device", "cpu",
