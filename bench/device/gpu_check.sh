@@ -66,9 +66,12 @@ run gpu_burst_j2k_gpu 80 "$PY" bench/gpu_burst.py "${j2k[@]}" --gpu-decode
 # Diagnostics, run only when ONLY names them: the CPU-decode burst with one torch thread per slot;
 # whether 8 slots (two cores each on a 16-core host) keep the GPU 80% busy with uncompressed studies; and
 # the 4-slot burst with torch's own thread count (one per core in every slot, as before the node gave each
-# worker its share, node/cpus.py), to compare with gpu_burst_4slots on the same machine.
+# worker its share, node/cpus.py), to compare with gpu_burst_4slots on the same machine; and the 4-slot
+# burst without the prefetch, whose stage medians show what reading the next series costs the running job
+# there (on the 2-core VM: postprocess 0.02 -> 0.09 s, build 0.18 -> 0.24 s).
 [ -n "${ONLY:-}" ] && run gpu_burst_j2k_cpu_1thread 80 env OMP_NUM_THREADS=1 "$PY" bench/gpu_burst.py "${j2k[@]}"
 [ -n "${ONLY:-}" ] && run gpu_burst_8slots 90 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 8
 [ -n "${ONLY:-}" ] && run gpu_burst_4slots_all_threads 80 env OMP_NUM_THREADS="$(nproc)" "$PY" bench/gpu_burst.py \
   "${burst[@]}" --workers 4
+[ -n "${ONLY:-}" ] && run gpu_burst_4slots_no_prefetch 80 "$PY" bench/gpu_burst.py "${burst[@]}" --workers 4 --no-prefetch
 log "$(date -u +%FT%TZ) done"
