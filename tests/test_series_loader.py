@@ -223,6 +223,43 @@ def test_prefetch_decodes_in_processes_of_its_own_at_a_lower_priority(tmp_path, 
     assert calls == [(1, decode_pool.BACKGROUND_NICE), (2, 0)]
 
 
+def test_a_prefetchs_read_and_convert_threads_run_at_a_lower_priority(tmp_path, monkeypatch):
+    """The next job's files are read and converted in threads niced as its decoders are, so that the running
+    job keeps the CPUs; the loading thread keeps its own priority (a decoding forkserver it starts, and so
+    the job's own decoders, would inherit it), and a job's own load is not niced at all."""
+    import threading
+
+    from node.run import decode_pool, series_loader
+
+    r = write_chest_ct(tmp_path / "ct", **{**SMALL, "slices": 12})
+    seen: dict[str, set[int]] = {"read": set(), "convert": set()}
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def reading(path, pixels=True):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not threading.main_thread():
+            seen["read"].add(priority())
+        return read_file(path, pixels)
+
+    real_copyto = np.copyto
+
+    def converting(dst, src, **kwargs):  # type: ignore[no-untyped-def]
+        seen["convert"].add(priority())
+        return real_copyto(dst, src, **kwargs)
+
+    monkeypatch.setattr(series_loader, "read_file", reading)
+    monkeypatch.setattr(series_loader.np, "copyto", converting)
+    base = priority()
+    niced = min(19, base + decode_pool.BACKGROUND_NICE)
+    volume, _ = load_series(r.files, nice=decode_pool.BACKGROUND_NICE)
+    assert seen == {"read": {niced}, "convert": {niced}} and priority() == base
+    assert np.array_equal(volume.pixels, load_series(r.files)[0].pixels)
+    seen = {"read": set(), "convert": set()}
+    load_series(r.files)
+    assert seen == {"read": {base}, "convert": {base}}
+
+
 def test_decode_processes_run_at_the_niceness_asked_for(tmp_path):
     from node.run import decode_pool
 

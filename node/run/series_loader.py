@@ -12,7 +12,9 @@ overlaps header parsing.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -38,6 +40,19 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 
 class SeriesLoadError(ValueError):
     pass
+
+
+def _lower_priority(nice: int) -> None:
+    """Run this thread `nice` steps lower (Linux: niceness is per thread): a prefetch's read and convert
+    threads then give the CPU to the running job. Its postprocess took 0.085 s beside them at equal
+    priority and 0.02 s without them (1-slot stand-in burst on 2 cores, bench/RESULTS.md 2026-12-06)."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError:  # not permitted or not supported: the threads run at the job's priority
+        pass
 
 
 def _normal(iop: Sequence[float]) -> np.ndarray:
@@ -166,7 +181,9 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
     The returned datasets have no pixel data, to keep memory to one copy of the volume. Files that `ahead`
     has read already are taken from it. `decode_processes`: how many processes decode JPEG 2000, JPEG-LS
     and JPEG slices (decode_pool.processes_to_use: by default one per CPU, and none where that is one; 0:
-    none, this process decodes them). `nice`: added to those processes' niceness (decode_pool.BACKGROUND_NICE).
+    none, this process decodes them). `nice`: added to those processes' niceness (decode_pool.BACKGROUND_NICE),
+    and to the read and convert threads'; the calling thread's own is left as it is, so a decoding
+    forkserver it starts has the job's priority.
     """
     if not paths:
         raise SeriesLoadError("series has no instances")
@@ -181,7 +198,8 @@ def load_series(paths: Sequence[Path | str], ahead: ReadAhead | None = None,
                 # The rest are most likely compressed the same way: their processes start decoding now, while
                 # the headers are read here (a file that is not compressed comes back as pydicom reads it).
                 early = BackgroundDecode([str(p) for p in missing], n, nice)
-            with ThreadPoolExecutor(min(READ_THREADS, len(missing))) as pool:
+            with ThreadPoolExecutor(min(READ_THREADS, len(missing)), initializer=_lower_priority,
+                                    initargs=(nice,)) as pool:
                 fresh = iter([first, *pool.map(read_file if early is None else _header_only, missing[1:])])
             read = [r if r is not None else next(fresh) for r in read]
         return _volume(paths, read, early, decode_processes, nice)
@@ -251,7 +269,7 @@ def _volume(paths: Sequence[Path | str], read: list[tuple[Dataset, np.ndarray | 
 
     # Slices the GPU decodes: in batches first (one call per slice costs 8x as much); to_units takes them.
     with gpu_decode.batch([ds for ds, stored in read if stored is None]), \
-            ThreadPoolExecutor(CONVERT_THREADS) as pool:  # slices convert in parallel
+            ThreadPoolExecutor(CONVERT_THREADS, initializer=_lower_priority, initargs=(nice,)) as pool:
         try:
             list(pool.map(to_units, range(len(read)), read))
         except DecodeError as exc:
