@@ -119,10 +119,14 @@ class Segment:
                 return (f"segment '{self.label}' mask has shape {mask_shape} but series {series_uid} is "
                         f"{tuple(shape)} (slices, rows, columns); give the whole series' shape, or a box with offset")
             return None
-        if len(self.offset) != 3 or not all(isinstance(o, (int, np.integer)) and not isinstance(o, bool)
-                                            for o in self.offset):
+        try:
+            parts: tuple | None = tuple(self.offset)
+        except TypeError:  # a single number, say
+            parts = None
+        if parts is None or len(parts) != 3 or not all(isinstance(o, (int, np.integer)) and not isinstance(o, bool)
+                                                       for o in parts):
             # int() would cut 2.7 to 2 and put the segment a voxel off, or fail on "2" naming nothing.
-            return (f"segment '{self.label}': offset {tuple(self.offset)!r} must be three whole numbers "
+            return (f"segment '{self.label}': offset {self.offset!r} must be three whole numbers "
                     f"(slice, row, column) of where mask[0, 0, 0] lies in series {series_uid}")
         if len(mask_shape) != 3 or any(
                 int(o) < 0 or int(o) + n > m for o, n, m in zip(self.offset, mask_shape, shape)):

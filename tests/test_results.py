@@ -294,13 +294,13 @@ def test_a_box_outside_its_series_is_a_clear_error():
 
 def test_a_box_offset_that_is_not_three_whole_numbers_is_a_clear_error():
     src = small_ct()
-    for offset in [(0, 0), (0.0, 1.7, 0), (0, "2", 0), (True, 0, 0)]:
+    for offset in [(0, 0), (0.0, 1.7, 0), (0, "2", 0), (True, 0, 0), 5, np.array([0.5, 0, 0])]:
         res = PluginResult(segmentations=[Segmentation(src[0].SeriesInstanceUID, [
             Segment("nodule 1", np.ones((1, 4, 4), bool), ANAT, LEFT, offset=offset)])])
         with pytest.raises(ValueError, match=r"segment 'nodule 1': offset .* must be three whole numbers"):
             build_results(res, {src[0].SeriesInstanceUID: headers_only(src)}, AlgorithmInfo("p", "1"))
-    good = (np.int64(2), 1, np.int32(0))  # numpy integers, as np.nonzero gives them, are whole numbers
-    assert Segment("n", np.ones((1, 4, 4), bool), ANAT, LEFT, offset=good).shape_error((20, 64, 64), "x") is None
+    for good in [(np.int64(2), 1, np.int32(0)), np.array([2, 1, 0])]:  # numpy integers are whole numbers
+        assert Segment("n", np.ones((1, 4, 4), bool), ANAT, LEFT, offset=good).shape_error((20, 64, 64), "x") is None
 
 
 def test_finding_without_segment_cites_the_source_images(built):
