@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                         for k, label in STAGES.items())
     print(f"median per job (s): {medians}; waited for the prefetch "
           f"{statistics.median(r['waited_s'] for r in rows):.3f}; CPU of the slot process "
-          f"{statistics.median(r['cpu_s'] for r in rows):.2f} (its threads; the SR process, dciodvfy and decoders apart)")
+          f"{statistics.median(r['cpu_s'] for r in rows):.2f} "
+          "(its threads; the SR process, dciodvfy and decoders apart)")
     print(f"decode vs inference: {total('load_s'):.1f} s vs {total('inference_s'):.1f} s "
           f"({100 * total('load_s') / max(total('load_s') + total('inference_s'), 1e-9):.0f}% decode)")
     return 0

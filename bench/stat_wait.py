@@ -108,7 +108,8 @@ def main() -> None:
         overtook = sum(rule == "routine" and queued < t0_ < began for t0_, _, rule in spans)
         running = sum(rule == "routine" and t0_ <= queued < t1_ for t0_, t1_, rule in spans)
         ok = ok and overtook == 0 and running <= args.workers
-        print(f"stat study {k}: queue wait {x['wait_s']:.2f} s, of which {max(0.0, first_start - complete[x['study']]):.2f} s "
+        startup = max(0.0, first_start - complete[x["study"]])
+        print(f"stat study {k}: queue wait {x['wait_s']:.2f} s, of which {startup:.2f} s "
               f"before the workers took their first job (start-up after the restart); routine jobs running "
               f"when it was queued {running}, started ahead of it after that {overtook}; result built "
               f"{x['done_after_complete_s']:.2f} s after completion")

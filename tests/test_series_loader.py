@@ -237,8 +237,10 @@ def test_a_prefetchs_read_and_convert_threads_run_at_a_lower_priority(tmp_path, 
     def priority() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+    caller = threading.get_ident()  # reads the first file itself, at its own priority
+
     def reading(path, pixels=True):  # type: ignore[no-untyped-def]
-        if threading.current_thread() is not threading.main_thread():
+        if threading.get_ident() != caller:
             seen["read"].add(priority())
         return read_file(path, pixels)
 
