@@ -95,6 +95,11 @@ def _cpu_s() -> float:
 def slot(jobs: list[int], files: list[str], series_uid: str, study_uid: str, out_dir: str, device: str,
          validate: bool, gpu_decode: bool, go: "mp.synchronize.Event", results: "mp.Queue",
          stand_in: float = 0.0, turn: "mp.synchronize.Lock | None" = None, prefetching: bool = True) -> None:
+    from node.lifeline import die_with_parent
+
+    # A burst stopped by gpu_check.sh's `timeout` (SIGTERM to this bench alone) or killed left its slots
+    # waiting for `go` for good, holding their models (GPU memory on a GPU) under the benches after it.
+    die_with_parent()
     from node.config.schema import PluginSection, RunSection
     from node.results.sr_process import SrProcess
     from node.run import gpu_decode as gpu_decoder

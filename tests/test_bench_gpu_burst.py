@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,49 @@ def test_the_burst_runs_as_many_slots_as_the_node_would(monkeypatch):
     monkeypatch.setattr(node.run.slots, "physical_memory_mb", lambda: 65536)
     assert _slots("auto", "cpu") == (2, "auto: 8 usable CPUs for 1 GPU(s), 4 a slot")
     assert _slots(3, "cpu") == (3, "--workers")
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def test_the_slots_end_when_the_burst_is_killed(tmp_path):
+    """gpu_check.sh stops a burst past its time limit with `timeout`, which signals the bench alone: its slots
+    must not live on (on a GPU, holding their models' memory under the next bench)."""
+    import os
+    import signal
+    import subprocess
+
+    bench = subprocess.Popen([sys.executable, "bench/gpu_burst.py", "--slices", "20", "--studies", "40",
+                              "--workers", "1", "--device", "cpu"],
+                             cwd=Path(__file__).resolve().parents[1], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slots: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not slots:
+            slots = {c for c in _children(bench.pid)
+                     if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+            time.sleep(0.2)
+        assert slots, "the burst started no slot within 60 s"
+        time.sleep(1.0)  # the slot is past its start (die_with_parent set) and working or waiting
+        bench.send_signal(signal.SIGKILL)
+        bench.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in slots):
+            time.sleep(0.2)
+        left = {c for c in slots if Path(f"/proc/{c}").exists()
+                and Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+        assert not left, f"slot processes {left} outlived the killed burst"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(10)
+        for c in slots:  # a failed check leaves none behind either (each slot's SR process dies with it)
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
