@@ -129,10 +129,3 @@ def extract_nodules(prob: torch.Tensor, prep: Prepared, source_shape: Sequence[i
         ))
     nodules.sort(key=lambda n: -n.volume_mm3)
     return nodules
-
-
-def full_mask(nodules: Sequence[Nodule], shape: Sequence[int]) -> np.ndarray:
-    out = np.zeros(tuple(shape), dtype=bool)
-    for n in nodules:
-        out[n.mask_box] |= n.mask
-    return out
