@@ -128,9 +128,8 @@ class Segment:
             # int() would cut 2.7 to 2 and put the segment a voxel off, or fail on "2" naming nothing.
             return (f"segment '{self.label}': offset {self.offset!r} must be three whole numbers "
                     f"(slice, row, column) of where mask[0, 0, 0] lies in series {series_uid}")
-        if len(mask_shape) != 3 or any(
-                int(o) < 0 or int(o) + n > m for o, n, m in zip(self.offset, mask_shape, shape)):
-            return (f"segment '{self.label}': a mask of shape {mask_shape} at offset {tuple(self.offset)} does not "
+        if len(mask_shape) != 3 or any(o < 0 or o + n > m for o, n, m in zip(parts, mask_shape, shape)):
+            return (f"segment '{self.label}': a mask of shape {mask_shape} at offset {parts} does not "
                     f"lie inside series {series_uid} of {tuple(shape)} (slices, rows, columns)")
         return None
 
