@@ -79,6 +79,27 @@ def main() -> None:
             node.stop()
             node.kill()
 
+    rows = job_rows(recs)
+    routine = [x for x in rows if x["rule"] == "routine"]
+    med_run = statistics.median(x["run_s"] for x in routine)
+    print(f"{args.routine} routine + {args.stat} stat studies ({args.slices}x{args.size}x{args.size}), "
+          f"{args.workers} worker(s); received in {t_sent - t0:.1f} s, completed together at restart")
+    print(f"routine job run time: median {med_run:.2f} s; routine queue wait: median "
+          f"{statistics.median(x['wait_s'] for x in routine):.1f} s, max {max(x['wait_s'] for x in routine):.1f} s")
+    checked = stat_order(recs, rows, args.workers)
+    for k, x in enumerate(checked, 1):
+        print(f"stat study {k}: queue wait {x['wait_s']:.2f} s, of which {x['startup_s']:.2f} s "
+              f"before the workers took their first job (start-up after the restart); routine jobs running "
+              f"when it was queued {x['running']}, started ahead of it after that {x['overtook']}; result built "
+              f"{x['done_after_complete_s']:.2f} s after completion")
+    ok = all(x["ok"] for x in checked)
+    print(f"bound: a stat job waits for at most one running routine job per worker ({args.workers}) and no "
+          f"routine job starts ahead of it: {'met' if ok else 'NOT met'} (median routine job run "
+          f"{med_run:.2f} s)")
+
+
+def job_rows(recs: list[dict]) -> list[dict]:
+    """One row per ended job, from the node's audit records: its rule, study, wait and run."""
     complete = {r["study_uid"]: ts(r) for r in recs if r["event"] == "study-complete"}
     start = {r["job_id"]: r for r in recs if r["event"] == "job-start"}
     rows = []
@@ -86,37 +107,28 @@ def main() -> None:
         if r["event"] != "job-end":
             continue
         s = start[r["job_id"]]
-        rows.append({"rule": s["rule"], "study": r["study_uid"], "job_id": r["job_id"],
-                     "wait_s": ts(s) - complete[r["study_uid"]],
+        rows.append({"rule": s["rule"], "study": r["study_uid"], "job_id": r["job_id"], "start": ts(s), "end": ts(r),
+                     "complete": complete[r["study_uid"]], "wait_s": ts(s) - complete[r["study_uid"]],
                      "run_s": ts(r) - ts(s), "done_after_complete_s": ts(r) - complete[r["study_uid"]]})
-    routine = [x for x in rows if x["rule"] == "routine"]
-    stat = [x for x in rows if x["rule"] == "stat"]
-    med_run = statistics.median(x["run_s"] for x in routine)
-    print(f"{args.routine} routine + {args.stat} stat studies ({args.slices}x{args.size}x{args.size}), "
-          f"{args.workers} worker(s); received in {t_sent - t0:.1f} s, completed together at restart")
-    print(f"routine job run time: median {med_run:.2f} s; routine queue wait: median "
-          f"{statistics.median(x['wait_s'] for x in routine):.1f} s, max {max(x['wait_s'] for x in routine):.1f} s")
-    # The restarted node's workers take their first job only once started (plugin loaded, memory touched):
-    # that part of a wait is start-up, not the queue order. The order is checked from the job records.
-    first_start = min(ts(r) for r in start.values())
-    spans = [(ts(start[r["job_id"]]), ts(r), start[r["job_id"]]["rule"]) for r in recs if r["event"] == "job-end"]
-    ok = True
-    matched = {r["job_id"]: ts(r) for r in recs if r["event"] == "rule-matched" and "job_id" in r}  # queued
-    for k, x in enumerate(sorted(stat, key=lambda x: complete[x["study"]]), 1):
-        began = complete[x["study"]] + x["wait_s"]
-        queued = matched.get(x["job_id"], complete[x["study"]])
-        overtook = sum(rule == "routine" and queued < t0_ < began for t0_, _, rule in spans)
-        running = sum(rule == "routine" and t0_ <= queued < t1_ for t0_, t1_, rule in spans)
-        ok = ok and overtook == 0 and running <= args.workers
-        startup = max(0.0, first_start - complete[x["study"]])
-        print(f"stat study {k}: queue wait {x['wait_s']:.2f} s, of which {startup:.2f} s "
-              f"before the workers took their first job (start-up after the restart); routine jobs running "
-              f"when it was queued {running}, started ahead of it after that {overtook}; result built "
-              f"{x['done_after_complete_s']:.2f} s after completion")
-    print(f"bound: a stat job waits for at most one running routine job per worker ({args.workers}) and no "
-          f"routine job starts ahead of it: {'met' if ok else 'NOT met'} (median routine job run "
-          f"{med_run:.2f} s)")
+    return rows
 
+
+def stat_order(recs: list[dict], rows: list[dict], workers: int) -> list[dict]:
+    """Each stat job (in the order its study completed) with the bound checked from the job records: the
+    routine jobs running when it was queued (its rule-matched record; at most one per worker) and those
+    started after that but before it (none). The restarted node's workers take their first job only once
+    started (plugin loaded, memory touched): that part of a wait (`startup_s`) is start-up, not the queue."""
+    first_start = min(x["start"] for x in rows)
+    matched = {r["job_id"]: ts(r) for r in recs if r["event"] == "rule-matched" and "job_id" in r}  # queued
+    routine = [x for x in rows if x["rule"] == "routine"]
+    out = []
+    for x in sorted((x for x in rows if x["rule"] == "stat"), key=lambda x: x["complete"]):
+        queued = matched.get(x["job_id"], x["complete"])
+        overtook = sum(queued < r["start"] < x["start"] for r in routine)
+        running = sum(r["start"] <= queued < r["end"] for r in routine)
+        out.append({**x, "startup_s": max(0.0, first_start - x["complete"]), "overtook": overtook,
+                    "running": running, "ok": overtook == 0 and running <= workers})
+    return out
 
 if __name__ == "__main__":
     main()
