@@ -57,8 +57,8 @@ class StudyInput:
     study_uid: str
     series: Sequence[SeriesVolume]
     # An empty folder for this job alone, on the spool's disk; deleted when the job ends, also when the
-    # node kills its process (run.timeout_s, run.memory_limit_mb). `prepare` gets the system's temp folder:
-    # write nothing there.
+    # node kills its process (run.timeout_s, run.memory_limit_mb). `prepare` gets a folder of its own there,
+    # deleted when it returns: hand what `run` needs back as its return value.
     scratch_dir: Path
     options: Mapping[str, Any] = field(default_factory=dict)
     # What the plugin's `prepare` returned for this study (None if it has none). The node may have called

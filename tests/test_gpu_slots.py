@@ -7,11 +7,13 @@ CUDA_VISIBLE_DEVICES=0, finds no CUDA device and runs the plugin's CPU path (the
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from node.config.schema import GpuSection
 from node.cpus import usable_cpus
+from node.receive.spool import scratch_prefix
 from node.run.slots import GpuBudget, GpuDevice, PluginNeeds, SlotConfigError, plan_slots, slots_per_gpu
 from node.store import NewJob, Store
 from node.store.db import InstanceMeta
@@ -151,6 +153,15 @@ def test_next_job_input_is_decoded_and_prepared_while_the_current_job_runs(tmp_p
     assert timings[1]["prefetched"] == 1 and second["summary"].startswith("prepared_in=prefetch")
     assert float(second["summary"].split("ahead_s=")[1].split()[0]) > 0.5
     assert "slices=30" in second["summary"]
+    # Both prepares (in the job and ahead of it) got an empty folder of their own in the spool's temp folder,
+    # named for their job, and it was gone once they returned: nothing staged there is left, in /tmp or
+    # anywhere else.
+    for job in jobs:
+        fields = dict(part.split("=", 1) for part in job["summary"].split())
+        scratch = Path(fields["prepare_scratch"])
+        assert scratch.parent == node.var / "spool" / ".tmp", scratch
+        assert scratch.name.startswith(scratch_prefix(job["id"])), scratch
+        assert fields["empty"] == "True" and fields["left"] == "False", job["summary"]
     assert node.stop() == 0
 
 

@@ -15,12 +15,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from node.config.schema import BUNDLED_MODELS, PluginSection
 from node.models import load_model
 from node.monitor.stats import output_stats
-from node.plugin_api import Plugin, PluginResult, StudyInput, load_plugin
+from node.plugin_api import Plugin, PluginResult, SeriesVolume, StudyInput, load_plugin
 from node.receive.spool import scratch_prefix
 from node.results.build import AlgorithmInfo, BuiltObject, SrBuilder, build_results
 from node.results.fallback import build_fallbacks
@@ -160,6 +160,15 @@ def load_priors(series: Mapping[str, list[str]], decode_processes: int | None = 
     return out
 
 
+def run_prepare(plugin: Plugin, spec: JobSpec, volumes: Sequence[SeriesVolume],
+                priors: Sequence[SeriesVolume]) -> Any:
+    """The plugin's `prepare` for `spec`'s study, with a scratch folder of its own in the spool's temp folder
+    (not the system's, where image data a plugin staged would stay, outside the node's clean-up), deleted
+    when `prepare` returns. Named as a job's scratch folder, so one a killed process left is removed too."""
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(spec.job_id), dir=spec.temp_dir) as scratch:
+        return plugin.prepare(StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options, priors=priors))
+
+
 def load_input(spec: JobSpec, plugin: Plugin | None, ahead: ReadAhead | None = None,
                decode_processes: int | None = None, nice: int = 0) -> LoadedInput:
     """Decode the job's series into volumes and run the plugin's `prepare` (when `plugin` is given). Files
@@ -181,8 +190,7 @@ def load_input(spec: JobSpec, plugin: Plugin | None, ahead: ReadAhead | None = N
     prepared = None
     if plugin is not None:
         t = time.perf_counter()
-        prepared = plugin.prepare(StudyInput(spec.study_uid, volumes, Path(tempfile.gettempdir()), plugin.options,
-                                             priors=priors))
+        prepared = run_prepare(plugin, spec, volumes, priors)
         timings["prepare_s"] = round(time.perf_counter() - t, 3)
     return LoadedInput(spec.job_id, dict(spec.series), volumes, sources, prepared, timings, priors)
 
@@ -239,8 +247,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
             loaded.priors = load_priors(spec.priors)
         if "prepare_s" not in loaded.timings:  # the plugin was not loaded yet when the input was prefetched
             t = time.perf_counter()
-            loaded.prepared = plugin.prepare(StudyInput(spec.study_uid, loaded.volumes, Path(tempfile.gettempdir()),
-                                                        plugin.options, priors=loaded.priors))
+            loaded.prepared = run_prepare(plugin, spec, loaded.volumes, loaded.priors)
             loaded.timings["prepare_s"] = round(time.perf_counter() - t, 3)
     timings.update(loaded.timings)
     volumes, sources = loaded.volumes, loaded.sources

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,11 +42,16 @@ class PrefetchProbePlugin(Plugin):
     name, version = "prefetch_probe", "1"
 
     def prepare(self, study: StudyInput) -> dict:
+        empty = not any(study.scratch_dir.iterdir())
+        (study.scratch_dir / "staged.raw").write_bytes(b"\0" * 4096)  # as a plugin staging its input would
         return {"thread": threading.current_thread().name, "at": time.time(),
-                "slices": sum(s.pixels.shape[0] for s in study.series)}
+                "slices": sum(s.pixels.shape[0] for s in study.series), "scratch": str(study.scratch_dir),
+                "scratch_empty": empty}
 
     def run(self, study: StudyInput) -> PluginResult:
         started = time.time()
         time.sleep(float(self.options.get("seconds", 2)))
         p = study.prepared
-        return PluginResult(summary=f"prepared_in={p['thread']} ahead_s={started - p['at']:.2f} slices={p['slices']}")
+        return PluginResult(summary=f"prepared_in={p['thread']} ahead_s={started - p['at']:.2f} slices={p['slices']} "
+                                    f"prepare_scratch={p['scratch']} empty={p['scratch_empty']} "
+                                    f"left={Path(p['scratch']).exists()}")
