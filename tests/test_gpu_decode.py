@@ -11,6 +11,7 @@ the real one.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import types
 
@@ -319,3 +320,65 @@ def test_check_config_says_whether_slices_will_be_decoded_on_the_gpu(tmp_path, m
             in plan("{gpu_decode: true, gpu: {devices: [0], memory_mb: 8000}}"))
     assert ("run.gpu_decode: auto, GPU workers decode JPEG 2000, HTJ2K and JPEG slices on their GPU"
             in plan("{gpu: {devices: [0], memory_mb: 8000}}"))
+
+
+# What nvImageCodec 0.9 writes to the process's stderr as it loads (from its C++ library, not Python's
+# logging), copied from an install with its nvJPEG 2000 wheel missing and without the nvTIFF one.
+LIBRARY_OUTPUT = (
+    "Failed to load nvjpeg2k library! Please install nvJPEG2000 (see "
+    "https://docs.nvidia.com/cuda/nvjpeg2000/userguide.html#installing-nvjpeg2000).\n"
+    "Note: If using nvImageCodec's Python distribution, it is enough to install the nvJPEG2000 wheel: e.g. "
+    "`python3 -m pip install nvidia-nvjpeg2k-cu13`\n"
+    "\x1b[0;31m[ERROR] \x1b[0m[nvjpeg2k_ext] Failed to load nvJPEG2000 library or retrieve version. Decoders and "
+    "encoders will not be registered.\n"
+    "Failed to load nvtiff library! Please install nvTIFF (see "
+    "https://docs.nvidia.com/cuda/nvtiff/userguide.html#installing-nvtiff).\n"
+    "Note: If using nvImageCodec's Python distribution, it is enough to install the nvTIFF wheel: e.g. "
+    "`python3 -m pip install nvidia-nvtiff-cu13`\n"
+    "\x1b[0;31m[ERROR] \x1b[0m[nvtiff_ext] Failed to load nvTIFF library or retrieve version. Decoders and "
+    "encoders will not be registered.\n")
+
+
+def test_nvimagecodecs_own_output_at_load_becomes_one_log_line_per_missing_library(monkeypatch, tmp_path, capfd,
+                                                                                   caplog):
+    # A module in the plugin's place that writes as the library does, to file descriptor 2, and a line of
+    # someone else's (another thread logging meanwhile) that must still reach stderr.
+    (tmp_path / "loud_nvimgcodec_plugin.py").write_text(
+        "import os\n"
+        f"os.write(2, {LIBRARY_OUTPUT.encode()!r})\n"
+        "os.write(2, b'ts=... level=INFO logger=ainode.receive msg=another thread\\n')\n"
+        "os.write(2, b'\\x1b[0;33m[WARNING] \\x1b[0m[nvjpeg_ext] Hardware decoder not available\\n')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gpu_decode, "NVIMGCODEC_PLUGIN", "loud_nvimgcodec_plugin")
+    monkeypatch.delitem(sys.modules, "loud_nvimgcodec_plugin", raising=False)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        assert gpu_decode.installed() is None
+        assert gpu_decode.installed() is None  # imported once: nothing more is said
+    err = capfd.readouterr().err
+    assert err == "ts=... level=INFO logger=ainode.receive msg=another thread\n", err
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "nvImageCodec" in r.getMessage()]
+    assert len(said) == 3, said
+    # Anything else it says is kept, as one clean line.
+    assert said[0] == ("WARNING",
+                       "GPU decode: nvImageCodec says: [WARNING] [nvjpeg_ext] Hardware decoder not available")
+    assert said[1][0] == "WARNING" and "no nvjpeg2k library" in said[1][1] and "JPEG 2000" in said[1][1]
+    assert "pip install nvidia-nvjpeg2k-cu12" in said[1][1]
+    assert said[2] == ("INFO", "GPU decode: nvImageCodec found no nvtiff library (not used for DICOM slices)")
+    sys.modules.pop("loud_nvimgcodec_plugin", None)
+
+
+def test_the_decoders_start_is_logged_the_same_way(monkeypatch, stand_in, capfd, caplog):
+    module = stand_in()
+    made = module._get_decoder_resources
+
+    def loud() -> object:  # nvImageCodec's Decoder() loads the extensions where the import did not
+        os.write(2, LIBRARY_OUTPUT.encode())
+        return made()
+
+    module._get_decoder_resources = loud
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        assert gpu_decode.enable("cuda:0") is None
+    assert capfd.readouterr().err == ""
+    assert [r.levelname for r in caplog.records if "nvImageCodec found no" in r.getMessage()] == ["WARNING", "INFO"]

@@ -24,6 +24,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
+import re
+import sys
+import tempfile
 import threading
 from typing import Any, Iterator, Literal, Sequence
 
@@ -49,6 +53,7 @@ Setting = Literal["auto"] | bool  # run.gpu_decode: "auto" uses it where nvImage
 BATCH_FRAMES = 128  # frames per batched call: 64 MB of 512x512 int16 on the GPU at once, whatever the series
 
 _lock = threading.Lock()
+_stderr_lock = threading.Lock()  # one redirection of stderr at a time (_library_output_logged)
 _plugin: Any = None  # nvImageCodec's pydicom plugin module, once enable() has succeeded in this process
 _batched: "_BatchedDecoder | None" = None  # the decoder the plugin asks for, where batches are possible
 _failed_once = False
@@ -89,10 +94,64 @@ def _decode_frame(src: bytes, runner: Any) -> bytes | bytearray:
         return _plugin._decode_frame(src, runner)
 
 
+# What nvImageCodec prints for a codec extension whose CUDA library is missing, and which of those the node
+# uses (the decoders above); nvTIFF is missing wherever its wheel is not installed, and DICOM never needs it.
+_MISSING_LIBRARY = re.compile(r"Failed to load (\w+) library")
+_ITS_OWN = re.compile(r"^(Failed to load \w+ library|Note: If using nvImageCodec|(\x1b\[[0-9;]*m)?\[(ERROR|WARNING)\])")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+USED_LIBRARIES = {"nvjpeg2k": "JPEG 2000 and HTJ2K", "nvjpeg": "JPEG"}
+
+
+@contextlib.contextmanager
+def _library_output_logged() -> Iterator[None]:
+    """nvImageCodec's library writes to the process's stderr, not to Python's logging: when it loads, three
+    raw lines per codec extension whose library is missing, one of them an [ERROR] (on a GPU node: nvTIFF's,
+    at every worker start). Meanwhile stderr goes to a file; then each missing library is logged once, as a
+    warning where the node uses it, and whatever else was written (another thread's log lines) goes on to
+    stderr as it was."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with _stderr_lock, tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+    _log_library_output(text)
+
+
+def _log_library_output(text: str) -> None:
+    missing, others = [], []
+    for line in text.splitlines(keepends=True):
+        if not _ITS_OWN.match(line):
+            others.append(line)
+        elif m := _MISSING_LIBRARY.search(line):  # said twice: "nvjpeg2k" plainly, "nvJPEG2000" as an [ERROR]
+            lib = m.group(1).lower().replace("nvjpeg2000", "nvjpeg2k")
+            if lib not in missing:
+                missing.append(lib)
+        elif not line.startswith("Note: If using nvImageCodec"):  # the install hint of a missing library
+            log.warning("GPU decode: nvImageCodec says: %s", _ANSI.sub("", line).strip())
+    for lib in missing:
+        if lib in USED_LIBRARIES:
+            log.warning("GPU decode: nvImageCodec found no %s library, which it decodes %s slices with: pip install "
+                        "nvidia-%s-cu12 (-cu13 for CUDA 13) in the node's environment; until then those slices may "
+                        "be decoded on the CPU", lib, USED_LIBRARIES[lib], lib)
+        else:
+            log.info("GPU decode: nvImageCodec found no %s library (not used for DICOM slices)", lib)
+    if others:
+        os.write(2, "".join(others).encode())
+
+
 def _import() -> tuple[Any, str | None]:
     """(nvImageCodec's pydicom plugin module, None), or (None, why not); loads its library, starts no GPU."""
     try:
-        return importlib.import_module(NVIMGCODEC_PLUGIN), None
+        with _library_output_logged():
+            return importlib.import_module(NVIMGCODEC_PLUGIN), None
     except ImportError as exc:
         return None, (f"nvImageCodec's pydicom plugin does not import ({exc}); pip install "
                       "'nvidia-nvimgcodec-cu12[all]' (cu13 for CUDA 13) in the node's environment, or set "
@@ -116,7 +175,7 @@ def enable(device: str) -> str | None:
     if why:
         return why
     try:
-        with _lock:
+        with _lock, _library_output_logged():
             nv_decoder = plugin._get_decoder_resources()  # made now: a missing library is said at start
     except Exception as exc:  # noqa: BLE001 - a missing CUDA library or driver: the CPU decoders stay
         return f"nvImageCodec's decoder cannot start on {device}: {type(exc).__name__}: {exc}"
