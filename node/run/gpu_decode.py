@@ -110,14 +110,20 @@ def _library_output_logged() -> Iterator[None]:
     warning where the node uses it, and whatever else was written (another thread's log lines) goes on to
     stderr as it was."""
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:
+            stream.flush()
     with _stderr_lock, tempfile.TemporaryFile() as held:
-        saved = os.dup(2)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to keep clean
+            yield
+            return
         os.dup2(held.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
