@@ -367,6 +367,19 @@ def test_nvimagecodecs_own_output_at_load_becomes_one_log_line_per_missing_libra
     assert said[2] == ("INFO", "GPU decode: nvImageCodec found no nvtiff library (not used for DICOM slices)")
     sys.modules.pop("loud_nvimgcodec_plugin", None)
 
+    # A load that fails after the library has spoken: both are said.
+    (tmp_path / "failing_nvimgcodec_plugin.py").write_text(
+        "import os\n"
+        f"os.write(2, {LIBRARY_OUTPUT.encode()!r})\n"
+        "raise ImportError('libcudart.so.13: cannot open shared object file')\n")
+    monkeypatch.setattr(gpu_decode, "NVIMGCODEC_PLUGIN", "failing_nvimgcodec_plugin")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ainode.run"):
+        why = gpu_decode.installed()
+    assert why is not None and "libcudart.so.13" in why
+    assert capfd.readouterr().err == ""
+    assert any("no nvjpeg2k library" in r.getMessage() for r in caplog.records)
+
 
 def test_the_decoders_start_is_logged_the_same_way(monkeypatch, stand_in, capfd, caplog):
     module = stand_in()

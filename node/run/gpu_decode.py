@@ -121,14 +121,13 @@ def _library_output_logged() -> Iterator[None]:
         os.dup2(held.fileno(), 2)
         try:
             yield
-        finally:
+        finally:  # also when the import fails: what the library said before it did may say why
             if sys.stderr is not None:
                 sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            text = held.read().decode(errors="replace")
-    _log_library_output(text)
+            _log_library_output(held.read().decode(errors="replace"))
 
 
 def _log_library_output(text: str) -> None:
