@@ -160,12 +160,18 @@ def load_priors(series: Mapping[str, list[str]], decode_processes: int | None = 
     return out
 
 
+def job_scratch(spec: JobSpec) -> tempfile.TemporaryDirectory[str]:
+    """An empty folder for the plugin (StudyInput.scratch_dir), in the spool's temp folder and named for the
+    job (scratch_prefix), so the node also removes one that a killed process left behind."""
+    return tempfile.TemporaryDirectory(prefix=scratch_prefix(spec.job_id), dir=spec.temp_dir)
+
+
 def run_prepare(plugin: Plugin, spec: JobSpec, volumes: Sequence[SeriesVolume],
                 priors: Sequence[SeriesVolume]) -> Any:
-    """The plugin's `prepare` for `spec`'s study, with a scratch folder of its own in the spool's temp folder
-    (not the system's, where image data a plugin staged would stay, outside the node's clean-up), deleted
-    when `prepare` returns. Named as a job's scratch folder, so one a killed process left is removed too."""
-    with tempfile.TemporaryDirectory(prefix=scratch_prefix(spec.job_id), dir=spec.temp_dir) as scratch:
+    """The plugin's `prepare` for `spec`'s study, with a scratch folder of its own (job_scratch; not the
+    system's temp folder, where image data a plugin staged would stay, outside the node's clean-up), deleted
+    when `prepare` returns."""
+    with job_scratch(spec) as scratch:
         return plugin.prepare(StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options, priors=priors))
 
 
@@ -254,7 +260,7 @@ def execute_job(spec: JobSpec, plugins: PluginCache, stage: Callable[[str], None
 
     stage("plugin")
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=scratch_prefix(spec.job_id), dir=spec.temp_dir) as scratch:
+    with job_scratch(spec) as scratch:
         result = _run_plugin(plugin, StudyInput(spec.study_uid, volumes, Path(scratch), plugin.options,
                                                 prepared=loaded.prepared, priors=loaded.priors), timings)
     timings["plugin_s"] = round(time.perf_counter() - t, 3)
