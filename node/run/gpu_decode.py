@@ -97,7 +97,8 @@ def _decode_frame(src: bytes, runner: Any) -> bytes | bytearray:
 # What nvImageCodec prints for a codec extension whose CUDA library is missing, and which of those the node
 # uses (the decoders above); nvTIFF is missing wherever its wheel is not installed, and DICOM never needs it.
 _MISSING_LIBRARY = re.compile(r"Failed to load (\w+) library")
-_ITS_OWN = re.compile(r"^(Failed to load \w+ library|Note: If using nvImageCodec|(\x1b\[[0-9;]*m)?\[(ERROR|WARNING)\])")
+_INSTALL_HINT = "Note: If using nvImageCodec"  # the line after a missing library's: which wheel has it
+_ITS_OWN = re.compile(rf"^(Failed to load \w+ library|{_INSTALL_HINT}|\[(ERROR|WARNING)\])")  # colours taken off
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 USED_LIBRARIES = {"nvjpeg2k": "JPEG 2000 and HTJ2K", "nvjpeg": "JPEG"}
 
@@ -133,14 +134,15 @@ def _library_output_logged() -> Iterator[None]:
 def _log_library_output(text: str) -> None:
     missing, others = [], []
     for line in text.splitlines(keepends=True):
-        if not _ITS_OWN.match(line):
+        plain = _ANSI.sub("", line)
+        if not _ITS_OWN.match(plain):
             others.append(line)
-        elif m := _MISSING_LIBRARY.search(line):  # said twice: "nvjpeg2k" plainly, "nvJPEG2000" as an [ERROR]
+        elif m := _MISSING_LIBRARY.search(plain):  # said twice: "nvjpeg2k" plainly, "nvJPEG2000" as an [ERROR]
             lib = m.group(1).lower().replace("nvjpeg2000", "nvjpeg2k")
             if lib not in missing:
                 missing.append(lib)
-        elif not line.startswith("Note: If using nvImageCodec"):  # the install hint of a missing library
-            log.warning("GPU decode: nvImageCodec says: %s", _ANSI.sub("", line).strip())
+        elif not plain.startswith(_INSTALL_HINT):
+            log.warning("GPU decode: nvImageCodec says: %s", plain.strip())
     for lib in missing:
         if lib in USED_LIBRARIES:
             log.warning("GPU decode: nvImageCodec found no %s library, which it decodes %s slices with: pip install "
